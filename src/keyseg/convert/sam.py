@@ -301,7 +301,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def infer_sam_preset(src: Mapping[str, Tensor]) -> str | None:
-    """The released preset whose encoder width and depth match an official state dict."""
+    """The preset whose image-encoder width and depth match an official state dict, if any."""
     patch = src.get("image_encoder.patch_embed.proj.weight")
     if patch is None:
         return None
@@ -309,7 +309,7 @@ def infer_sam_preset(src: Mapping[str, Tensor]) -> str | None:
         (int(m.group(1)) for k in src if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))),
         default=-1,
     )
-    for name in ("vit_h", "vit_l", "vit_b"):
+    for name in SAM_PRESETS:
         vision = sam_config(name).vision_config
         if (vision.hidden_size, vision.num_hidden_layers) == (patch.shape[0], depth):
             return name
