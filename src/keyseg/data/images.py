@@ -152,12 +152,13 @@ def sam_resized_size(height: int, width: int, target_length: int = 1024) -> tupl
     """``(h, w)`` after scaling ``(height, width)`` so its longest side is ``target_length``.
 
     Rounds half up (``int(x * scale + 0.5)``) like segment-anything's ``ResizeLongestSide``,
-    so masks un-pad to exactly the size SAM saw.
+    so masks un-pad to exactly the size SAM saw. A side never rounds down to 0 (a 3x1000
+    strip still keeps one row), which segment-anything does not guard against.
     """
     if height <= 0 or width <= 0:
         raise KeySegDataError(f"image size must be positive, got {height}x{width}")
     scale = target_length / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def sam_preprocess(

@@ -30,6 +30,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -184,7 +185,10 @@ def annotation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarray
         else:
             kind = type(segmentation).__name__
             raise KeySegDataError(f"unrecognised segmentation of type {kind}")
-        mask = mask_utils.decode(rle)
+        with warnings.catch_warnings():
+            # pycocotools' Cython decode trips numpy 2's __array__(copy=...) deprecation.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            mask = mask_utils.decode(rle if isinstance(rle, list) else [rle])  # (H, W, n)
     except KeySegDataError:
         raise
     except Exception as error:  # pycocotools raises bare TypeErrors etc.
