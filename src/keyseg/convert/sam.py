@@ -15,6 +15,7 @@ build a model from an incomplete conversion: no silent ``strict=False``.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Mapping
@@ -271,6 +272,15 @@ def convert_sam_state_dict(
     return converted, report
 
 
+def _weights_only_reason(error: Exception) -> str:
+    """The informative part of torch's long weights-only error, as one line."""
+    text = str(error)
+    _, found, reason = text.partition("WeightsUnpickler error:")
+    reason = " ".join(reason.split()) if found else text.splitlines()[0]
+    reason = reason.split(" Please use ")[0].split(" Check the documentation")[0]
+    return reason or "unreadable pickle"
+
+
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """Read a ``.pth``/``.pt``/``.bin`` (pickle, ``weights_only=True``) or ``.safetensors`` file."""
     if not path.is_file():
@@ -283,6 +293,11 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         else:
             # weights_only: a checkpoint from the internet must not be able to run code.
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise KeySegCheckpointError(
+            f"{path}: not a plain tensor state dict; torch.load(weights_only=True) refused it "
+            f"({_weights_only_reason(error)})"
+        ) from error
     except Exception as error:  # torch/safetensors raise many types for a bad file
         raise KeySegCheckpointError(
             f"{path}: cannot read checkpoint ({type(error).__name__}: {error})".splitlines()[0]
