@@ -161,9 +161,7 @@ class SegMetrics:
         self.update_counts(inters, unions)
         return list(zip(inters, unions, strict=True))
 
-    def update_counts(
-        self, intersection: int | Iterable[int], union: int | Iterable[int]
-    ) -> None:
+    def update_counts(self, intersection: int | Iterable[int], union: int | Iterable[int]) -> None:
         """Add precomputed per-mask counts: one ``(I, U)`` pair, or two equal-length lists."""
         inters = [intersection] if isinstance(intersection, int | np.integer) else intersection
         unions = [union] if isinstance(union, int | np.integer) else union
@@ -193,9 +191,7 @@ class SegMetrics:
         exact integers. Call it once, after the last update: a second call would sum again.
         """
         scores = reduce_fn(torch.tensor([self.sum_iou], dtype=torch.float64))
-        counts = reduce_fn(
-            torch.tensor([self.n, self.intersection, self.union], dtype=torch.int64)
-        )
+        counts = reduce_fn(torch.tensor([self.n, self.intersection, self.union], dtype=torch.int64))
         self.sum_iou = float(scores.reshape(-1)[0].item())
         self.n, self.intersection, self.union = (int(v) for v in counts.reshape(-1).tolist())
         return self

@@ -1,0 +1,198 @@
+"""The procedural shapes world: determinism, exact masks, splits, queries, ReasonSeg export."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from keyseg.data.shapes import (
+    COLOURS,
+    DIFFICULTIES,
+    HELDOUT_TEMPLATE_IDS,
+    KEYWORD_VOCAB,
+    KIND_CLUES,
+    ShapesConfig,
+    ShapesDataset,
+    export_reason_seg,
+    generate_sample,
+    image_seed,
+    objects_from_meta,
+    shape_polygons,
+    template_ids,
+)
+from keyseg.errors import KeySegConfigError
+
+CFG = ShapesConfig(train_size=120, val_size=120, test_size=40)
+
+
+@pytest.fixture(scope="module")
+def val_records() -> list:
+    return list(ShapesDataset("val", CFG))
+
+
+@pytest.fixture(scope="module")
+def train_records() -> list:
+    return list(ShapesDataset("train", CFG))
+
+
+def test_same_seed_gives_the_same_record_and_other_seeds_differ() -> None:
+    a = generate_sample(image_seed("train", 7), "train", CFG)
+    b = ShapesDataset("train", CFG)[7]
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert a.sample_id == b.sample_id and a.meta == b.meta
+    for ra, rb in zip(a.referents, b.referents, strict=True):
+        assert (ra.text, ra.keyword, ra.answer) == (rb.text, rb.keyword, rb.answer)
+        assert np.array_equal(ra.masks, rb.masks)
+    c = generate_sample(image_seed("train", 8), "train", CFG)
+    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
+    other_world = generate_sample(image_seed("train", 7), "train", ShapesConfig(seed=1))
+    assert not np.array_equal(np.asarray(a.image), np.asarray(other_world.image))
+
+
+def _id_map(meta: dict, size: int) -> np.ndarray:
+    """Independent re-rendering: paint each object's polygons in z-order with its id + 1."""
+    ids = np.zeros((size, size), np.int32)
+    for obj in objects_from_meta(meta):
+        canvas = Image.new("L", (size, size), 0)
+        draw = ImageDraw.Draw(canvas)
+        for poly, filled in shape_polygons(obj):
+            draw.polygon(poly, fill=255 if filled else 0)
+        ids[np.asarray(canvas) > 0] = obj.z + 1
+    return ids
+
+
+def test_masks_are_exactly_the_pixels_painted_with_each_shape(val_records: list) -> None:
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    names = list(COLOURS)
+    for record in val_records[:25]:
+        size = record.image.size[0]
+        ids = _id_map(record.meta, size)
+        img = np.asarray(record.image).astype(np.int16)
+        # Objects are saturated, the background is grey-ish: saturation finds painted pixels.
+        saturated = (img.max(-1) - img.min(-1)) > 80
+        assert np.array_equal(saturated, ids > 0), record.sample_id
+        for z, obj in enumerate(record.meta["objects"]):
+            pixels = img[ids == z + 1].astype(np.float32)
+            assert len(pixels) == obj["visible_area"] > 0
+            nearest = np.argmin(((pixels[:, None] - palette[None]) ** 2).sum(-1), axis=1)
+            assert {names[i] for i in nearest} == {obj["colour"]}
+        for ref, q in zip(record.referents, record.meta["queries"], strict=True):
+            if q["targets"]:
+                expected = np.stack([(ids == t + 1) for t in q["targets"]]).astype(np.uint8)
+                assert np.array_equal(ref.masks, expected)
+            else:
+                assert ref.masks.shape == (1, size, size) and not ref.masks.any()
+
+
+def test_splits_share_no_image_seed_and_train_never_uses_heldout_templates(
+    train_records: list, val_records: list
+) -> None:
+    seeds = {s: set(ShapesDataset(s, CFG).image_seeds()) for s in ("train", "val", "test")}
+    assert not (seeds["train"] & seeds["val"] or seeds["train"] & seeds["test"])
+    assert not seeds["val"] & seeds["test"]
+    assert HELDOUT_TEMPLATE_IDS and not HELDOUT_TEMPLATE_IDS & template_ids("train")
+    assert HELDOUT_TEMPLATE_IDS <= template_ids("val") == template_ids("test")
+
+    train_used = {q["template_id"] for r in train_records for q in r.meta["queries"]}
+    assert train_used <= template_ids("train")
+    val_used = {q["template_id"] for r in val_records for q in r.meta["queries"]}
+    assert val_used & HELDOUT_TEMPLATE_IDS, "val should exercise held-out templates"
+    # The held-out clue sentences never appear as train text (negatives included).
+    heldout_clues = {clues[-1] for clues in KIND_CLUES.values()}
+    assert not heldout_clues & {ref.text for r in train_records for ref in r.referents}
+
+
+def test_every_difficulty_is_produced_with_valid_keywords(val_records: list) -> None:
+    refs = [ref for r in val_records for ref in r.referents]
+    assert set(Counter(ref.difficulty for ref in refs)) == set(DIFFICULTIES)
+    for ref in refs:
+        assert ref.keyword in KEYWORD_VOCAB and 1 <= len(ref.keyword.split()) <= 2
+        assert isinstance(ref.is_sentence, bool) and ref.text
+
+
+def test_answer_has_one_seg_per_mask_and_negatives_have_one_empty_mask(
+    val_records: list,
+) -> None:
+    for record in val_records:
+        for ref in record.referents:
+            k = ref.masks.shape[0]
+            assert ref.answer.count("[SEG]") == k
+            assert ref.masks.dtype == np.uint8 and set(np.unique(ref.masks)) <= {0, 1}
+            if ref.difficulty == "negative":
+                assert k == 1 and not ref.masks.any()
+            else:
+                assert all(m.any() for m in ref.masks)
+                assert (k >= 2) == (ref.difficulty == "multi")
+
+
+def test_single_difficulty_config_produces_that_difficulty() -> None:
+    cfg = ShapesConfig(difficulty_weights=(("multi", 1.0),), queries_per_image=2)
+    refs = [ref for i in range(30) for ref in generate_sample(i, "test", cfg).referents]
+    assert sum(ref.difficulty == "multi" for ref in refs) >= 0.9 * len(refs)
+
+
+def _rasterise_reason_seg(shapes: list[dict], height: int, width: int) -> np.ndarray:
+    """SPEC §5 rasterisation: largest polygon first, outline + fill, ignore -> 255."""
+
+    def area(points: list) -> float:
+        p = np.asarray(points, dtype=float)
+        x, y = p[:, 0], p[:, 1]
+        return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for shape in sorted(shapes, key=lambda s: area(s["points"]), reverse=True):
+        if "flag" in shape["label"]:
+            continue
+        value = 255 if "ignore" in shape["label"] else 1
+        points = [tuple(p) for p in shape["points"]]
+        draw.polygon(points, fill=value, outline=value, width=1)
+    return np.asarray(canvas)
+
+
+def test_reason_seg_export_round_trips(tmp_path, val_records: list) -> None:
+    records = val_records[:15]
+    names = export_reason_seg(records, tmp_path)
+    assert len(names) == sum(len(r.referents) for r in records)
+    entries = json.loads((tmp_path / "keyword_outputs.json").read_text())
+    assert [e["json"] for e in entries] == [f"{n}.json" for n in names]
+    for name, entry, record in zip(names, entries, records, strict=True):
+        ref = record.referents[0]
+        doc = json.loads((tmp_path / f"{name}.json").read_text())
+        assert doc["text"] == [ref.text] and doc["is_sentence"] == ref.is_sentence
+        assert entry["keyword"] == ref.keyword and entry["query"] == ref.text
+        assert "[SEG]" not in entry["outputs"] and entry["image"] == f"{name}.jpg"
+        with Image.open(tmp_path / f"{name}.jpg") as im:
+            assert im.size == record.image.size and im.format == "JPEG"
+        h, w = ref.masks.shape[1:]
+        mask = _rasterise_reason_seg(doc["shapes"], h, w) == 1
+        target = ref.masks.any(axis=0)
+        union = (mask | target).sum()
+        iou = 1.0 if union == 0 else (mask & target).sum() / union
+        assert iou > 0.9, (name, iou)
+        if ref.difficulty == "negative":
+            assert doc["shapes"] == []
+
+
+def test_bad_config_is_rejected() -> None:
+    with pytest.raises(KeySegConfigError, match="image_size"):
+        ShapesConfig(image_size=8)
+    with pytest.raises(KeySegConfigError, match="difficulty_weights"):
+        ShapesConfig(difficulty_weights=(("easy", 1.0),))
+    with pytest.raises(KeySegConfigError, match="split"):
+        ShapesDataset("dev", CFG)
+    with pytest.raises(IndexError):
+        ShapesDataset("test", CFG)[len(ShapesDataset("test", CFG))]
+
+
+def test_generation_is_fast_enough() -> None:
+    start = time.perf_counter()
+    for i in range(40):
+        generate_sample(image_seed("train", 1000 + i), "train", CFG)
+    # Budget is ~10 ms per 192-px image; allow 4x for a busy shared 2-core machine.
+    assert (time.perf_counter() - start) / 40 < 0.04
