@@ -162,7 +162,8 @@ class ConversionReport:
     Attributes:
         mapped: source name -> target name, for every source tensor a rule renamed.
         derived: target name -> target it was copied from (:data:`DERIVED_TARGETS`).
-        unused_source: source names no rule matched (or that collided, see ``duplicates``).
+        unused_source: source names no rule matched, or (given a target) whose new name the
+            target does not have.
         unset_target: target names (when a target was given) that received no tensor.
         shape_mismatches: ``(source, target, source_shape, target_shape)`` per mismatch.
         duplicates: ``(source, target)`` for a source renamed onto an already-filled target.
