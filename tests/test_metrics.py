@@ -105,3 +105,14 @@ def test_tensor_and_numpy_inputs_agree() -> None:
 def test_shape_mismatch_is_reported() -> None:
     with pytest.raises(ValueError, match="shape"):
         intersection_union(np.zeros((2, 2)), np.zeros((3, 2)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_and_cpu_counts_are_identical() -> None:
+    gen = torch.Generator().manual_seed(2)
+    preds = torch.randn(8, 64, 64, generator=gen)
+    targets = torch.randint(0, 2, (8, 64, 64), generator=gen, dtype=torch.uint8)
+    targets[0, :10] = 255
+    cpu, gpu = SegMetrics(), SegMetrics()
+    assert cpu.update(preds, targets) == gpu.update(preds.cuda().half(), targets.cuda())
+    assert cpu.state_dict() == gpu.state_dict()

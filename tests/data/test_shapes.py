@@ -196,3 +196,21 @@ def test_generation_is_fast_enough() -> None:
         generate_sample(image_seed("train", 1000 + i), "train", CFG)
     # Budget is ~10 ms per 192-px image; allow 4x for a busy shared 2-core machine.
     assert (time.perf_counter() - start) / 40 < 0.04
+
+
+def test_export_is_read_back_by_the_reason_seg_reader(tmp_path, val_records: list) -> None:
+    from keyseg.data.reason_seg import ReasonSegDataset
+
+    split_dir = tmp_path / "reason_seg" / "ReasonSeg" / "val"
+    keyword_file = (
+        tmp_path / "reason_seg" / "ReasonSeg" / "explanatory_key" / "keyword_outputs.json"
+    )
+    export_reason_seg(val_records[:12], split_dir, keyword_file=keyword_file)
+    read = {r.sample_id: r for r in ReasonSegDataset(tmp_path, "val")}
+    assert set(read) == {r.sample_id for r in val_records[:12]}
+    for record in val_records[:12]:
+        original, back = record.referents[0], read[record.sample_id].referents[0]
+        assert back.text == original.text and back.keyword == original.keyword
+        mask, target = back.masks[0] == 1, original.masks.any(axis=0)
+        union = (mask | target).sum()
+        assert union == 0 or (mask & target).sum() / union > 0.95
