@@ -204,8 +204,20 @@ def _unit_parts(kind: str, r: float) -> list[tuple[np.ndarray, bool]]:
         return [(np.stack([outer, inner], axis=1).reshape(10, 2), True)]
     if kind == "cross":
         a, b = 0.34 * r, r
-        pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b),
-               (-a, a), (-b, a), (-b, -a), (-a, -a)]  # fmt: skip
+        pts = [
+            (-a, -b),
+            (a, -b),
+            (a, -a),
+            (b, -a),
+            (b, a),
+            (a, a),
+            (a, b),
+            (-a, b),
+            (-a, a),
+            (-b, a),
+            (-b, -a),
+            (-a, -a),
+        ]
         return [(np.array(pts, dtype=float), True)]
     raise KeySegConfigError(f"unknown shape kind {kind!r} (known: {', '.join(KINDS)})")
 
@@ -301,8 +313,15 @@ def _make_scene(
             spread = {"triangle": 0.35, "square": 0.25, "cross": 0.2, "diamond": 0.2}.get(
                 kind, math.pi
             )
-            obj = ShapeObject(kind, colour, float(cx), float(cy), radius,
-                              float(rng.uniform(-spread, spread)), len(objects))  # fmt: skip
+            obj = ShapeObject(
+                kind,
+                colour,
+                float(cx),
+                float(cy),
+                radius,
+                float(rng.uniform(-spread, spread)),
+                len(objects),
+            )
             mask = render_object_mask(obj, size)
             cand = np.stack([*fulls, mask])
             vis = _visible(cand)
@@ -461,69 +480,175 @@ def _build_templates() -> dict[str, Template]:
         Template("direct.c", "direct", "{colour} shape", False, "c"),
         Template("direct.segment_ck", "direct", "Segment the {colour} {kind}.", True, "ck"),
         Template("direct.where_ck", "direct", "Where is the {colour} {kind}?", True, "ck"),
-        Template("direct.ck_coloured", "direct", "the {kind} coloured {colour}", False, "ck",
-                 heldout=True),
-        Template("direct.find_k", "direct", "Find the {kind} in the picture.", True, "k",
-                 heldout=True),
+        Template(
+            "direct.ck_coloured",
+            "direct",
+            "the {kind} coloured {colour}",
+            False,
+            "ck",
+            heldout=True,
+        ),
+        Template(
+            "direct.find_k", "direct", "Find the {kind} in the picture.", True, "k", heldout=True
+        ),
         # relational / attribute: the target is named by a comparison
-        Template("relational.largest", "relational", "the largest shape", False, "extreme",
-                 "largest"),
-        Template("relational.smallest", "relational", "the smallest shape", False, "extreme",
-                 "smallest"),
-        Template("relational.leftmost", "relational", "the leftmost shape", False, "extreme",
-                 "leftmost"),
-        Template("relational.rightmost", "relational", "the rightmost shape", False,
-                 "extreme", "rightmost"),
-        Template("relational.topmost", "relational", "the shape nearest the top", False,
-                 "extreme", "topmost"),
-        Template("relational.lowest", "relational", "the lowest shape", False, "extreme",
-                 "lowest"),
-        Template("relational.left_of", "relational", "the shape left of the {colour} {kind}",
-                 False, "relation", "left"),
-        Template("relational.right_of", "relational", "the shape right of the {colour} {kind}",
-                 False, "relation", "right"),
-        Template("relational.above", "relational", "the shape above the {colour} {kind}",
-                 False, "relation", "above"),
-        Template("relational.below", "relational", "the shape below the {colour} {kind}",
-                 False, "relation", "below"),
-        Template("relational.same_colour", "relational",
-                 "the shape with the same colour as the {kind}", False, "same_colour"),
-        Template("relational.largest_k", "relational", "the largest {kind}", False,
-                 "extreme_k", "largest"),
-        Template("relational.biggest", "relational", "Which shape is the biggest one?", True,
-                 "extreme", "largest", heldout=True),
-        Template("relational.furthest_left", "relational",
-                 "Which shape is furthest to the left?", True, "extreme", "leftmost",
-                 heldout=True),
-        Template("relational.shares_colour", "relational",
-                 "Which shape shares its colour with the {kind}?", True, "same_colour",
-                 heldout=True),
+        Template(
+            "relational.largest", "relational", "the largest shape", False, "extreme", "largest"
+        ),
+        Template(
+            "relational.smallest", "relational", "the smallest shape", False, "extreme", "smallest"
+        ),
+        Template(
+            "relational.leftmost", "relational", "the leftmost shape", False, "extreme", "leftmost"
+        ),
+        Template(
+            "relational.rightmost",
+            "relational",
+            "the rightmost shape",
+            False,
+            "extreme",
+            "rightmost",
+        ),
+        Template(
+            "relational.topmost",
+            "relational",
+            "the shape nearest the top",
+            False,
+            "extreme",
+            "topmost",
+        ),
+        Template("relational.lowest", "relational", "the lowest shape", False, "extreme", "lowest"),
+        Template(
+            "relational.left_of",
+            "relational",
+            "the shape left of the {colour} {kind}",
+            False,
+            "relation",
+            "left",
+        ),
+        Template(
+            "relational.right_of",
+            "relational",
+            "the shape right of the {colour} {kind}",
+            False,
+            "relation",
+            "right",
+        ),
+        Template(
+            "relational.above",
+            "relational",
+            "the shape above the {colour} {kind}",
+            False,
+            "relation",
+            "above",
+        ),
+        Template(
+            "relational.below",
+            "relational",
+            "the shape below the {colour} {kind}",
+            False,
+            "relation",
+            "below",
+        ),
+        Template(
+            "relational.same_colour",
+            "relational",
+            "the shape with the same colour as the {kind}",
+            False,
+            "same_colour",
+        ),
+        Template(
+            "relational.largest_k",
+            "relational",
+            "the largest {kind}",
+            False,
+            "extreme_k",
+            "largest",
+        ),
+        Template(
+            "relational.biggest",
+            "relational",
+            "Which shape is the biggest one?",
+            True,
+            "extreme",
+            "largest",
+            heldout=True,
+        ),
+        Template(
+            "relational.furthest_left",
+            "relational",
+            "Which shape is furthest to the left?",
+            True,
+            "extreme",
+            "leftmost",
+            heldout=True,
+        ),
+        Template(
+            "relational.shares_colour",
+            "relational",
+            "Which shape shares its colour with the {kind}?",
+            True,
+            "same_colour",
+            heldout=True,
+        ),
         # multi: several targets, one [SEG] each
         Template("multi.all_k", "multi", "all the {kinds}", False, "multi_k"),
         Template("multi.every_k", "multi", "every {kind}", False, "multi_k"),
         Template("multi.all_c", "multi", "all {colour} shapes", False, "multi_c"),
-        Template("multi.segment_k", "multi", "Segment all the {kinds} in the image.", True,
-                 "multi_k"),
+        Template(
+            "multi.segment_k", "multi", "Segment all the {kinds} in the image.", True, "multi_k"
+        ),
         Template("multi.clue", "multi", "{clue}", True, "multi_clue"),
-        Template("multi.find_k", "multi", "Find every {kind} in the picture.", True,
-                 "multi_k", heldout=True),
-        Template("multi.every_c", "multi", "every shape that is {colour}", False, "multi_c",
-                 heldout=True),
+        Template(
+            "multi.find_k",
+            "multi",
+            "Find every {kind} in the picture.",
+            True,
+            "multi_k",
+            heldout=True,
+        ),
+        Template(
+            "multi.every_c", "multi", "every shape that is {colour}", False, "multi_c", heldout=True
+        ),
         # negative: the concept is absent; one empty mask
         Template("negative.ck", "negative", "the {colour} {kind}", False, "neg_ck"),
         Template("negative.k", "negative", "{kind}", False, "neg_k"),
         Template("negative.clue", "negative", "{clue}", True, "neg_clue"),
-        Template("negative.segment_k", "negative", "Segment the {kind} in this picture.", True,
-                 "neg_k", heldout=True),
-    ]  # fmt: skip
+        Template(
+            "negative.segment_k",
+            "negative",
+            "Segment the {kind} in this picture.",
+            True,
+            "neg_k",
+            heldout=True,
+        ),
+    ]
     for kind, clues in KIND_CLUES.items():
         for i, clue in enumerate(clues):
-            t.append(Template(f"indirect.{kind}.{i}", "indirect", clue, True, "clue_k", kind,
-                              heldout=i == len(clues) - 1))  # fmt: skip
+            t.append(
+                Template(
+                    f"indirect.{kind}.{i}",
+                    "indirect",
+                    clue,
+                    True,
+                    "clue_k",
+                    kind,
+                    heldout=i == len(clues) - 1,
+                )
+            )
     for colour, clues in COLOUR_CLUES.items():
         for i, clue in enumerate(clues):
-            t.append(Template(f"indirect.{colour}.{i}", "indirect", f"Which shape is {clue}?",
-                              True, "clue_c", colour, heldout=i == len(clues) - 1))  # fmt: skip
+            t.append(
+                Template(
+                    f"indirect.{colour}.{i}",
+                    "indirect",
+                    f"Which shape is {clue}?",
+                    True,
+                    "clue_c",
+                    colour,
+                    heldout=i == len(clues) - 1,
+                )
+            )
     return {x.id: x for x in t}
 
 
@@ -559,8 +684,9 @@ def _extreme(scene: Scene, which: str, ids: Sequence[int], size: int) -> int | N
         # Sizes must differ clearly (30 %) for "largest"/"smallest" to be unambiguous.
         clear = first >= 1.3 * second if which == "largest" else second >= 1.3 * first
         return int(ids[order[0]]) if clear else None
-    axis, sign = {"leftmost": (0, 1), "rightmost": (0, -1), "topmost": (1, 1),
-                  "lowest": (1, -1)}[which]  # fmt: skip
+    axis, sign = {"leftmost": (0, 1), "rightmost": (0, -1), "topmost": (1, 1), "lowest": (1, -1)}[
+        which
+    ]
     vals = sign * scene.centroids[list(ids), axis]
     order = np.argsort(vals)
     if vals[order[1]] - vals[order[0]] < _MARGIN * size:
@@ -600,8 +726,9 @@ def _realise(
         matches = [i for i, o in enumerate(objs) if getattr(o, attr) == template.arg]
         if len(matches) != 1:
             return None
-        return Query(template, template.pattern, template.arg, (matches[0],),
-                     objs[matches[0]].description)  # fmt: skip
+        return Query(
+            template, template.pattern, template.arg, (matches[0],), objs[matches[0]].description
+        )
     if slot == "extreme":
         i = _extreme(scene, template.arg, list(range(len(objs))), size)
         if i is None:
@@ -618,8 +745,9 @@ def _realise(
                 return Query(template, text, objs[i].description, (i,), objs[i].description)
         return None
     if slot == "relation":
-        axis, sign = {"left": (0, -1), "right": (0, 1), "above": (1, -1),
-                      "below": (1, 1)}[template.arg]  # fmt: skip
+        axis, sign = {"left": (0, -1), "right": (0, 1), "above": (1, -1), "below": (1, 1)}[
+            template.arg
+        ]
         anchors = _unique(scene, lambda o: o.description)
         rng.shuffle(anchors)
         m = _MARGIN * size
@@ -670,8 +798,9 @@ def _realise(
             cands = [f"{o.colour} {k}" for o in objs for k in present_k]
             cands = sorted({c for c in cands if c not in present_ck})
             if not cands:
-                cands = sorted(f"{c} {k}" for c in COLOURS for k in KINDS
-                               if f"{c} {k}" not in present_ck)  # fmt: skip
+                cands = sorted(
+                    f"{c} {k}" for c in COLOURS for k in KINDS if f"{c} {k}" not in present_ck
+                )
             kw = pick(cands)
             colour, kind = kw.split(" ")
             text = _fill(template, colour=colour, kind=kind)
@@ -754,8 +883,10 @@ def generate_sample(seed: int, split: str, config: ShapesConfig | None = None) -
     weights_by_name = dict(cfg.difficulty_weights)
     names = [n for n, w in cfg.difficulty_weights if w > 0]
     weights = np.array([w for _, w in cfg.difficulty_weights if w > 0], dtype=float)
-    wanted = [names[int(i)] for i in rng.choice(len(names), cfg.queries_per_image,
-                                                p=weights / weights.sum())]  # fmt: skip
+    wanted = [
+        names[int(i)]
+        for i in rng.choice(len(names), cfg.queries_per_image, p=weights / weights.sum())
+    ]
     # Multi-target queries need a duplicated kind/colour: ask the layout for one.
     same = None
     if "multi" in wanted:
@@ -893,13 +1024,15 @@ def mask_to_polygons(mask: np.ndarray) -> list[list[list[int]]]:
     rows, cols = np.nonzero(fg & ~m[:-2, 1:-1])  # top edges, walk -x
     segs = [((c + 1, r), (c, r)) for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]
     rows, cols = np.nonzero(fg & ~m[2:, 1:-1])  # bottom edges, walk +x
-    segs += [((c, r + 1), (c + 1, r + 1)) for r, c in zip(rows.tolist(), cols.tolist(),
-                                                          strict=True)]  # fmt: skip
+    segs += [
+        ((c, r + 1), (c + 1, r + 1)) for r, c in zip(rows.tolist(), cols.tolist(), strict=True)
+    ]
     rows, cols = np.nonzero(fg & ~m[1:-1, :-2])  # left edges, walk +y
     segs += [((c, r), (c, r + 1)) for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]
     rows, cols = np.nonzero(fg & ~m[1:-1, 2:])  # right edges, walk -y
-    segs += [((c + 1, r + 1), (c + 1, r)) for r, c in zip(rows.tolist(), cols.tolist(),
-                                                          strict=True)]  # fmt: skip
+    segs += [
+        ((c + 1, r + 1), (c + 1, r)) for r, c in zip(rows.tolist(), cols.tolist(), strict=True)
+    ]
     for a, b in segs:
         edges.setdefault(a, []).append(b)
 
@@ -915,8 +1048,7 @@ def mask_to_polygons(mask: np.ndarray) -> list[list[list[int]]]:
             else:
                 # Saddle vertex: turn towards the interior, keeping diagonal pixels apart.
                 inward = (prev_dir[1], -prev_dir[0])
-                nxt = min(outs, key=lambda p: 0 if (p[0] - cur[0], p[1] - cur[1]) == inward
-                          else 1)  # fmt: skip
+                nxt = min(outs, key=lambda p: 0 if (p[0] - cur[0], p[1] - cur[1]) == inward else 1)
                 outs.remove(nxt)
             if not outs:
                 del edges[cur]
@@ -976,8 +1108,9 @@ def mask_to_polygons(mask: np.ndarray) -> list[list[list[int]]]:
     return [polys[i].tolist() for i in outers]
 
 
-def rasterise_polygons(polygons: Sequence[Sequence[Sequence[float]]], height: int,
-                       width: int) -> np.ndarray:  # fmt: skip
+def rasterise_polygons(
+    polygons: Sequence[Sequence[Sequence[float]]], height: int, width: int
+) -> np.ndarray:
     """``(H, W)`` uint8 mask of polygons drawn with outline and fill (value 1), as ReasonSeg."""
     canvas = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(canvas)
@@ -1021,8 +1154,10 @@ def export_reason_seg(
         for j, (ref, qmeta) in enumerate(zip(record.referents, queries, strict=True)):
             name = record.sample_id if len(record.referents) == 1 else f"{record.sample_id}_{j}"
             union = np.any((ref.masks != 0) & (ref.masks != 255), axis=0)
-            shapes = [{"label": "target", "points": poly, "shape_type": "polygon"}
-                      for poly in mask_to_polygons(union)]  # fmt: skip
+            shapes = [
+                {"label": "target", "points": poly, "shape_type": "polygon"}
+                for poly in mask_to_polygons(union)
+            ]
             record.image.convert("RGB").save(out / f"{name}.jpg", quality=95)
             doc = {"shapes": shapes, "text": [ref.text], "is_sentence": ref.is_sentence}
             _atomic_write_json(out / f"{name}.json", doc)
@@ -1036,8 +1171,9 @@ def export_reason_seg(
                 }
             )
             names.append(name)
-    _atomic_write_json(Path(keyword_file) if keyword_file else out / "keyword_outputs.json",
-                       entries)  # fmt: skip
+    _atomic_write_json(
+        Path(keyword_file) if keyword_file else out / "keyword_outputs.json", entries
+    )
     return names
 
 
