@@ -1,0 +1,109 @@
+"""KeySegProcessor: everything that turns (image, conversation) into model inputs.
+
+Bundles the tokenizer (with ``[SEG]``/``[KEY]``), the VLM's image processor, the SAM input
+transform and the conversation format — the counterpart of an HF processor. Data collation,
+the pipeline and evaluation all go through it, so training and inference see identical ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from keyseg import tokens
+from keyseg.config import BackboneConfig
+from keyseg.data.images import SamInput, sam_preprocess
+from keyseg.errors import KeySegCheckpointError
+from keyseg.io import atomic_write_json
+
+PROCESSOR_FILE = "keyseg_processor.json"
+
+
+@dataclass
+class PreparedImage:
+    """One image ready for both encoders.
+
+    Attributes:
+        vision_inputs: the VLM image processor's tensors with a leading batch axis of 1,
+            e.g. ``pixel_values (1, 3, h, w)``.
+        sam: SAM input ``(3, S, S)`` plus resized/original sizes.
+    """
+
+    vision_inputs: dict[str, torch.Tensor]
+    sam: SamInput
+
+
+class KeySegProcessor:
+    """Tokenizer + image processors + conversation format for one KeySeg model."""
+
+    def __init__(
+        self,
+        tokenizer,
+        image_processor,
+        backbone: BackboneConfig,
+        num_image_tokens: int,
+        sam_image_size: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.backbone = backbone
+        self.num_image_tokens = num_image_tokens
+        self.sam_image_size = sam_image_size
+        tokens.add_special_tokens(tokenizer, backbone.image_token, backbone.use_im_start_end)
+        self.ids = tokens.special_token_ids(
+            tokenizer, backbone.image_token, backbone.use_im_start_end
+        )
+
+    # --- images ---------------------------------------------------------------------------
+    def prepare_image(self, image: Image.Image) -> PreparedImage:
+        """``image``: an RGB PIL image (see ``keyseg.data.images.load_image``)."""
+        vision = self.image_processor(images=[image], return_tensors="pt")
+        vision_inputs = {k: v for k, v in vision.items() if isinstance(v, torch.Tensor)}
+        return PreparedImage(vision_inputs, sam_preprocess(image, self.sam_image_size))
+
+    # --- text -----------------------------------------------------------------------------
+    def encode(self, turns: Sequence[tokens.Turn]) -> tokens.EncodedConversation:
+        """Ids and labels of a conversation (last turn without answer = generation prompt)."""
+        return tokens.encode_conversation(
+            self.tokenizer,
+            turns,
+            self.ids,
+            num_image_tokens=self.num_image_tokens,
+            system_prompt=self.backbone.system_prompt,
+            image_token=self.backbone.image_token,
+        )
+
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
+        """Text of generated ids, keeping ``[SEG]``/``[KEY]``; drops end-of-sequence/pad."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    # --- persistence ----------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+        atomic_write_json(
+            directory / PROCESSOR_FILE,
+            {"num_image_tokens": self.num_image_tokens, "sam_image_size": self.sam_image_size},
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike,
+                        backbone: BackboneConfig) -> KeySegProcessor:
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        directory = Path(directory)
+        meta_file = directory / PROCESSOR_FILE
+        if not meta_file.is_file():
+            raise KeySegCheckpointError(f"{meta_file}: missing (not a KeySeg model directory?)")
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        image_processor = AutoImageProcessor.from_pretrained(directory)
+        return cls(tokenizer, image_processor, backbone, meta["num_image_tokens"],
+                   meta["sam_image_size"])

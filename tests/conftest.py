@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random models built through the same factory users call."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from helpers import make_record
+from keyseg.data.collate import Collator, ImageExample, record_to_example
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory():
+    from keyseg.model.tiny import build_tiny_model
+
+    return build_tiny_model
+
+
+@pytest.fixture
+def tiny_model(tiny_model_factory):
+    return tiny_model_factory(seed=0, lora=True)
+
+
+@pytest.fixture
+def make_batch():
+    def build(model, mode: str = "train", seed: int = 0, records=None):
+        records = records or [make_record(seed=seed)]
+        examples: list[ImageExample] = [
+            record_to_example(r, random.Random(seed), use_keyword=model.config.use_keyword)
+            for r in records
+        ]
+        return Collator(model.processor, mode=mode)(examples)
+
+    return build

@@ -1,0 +1,84 @@
+"""KeywordFusion against an independent re-statement of SPEC §2.4."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from keyseg.config import FusionConfig
+from keyseg.model.fusion import KeywordFusion
+
+
+def linear_resample(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Half-pixel-centred linear interpolation along rows, written out by hand."""
+    n = x.shape[0]
+    out = []
+    for i in range(rows):
+        src = (i + 0.5) * n / rows - 0.5
+        src = min(max(src, 0.0), n - 1)
+        lo = math.floor(src)
+        hi = min(lo + 1, n - 1)
+        w = src - lo
+        out.append((1 - w) * x[lo] + w * x[hi])
+    return torch.stack(out)
+
+
+def spec_reference(module: KeywordFusion, seg: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def attend(att, q_in, kv_in):
+        q = q_in @ att.q_proj.weight.T + att.q_proj.bias
+        k = kv_in @ att.k_proj.weight.T + att.k_proj.bias
+        v = kv_in @ att.v_proj.weight.T + att.v_proj.bias
+        a = torch.softmax(q @ k.T / math.sqrt(q.shape[-1]), dim=-1)
+        return (a @ v) @ att.out_proj.weight.T + att.out_proj.bias
+
+    x = linear_resample(seg, 12)
+    x = attend(module.cross_attn, x, key)
+    x = attend(module.self_attn, x, x)
+    return linear_resample(x, seg.shape[0])
+
+
+@pytest.mark.parametrize(("n_seg", "n_key"), [(1, 2), (3, 4), (12, 3), (20, 5)])
+def test_reference_equals_spec_restatement(n_seg, n_key):
+    torch.manual_seed(0)
+    fusion = KeywordFusion(FusionConfig(dim=32, variant="reference"))
+    seg, key = torch.randn(n_seg, 32), torch.randn(n_key, 32)
+    torch.testing.assert_close(fusion(seg, key), spec_reference(fusion, seg, key),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_reference_ignores_seg_with_single_key_but_residual_does_not():
+    torch.manual_seed(0)
+    key = torch.randn(1, 32)
+    seg_a, seg_b = torch.randn(3, 32), torch.randn(3, 32)
+    reference = KeywordFusion(FusionConfig(dim=32, variant="reference"))
+    torch.testing.assert_close(reference(seg_a, key), reference(seg_b, key))
+    residual = KeywordFusion(FusionConfig(dim=32, variant="residual"))
+    assert not torch.allclose(residual(seg_a, key), residual(seg_b, key), atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["reference", "residual", "none"])
+def test_zero_key_rows_pass_seg_through(variant):
+    fusion = KeywordFusion(FusionConfig(dim=16, variant=variant))
+    seg = torch.randn(2, 16)
+    assert torch.equal(fusion(seg, torch.zeros(0, 16)), seg)
+    assert fusion(torch.zeros(0, 16), torch.randn(2, 16)).shape == (0, 16)
+
+
+def test_none_variant_has_no_parameters_and_is_identity():
+    fusion = KeywordFusion(FusionConfig(dim=16, variant="none"))
+    seg = torch.randn(4, 16)
+    assert list(fusion.parameters()) == []
+    assert torch.equal(fusion(seg, torch.randn(2, 16)), seg)
+
+
+@pytest.mark.parametrize("variant", ["reference", "residual"])
+def test_low_precision_input_is_computed_in_fp32_and_returned_in_its_dtype(variant):
+    torch.manual_seed(0)
+    fusion = KeywordFusion(FusionConfig(dim=16, variant=variant))
+    seg, key = torch.randn(3, 16), torch.randn(2, 16)
+    full = fusion(seg, key)
+    half = fusion.to(torch.bfloat16)(seg.bfloat16(), key.bfloat16())
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05)

@@ -1,0 +1,154 @@
+"""KeySegModel on tiny random configs: what trains, what stays frozen, positions, errors."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_record
+from keyseg import tokens
+from keyseg.data.collate import Collator, Conversation, ImageExample
+from keyseg.errors import KeySegConfigError, KeySegInputError
+from keyseg.model.keyseg import KeySegModel
+from keyseg.model.tiny import build_tiny_model, tiny_model_config
+from keyseg.model.trainable import configure_trainable, parameter_components
+
+
+def snapshot(model, component):
+    owners = parameter_components(model)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if owners[n] == component}
+
+
+def test_one_step_updates_trainable_and_leaves_frozen_bit_identical(tiny_model, make_batch):
+    model = tiny_model
+    batch = make_batch(model)
+    learn = ["fusion", "table_projection", "lora", "sam_mask_decoder", "text_hidden_fcs",
+             "lm_head", "embed_tokens"]
+    frozen = ["sam_image_encoder", "sam_prompt_encoder", "vision_tower", "mm_projector",
+              "language_model"]
+    before = {c: snapshot(model, c) for c in learn + frozen}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    # LoRA's B starts at zero, so A gets no gradient on the first step: take two.
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(batch).loss.backward()
+        optimizer.step()
+    for component in learn:
+        changed = [n for n, p in snapshot(model, component).items()
+                   if not torch.equal(p, before[component][n])]
+        assert changed, f"{component} did not change"
+    for component in frozen:
+        for name, value in snapshot(model, component).items():
+            assert torch.equal(value, before[component][name]), f"{name} changed"
+
+
+def test_every_parameter_belongs_to_a_component(tiny_model):
+    owners = parameter_components(tiny_model)
+    assert set(owners) == {n for n, _ in tiny_model.named_parameters()}
+    assert any(c == "lora" for c in owners.values())
+    lora_names = [n for n, c in owners.items() if c == "lora"]
+    assert all("language_model" in n for n in lora_names)
+    assert not any("keyword_fusion" in n or "vision_tower" in n for n in lora_names)
+
+
+def test_trainable_component_without_parameters_is_refused(tiny_model_factory):
+    model = tiny_model_factory(seed=0, lora=False)  # LoRA not applied
+    with pytest.raises(KeySegConfigError, match="lora"):
+        configure_trainable(model, ["lora", "fusion"])
+    with pytest.raises(KeySegConfigError, match="unknown component"):
+        configure_trainable(model, ["fusoin"])
+
+
+def test_seg_embedding_is_read_at_the_expanded_position(tiny_model, make_batch):
+    model = tiny_model.eval()
+    batch = make_batch(model)
+    assert model.processor.num_image_tokens == 16  # not LLaVA's 256
+    out = model.backbone(batch.input_ids, batch.attention_mask, batch.vision_inputs)
+    ids = batch.input_ids[0]
+    seg_index = int((ids == model.processor.ids.seg).nonzero()[0])
+    seg, key = model.special_embeddings(ids, out.last_hidden[0])
+    expected = model.text_hidden_fcs(out.last_hidden[0, seg_index - 1])  # "before" (reference)
+    torch.testing.assert_close(seg[0], expected)
+    assert key.shape == (1, model.config.fusion.dim)
+
+
+def test_hidden_state_at_choice_reads_the_token_itself(tiny_model_factory, make_batch):
+    config = tiny_model_config()
+    config = replace(config, backbone=replace(config.backbone, hidden_state="at"))
+    model = build_tiny_model(config=config).eval()
+    batch = make_batch(model)
+    out = model.backbone(batch.input_ids, batch.attention_mask, batch.vision_inputs)
+    ids = batch.input_ids[0]
+    seg_index = int((ids == model.processor.ids.seg).nonzero()[0])
+    seg, _ = model.special_embeddings(ids, out.last_hidden[0])
+    torch.testing.assert_close(seg[0], model.text_hidden_fcs(out.last_hidden[0, seg_index]))
+
+
+def test_predict_gives_one_mask_per_seg_at_original_size(tiny_model, make_batch):
+    batch = make_batch(tiny_model, records=[make_record(height=37, width=81)])
+    masks = tiny_model.predict(batch)
+    assert [tuple(m.shape) for m in masks] == [(1, 37, 81), (2, 37, 81)]
+
+
+def _no_seg_example(model):
+    record = make_record()
+    return ImageExample(
+        image=record.image,
+        conversations=[Conversation([tokens.Turn("what is it?", "I cannot tell.")],
+                                    np.zeros((0, 40, 60), np.uint8), "fixture/no-seg")],
+    )
+
+
+def test_answer_without_seg_is_a_clear_training_error(tiny_model):
+    with pytest.raises(KeySegInputError, match=r"fixture/no-seg.*no \[SEG\]"):
+        Collator(tiny_model.processor, mode="train")([_no_seg_example(tiny_model)])
+
+
+def test_answer_without_seg_gives_empty_mask_list_in_prediction(tiny_model):
+    collator = Collator(tiny_model.processor, mode="train")
+    collator.mode = "teacher"  # feed the answer without the training check
+    example = _no_seg_example(tiny_model)
+    encoded = tiny_model.processor.encode(example.conversations[0].turns)
+    assert int((encoded.input_ids == tiny_model.processor.ids.seg).sum()) == 0
+    batch = Collator(tiny_model.processor, mode="prompt")([example])
+    masks = tiny_model.predict(batch)
+    assert masks[0].shape == (0, 40, 60)
+
+
+def test_model_forward_rejects_seg_mask_count_mismatch(tiny_model, make_batch):
+    batch = make_batch(tiny_model)
+    batch.target_masks[1] = batch.target_masks[1][:1]
+    with pytest.raises(KeySegInputError, match="2 \\[SEG\\] in the answer but 1 target"):
+        tiny_model(batch)
+
+
+def test_save_and_load_round_trip_reproduces_outputs(tiny_model, make_batch, tmp_path):
+    model = tiny_model.eval()
+    batch = make_batch(model)
+    expected = model.predict(batch)
+    model.save_pretrained(tmp_path / "m")
+    loaded = KeySegModel.from_pretrained(tmp_path / "m").eval()
+    again = loaded.predict(make_batch(loaded))
+    for a, b in zip(expected, again, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_keyword_loss_off_without_keyword(make_batch):
+    config = replace(tiny_model_config(), use_keyword=False)
+    model = build_tiny_model(config=config)
+    batch = make_batch(model)
+    assert int((batch.input_ids == model.processor.ids.key).sum()) == 0
+    out = model(batch)
+    assert float(out.key) == 0.0 and torch.isfinite(out.loss)
+
+
+def test_record_to_example_samples_at_most_max_referents():
+    from keyseg.data.collate import record_to_example
+
+    example = record_to_example(make_record(), random.Random(0), max_referents=1)
+    assert len(example.conversations) == 1

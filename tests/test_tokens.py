@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from keyseg import tokens
+from keyseg.errors import KeySegInputError
+from keyseg.model.tiny import build_tiny_tokenizer
+
+SYSTEM = "A chat."
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ids(tokenizer):
+    return tokens.special_token_ids(tokenizer)
+
+
+def test_special_tokens_are_added_once_and_atomic(tokenizer):
+    size = len(tokenizer)
+    assert tokens.add_special_tokens(tokenizer) == []  # idempotent
+    assert len(tokenizer) == size
+    seg = tokenizer.convert_tokens_to_ids(tokens.SEG_TOKEN)
+    assert tokenizer("x [SEG] y", add_special_tokens=False)["input_ids"].count(seg) == 1
+
+
+@pytest.mark.parametrize("num_image_tokens", [1, 16, 100])
+def test_labels_cover_only_the_assistant_answer(tokenizer, ids, num_image_tokens):
+    turns = [tokens.Turn("What is red?", tokens.with_keyword("Sure, [SEG].", "apple"))]
+    enc = tokens.encode_conversation(tokenizer, turns, ids, num_image_tokens, SYSTEM)
+    supervised = enc.labels[enc.labels != tokens.IGNORE_INDEX]
+    assert tokenizer.decode(supervised).strip() == "Sure, [SEG]. [KEY] apple</s>"
+    assert int((enc.input_ids == ids.image).sum()) == num_image_tokens
+    # label positions hold the input ids themselves (shift happens in the loss)
+    mask = enc.labels != tokens.IGNORE_INDEX
+    assert torch.equal(enc.labels[mask], enc.input_ids[mask])
+
+
+def test_multi_turn_supervises_every_answer_and_no_question(tokenizer, ids):
+    turns = [tokens.Turn("first?", "It is [SEG]."), tokens.Turn("second?", "Sure, [SEG].")]
+    enc = tokens.encode_conversation(tokenizer, turns, ids, 4, SYSTEM)
+    text = tokenizer.decode(enc.labels[enc.labels != tokens.IGNORE_INDEX])
+    assert "It is [SEG].</s>" in text and "Sure, [SEG].</s>" in text
+    assert "first" not in text and "second" not in text and "USER" not in text
+
+
+def test_generation_prompt_ends_at_assistant(tokenizer, ids):
+    enc = tokens.encode_conversation(tokenizer, [tokens.Turn("q?")], ids, 4, SYSTEM)
+    assert tokenizer.decode(enc.input_ids).endswith("ASSISTANT:")
+    assert bool((enc.labels == tokens.IGNORE_INDEX).all())
+
+
+@pytest.mark.parametrize("num_image_tokens", [7, 16, 576])
+def test_special_positions_follow_expanded_ids(tokenizer, ids, num_image_tokens):
+    turns = [tokens.Turn("q?", tokens.with_keyword("It is [SEG] and [SEG].", "red cup"))]
+    enc = tokens.encode_conversation(tokenizer, turns, ids, num_image_tokens, SYSTEM)
+    at = tokens.special_positions(enc.input_ids, ids.seg, "at")
+    assert len(at) == 2 and all(int(enc.input_ids[p]) == ids.seg for p in at)
+    before = tokens.special_positions(enc.input_ids, ids.seg, "before")
+    assert torch.equal(before, at - 1)
+    key_at = tokens.special_positions(enc.input_ids, ids.key, "at")
+    image_end = int((enc.input_ids == ids.image).nonzero().max())
+    assert int(key_at[0]) > image_end + 1
+    keyword = tokens.keyword_token_ids(enc.input_ids, ids)
+    assert tokenizer.decode(keyword[0]).strip() == "red cup"
+
+
+def test_image_placeholder_must_appear_once(tokenizer, ids):
+    with pytest.raises(KeySegInputError, match="exactly one"):
+        tokens.encode_conversation(tokenizer, [tokens.Turn("<image> again", "x")], ids, 4, SYSTEM)
+
+
+def test_answer_templates_hold_one_seg_per_mask():
+    import random
+
+    rng = random.Random(0)
+    for k in (1, 2, 5):
+        for _ in range(10):
+            assert tokens.format_answer(k, rng).count(tokens.SEG_TOKEN) == k
+    assert tokens.with_keyword("It is [SEG].", None) == "It is [SEG]."
+    assert tokens.with_keyword("It is [SEG]. ", "spoon") == "It is [SEG]. [KEY] spoon"
