@@ -209,3 +209,21 @@ def test_head_noun_keyword_mode(refer_root):
 ])
 def test_head_noun_heuristic(expression, head):
     assert head_noun(expression) == head
+
+
+def test_cli_convert_refer_then_check(refer_root, capsys):
+    from keyseg.cli import main
+
+    assert main(["data", "check", str(refer_root)]) == 0
+    assert "convert-refer" in capsys.readouterr().out  # the pickle-only state is pointed out
+    assert main(["data", "convert-refer", str(refer_root), "--name", "refcoco"]) == 0
+    json_file = refer_root / "refer_seg" / "refcoco" / "refs(unc).json"
+    assert json.loads(json_file.read_text()) == REFS
+    assert main(["data", "convert-refer", str(refer_root), "--name", "refcoco"]) == 0
+    assert "exists, skipped" in capsys.readouterr().out
+    assert main(["data", "convert-refer", str(refer_root), "--name", "refcocog"]) == 2
+    assert "refs(umd).p: refs pickle not found" in capsys.readouterr().err
+    assert main(["data", "check", str(refer_root)]) == 0
+    out = capsys.readouterr().out
+    assert "ok      refer_seg/refcoco/refs(unc).json" in out
+    assert "missing refer_seg/refcocog/instances.json" in out
