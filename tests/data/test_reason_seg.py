@@ -206,11 +206,20 @@ def test_dataset_attaches_explanatory_answers(dataset_root):
     by_id = {record.sample_id: record for record in data}
     good1 = by_id["good1"]
     assert good1.meta["explanation"] == "A spoon, because it scoops."
-    assert all(r.answer == "Sure, it is [SEG]. A spoon, because it scoops."
-               for r in good1.referents)
+    # Raw by default: the collator adds the [SEG] template answer (with some probability).
+    assert all(r.answer == "A spoon, because it scoops." for r in good1.referents)
     assert by_id["good2"].referents[0].answer is None
-    plain = ReasonSegDataset(dataset_root, "train", explanatory_template=None)
-    assert all(r.answer is None for rec in plain for r in rec.referents)
+    fixed = ReasonSegDataset(dataset_root, "train", explanatory_template="[SEG]! {explanation}")
+    assert fixed[fixed_index(fixed, "good1")].referents[0].answer == (
+        "[SEG]! A spoon, because it scoops.")
+    with pytest.raises(KeySegDataError, match=r"\[SEG\]"):
+        ReasonSegDataset(dataset_root, "train", explanatory_template="{explanation}")
+    none = ReasonSegDataset(dataset_root, "train", explanatory_file=False)
+    assert all(r.answer is None for rec in none for r in rec.referents)
+
+
+def fixed_index(data: ReasonSegDataset, sample_id: str) -> int:
+    return next(i for i, record in enumerate(data) if record.sample_id == sample_id)
 
 
 def test_dataset_splits_are_separate_and_unknown_split_lists_valid_ones(dataset_root):

@@ -50,8 +50,8 @@ KEYWORD_FILE_CANDIDATES: tuple[str, ...] = (
 )
 EXPLANATORY_FILE = "reason_seg/ReasonSeg/explanatory/train.json"
 
-#: How an explanatory answer becomes a ``Referent.answer`` (it must hold the ``[SEG]``).
-DEFAULT_EXPLANATORY_TEMPLATE = "Sure, it is [SEG]. {explanation}"
+#: An example ``explanatory_template`` (the reader's default is ``None``: raw explanation).
+EXAMPLE_EXPLANATORY_TEMPLATE = "Sure, it is [SEG]. {explanation}"
 
 
 # --------------------------------------------------------------------------- JSON + masks
@@ -330,9 +330,12 @@ class ReasonSegDataset(Sequence[SegRecord]):
             (:data:`KEYWORD_FILE_CANDIDATES`), ``False`` uses none.
         explanatory_file: ``explanatory/train.json``; ``None`` uses it when present (train
             split only), ``False`` uses none.
-        explanatory_template: how an explanation becomes ``Referent.answer`` (``{explanation}``
-            is replaced; must contain ``[SEG]``); ``None`` keeps ``answer=None`` and only puts
-            the explanation in ``record.meta["explanation"]``.
+        explanatory_template: how an explanation becomes ``Referent.answer``. ``None``
+            (default): the raw explanation text, without ``[SEG]``; the collator then uses it
+            with probability ``explanatory`` behind a random template answer and adds the
+            explanatory question suffix (SPEC §4). A template (``{explanation}`` replaced,
+            must contain ``[SEG]``, e.g. :data:`EXAMPLE_EXPLANATORY_TEMPLATE`) gives a fixed
+            answer used verbatim. The explanation is also in ``record.meta["explanation"]``.
     """
 
     def __init__(
@@ -341,7 +344,7 @@ class ReasonSegDataset(Sequence[SegRecord]):
         split: str = "train",
         keyword_file: str | Path | bool | None = None,
         explanatory_file: str | Path | bool | None = None,
-        explanatory_template: str | None = DEFAULT_EXPLANATORY_TEMPLATE,
+        explanatory_template: str | None = None,
         verify_images: bool = False,
     ) -> None:
         if split not in REASON_SEG_SPLITS:
@@ -450,9 +453,9 @@ class ReasonSegDataset(Sequence[SegRecord]):
         if explanation is not None:
             meta["explanation"] = explanation["outputs"]
             meta["explanation_query"] = explanation.get("query")
-            if self.explanatory_template is not None:
-                answer = self.explanatory_template.replace("{explanation}",
-                                                           explanation["outputs"].strip())
+            text = explanation["outputs"].strip()
+            answer = (text if self.explanatory_template is None
+                      else self.explanatory_template.replace("{explanation}", text)) or None
         referents = [
             Referent(text=text, is_sentence=parsed.is_sentence, masks=mask.copy(),
                      keyword=keyword, answer=answer)
