@@ -27,8 +27,10 @@ class Referent:
             ``[SEG]`` the answer should contain (``k == 1`` for ReasonSeg/refCOCO, ``k > 1``
             for multi-target queries; an all-zero mask is a valid "nothing matches" target).
         keyword: the query's core concept ("spoon"); ``None`` when unknown (no ``[KEY]``).
-        answer: an answer text already holding ``k`` ``[SEG]`` tokens (e.g. an explanatory
-            answer), or ``None`` to let the templates choose one.
+        answer: either a full answer holding ``k`` ``[SEG]`` tokens (used verbatim, e.g. the
+            procedural world), or an explanation without ``[SEG]`` (ReasonSeg's explanatory
+            outputs; collation puts a template ``[SEG]`` answer before it), or ``None`` to let
+            the templates choose the whole answer.
         difficulty: free label for breakdowns ("direct", "relational", "indirect", ...).
     """
 
