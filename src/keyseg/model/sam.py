@@ -154,12 +154,32 @@ def _tiny(prompt_dim: int = DEFAULT_PROMPT_DIM) -> SamConfig:
     )
 
 
+def _shapes(prompt_dim: int = 128) -> SamConfig:
+    """The embedded default's SAM: 192 px input (the shapes world's size, so no resize)
+    -> 24x24 embedding -> 96x96 masks; trained from scratch on CPU."""
+    return _build_config(
+        encoder_dim=64,
+        encoder_depth=3,
+        encoder_heads=4,
+        global_attn_indexes=(2,),
+        image_size=192,
+        patch_size=8,
+        window_size=8,
+        encoder_mlp_dim=128,
+        prompt_dim=prompt_dim,
+        decoder_mlp_dim=256,
+        decoder_heads=4,
+        iou_head_hidden_dim=64,
+    )
+
+
 # Preset name -> config builder (segment-anything's ``sam_model_registry`` idea).
 SAM_PRESETS: dict[str, Callable[..., SamConfig]] = {
     "vit_h": _vit_h,
     "vit_l": _vit_l,
     "vit_b": _vit_b,
     "tiny": _tiny,
+    "shapes": _shapes,
 }
 
 

@@ -76,6 +76,9 @@ def tiny_llava_config(
     num_layers: int = 2,
     image_size: int = 32,
     patch_size: int = 8,
+    num_heads: int = 4,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
 ) -> LlavaConfig:
     """A LLaVA config of a few hundred thousand parameters; ``(image_size/patch)^2`` image
     tokens (16 by default — deliberately not LLaVA's 256)."""
@@ -84,8 +87,8 @@ def tiny_llava_config(
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
         max_position_embeddings=1024,
         pad_token_id=pad_token_id,
         bos_token_id=1,
@@ -93,13 +96,13 @@ def tiny_llava_config(
         tie_word_embeddings=False,
     )
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=vision_hidden_size,
+        intermediate_size=vision_hidden_size * 2,
+        num_hidden_layers=vision_layers,
         num_attention_heads=2,
         image_size=image_size,
         patch_size=patch_size,
-        projection_dim=32,
+        projection_dim=vision_hidden_size,
     )
     return LlavaConfig(
         text_config=text,
@@ -122,6 +125,9 @@ def tiny_image_processor(image_size: int = 32) -> CLIPImageProcessorPil:
 # Named local presets for BackboneConfig.preset (used when no name_or_path is given).
 VLM_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 64, "num_layers": 2, "image_size": 32, "patch_size": 8},
+    # The embedded default's VLM (procedural shapes world): 96 px, 64 image tokens.
+    "shapes": {"hidden_size": 128, "num_layers": 3, "image_size": 96, "patch_size": 12,
+               "num_heads": 4, "vision_hidden_size": 64, "vision_layers": 2},
 }
 
 
@@ -154,3 +160,21 @@ def build_tiny_model(seed: int = 0, config: ModelConfig | None = None, lora: boo
         apply_lora(model, config.lora)
         configure_trainable(model, config.trainable)
     return model
+
+
+def preset_corpus(preset: str) -> list[str] | None:
+    """Tokenizer training text for a local preset (None: the small default corpus).
+
+    The ``shapes`` preset's tokenizer is trained on the procedural world's own queries and
+    answers, so its few hundred merges cover the words the embedded default will see.
+    """
+    if preset != "shapes":
+        return None
+    from keyseg.data.shapes import ShapesConfig, ShapesDataset
+
+    dataset = ShapesDataset("train", ShapesConfig())
+    corpus = list(_DEFAULT_CORPUS)
+    for index in range(600):
+        for ref in dataset[index].referents:
+            corpus += [ref.text, ref.answer or "", ref.keyword or ""]
+    return corpus
