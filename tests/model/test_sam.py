@@ -23,7 +23,7 @@ def embedding(tiny: SamSegmenter) -> torch.Tensor:
 
 
 def test_presets_cover_released_sizes_and_tiny() -> None:
-    assert set(SAM_PRESETS) == {"vit_h", "vit_l", "vit_b", "tiny"}
+    assert {"vit_h", "vit_l", "vit_b", "tiny", "shapes"} <= set(SAM_PRESETS)
     vision = sam_config("vit_h").vision_config
     assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) == (
         1280,
