@@ -1,0 +1,125 @@
+"""Evaluation split specs (``"reason_seg:val"``, ``"refcoco+:testB"``, ...) to records.
+
+A spec is ``NAME:SPLIT``:
+
+============  =========================  ==================================================
+NAME          splits                     reader
+============  =========================  ==================================================
+reason_seg    train, val, test           :class:`~keyseg.data.reason_seg.ReasonSegDataset`
+refcoco       train, val, testA, testB   :class:`~keyseg.data.refer.ReferDataset` (unc)
+refcoco+      train, val, testA, testB   :class:`~keyseg.data.refer.ReferDataset` (unc)
+refcocog      train, val, test           :class:`~keyseg.data.refer.ReferDataset` (umd)
+shapes        train, val, test           :class:`~keyseg.data.shapes.ShapesDataset`
+============  =========================  ==================================================
+
+Split names are REFER's own (case-sensitive ``testA``/``testB``). The readers are lazy
+sequences, so resolving a spec does not load the split into memory; bad samples found while
+scanning are counted in the reader's report (:attr:`EvalSet.reader_report`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from keyseg.data.sample import SegRecord
+from keyseg.errors import KeySegConfigError
+
+#: dataset name -> splits it has (REFER's splitBy decides refcocog's).
+EVAL_SPLITS: dict[str, tuple[str, ...]] = {
+    "reason_seg": ("train", "val", "test"),
+    "refcoco": ("train", "val", "testA", "testB"),
+    "refcoco+": ("train", "val", "testA", "testB"),
+    "refcocog": ("train", "val", "test"),
+    "shapes": ("train", "val", "test"),
+}
+
+
+@dataclass
+class EvalSet:
+    """A resolved split.
+
+    Attributes:
+        name: dataset name (``reason_seg``, ``refcoco``, ...).
+        split: split name as the dataset spells it.
+        records: a lazy sequence of records (``records[i]`` may raise
+            :class:`~keyseg.errors.KeySegDataError` for a sample gone bad; callers skip it).
+        reader_report: the reader's scan report (``None`` for the procedural set).
+    """
+
+    name: str
+    split: str
+    records: Sequence[SegRecord]
+    reader_report: Any = None
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:{self.split}"
+
+    def reader_skipped(self) -> int:
+        """Samples the reader left out while scanning (0 when it has no report)."""
+        return int(getattr(self.reader_report, "skipped_total", 0) or 0)
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``"refcoco+:testA"`` -> ``("refcoco+", "testA")``, validated against :data:`EVAL_SPLITS`.
+
+    Raises:
+        KeySegConfigError: malformed spec, unknown dataset or split (the message lists the
+            valid ones).
+    """
+    name, sep, split = spec.strip().partition(":")
+    name = name.strip().lower()
+    split = split.strip()
+    if not sep or not name or not split:
+        raise KeySegConfigError(
+            f"dataset spec {spec!r}: expected NAME:SPLIT, e.g. reason_seg:val or refcoco:testA"
+        )
+    if name not in EVAL_SPLITS:
+        raise KeySegConfigError(
+            f"dataset spec {spec!r}: unknown dataset {name!r}; known: {', '.join(EVAL_SPLITS)}"
+        )
+    if split not in EVAL_SPLITS[name]:
+        raise KeySegConfigError(
+            f"dataset spec {spec!r}: {name} has no split {split!r}; valid: "
+            f"{', '.join(EVAL_SPLITS[name])}"
+        )
+    return name, split
+
+
+def resolve_eval_set(spec: str, dataset_dir: str | Path | None = None,
+                     **reader_kwargs: Any) -> EvalSet:
+    """Resolve ``NAME:SPLIT`` to an :class:`EvalSet`.
+
+    Args:
+        spec: e.g. ``"reason_seg:val"``, ``"refcocog:test"``, ``"shapes:test"``.
+        dataset_dir: dataset root (the ``--dataset-dir``: holds ``reason_seg/`` and
+            ``refer_seg/``); not needed for ``shapes``.
+        reader_kwargs: passed to the reader (e.g. ``keyword_file`` for ReasonSeg,
+            ``keyword_mode`` for REFER, ``config`` (a ``ShapesConfig``) for shapes).
+
+    Raises:
+        KeySegConfigError: bad spec, or no ``dataset_dir`` for a file-based dataset.
+        KeySegDataError: the reader cannot open the split (folder or files missing).
+    """
+    name, split = parse_spec(spec)
+    if name == "shapes":
+        from keyseg.data.shapes import ShapesDataset
+
+        return EvalSet(name, split, ShapesDataset(split, reader_kwargs.get("config")))
+    if dataset_dir is None:
+        raise KeySegConfigError(f"dataset spec {spec!r} needs a dataset directory (--dataset-dir)")
+    if name == "reason_seg":
+        from keyseg.data.reason_seg import ReasonSegDataset
+
+        dataset = ReasonSegDataset(dataset_dir, split, **reader_kwargs)
+    else:
+        from keyseg.data.refer import ReferDataset
+
+        dataset = ReferDataset(dataset_dir, name, split, **reader_kwargs)
+    return EvalSet(name, split, dataset, dataset.report)
+
+
+__all__ = ["EVAL_SPLITS", "EvalSet", "parse_spec", "resolve_eval_set"]

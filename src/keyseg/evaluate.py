@@ -1,0 +1,652 @@
+"""Evaluation: gIoU / cIoU of a KeySeg model over a split, streamed, batched, distributed.
+
+Two protocols (``docs/EVALUATION.md`` compares them with LISA / KeySeg / VisionReasoner):
+
+``teacher`` (LISA's protocol)
+    The answer is *fed*, nothing is generated: ``"[SEG]."`` (``k`` masks: ``"[SEG], [SEG] and
+    [SEG]."``), followed by ``" [KEY] {keyword}"`` when the model uses ``[KEY]`` — and by a
+    bare ``" [KEY]"`` when the referent's keyword is unknown (ReasonSeg val/test have no keyword
+    file). The attention is causal and the ``[SEG]``/``[KEY]`` states are read at or before
+    those tokens, so the keyword text after ``[KEY]`` cannot change any mask: feeding ``[KEY]``
+    without its keyword gives exactly the masks of the full answer, and keeps the structure
+    the model was trained on (every training answer of a ``use_keyword`` model holds
+    ``[KEY]``). Masks come from :meth:`KeySegModel.predict`.
+``generate``
+    The model answers (:func:`keyseg.generation.generate`, greedy). The ``i``-th ``[SEG]`` of
+    the answer is scored against the ``i``-th target; extra ``[SEG]`` are ignored, missing ones
+    (including an answer with no ``[SEG]`` at all) score an *empty prediction* against their
+    target (``I = 0``, ``U = |T|``; 1.0 when the target is empty too). Such samples are
+    counted (``no_seg``, ``fewer_seg``, ``extra_seg``).
+
+Questions are deterministic (LISA's validation wording): sentences
+``"{sent} Please output segmentation mask."``, phrases ``"What is {phrase} in this image?
+Please output segmentation mask."``. ReasonSeg records use their first text unless
+``all_texts``; every other record (refCOCO/+/g: every sentence of every ref; shapes) uses all
+referents.
+
+Memory does not grow with the split: :class:`~keyseg.metrics.SegMetrics` holds four numbers,
+per-sample lines go to a JSONL file as they are produced, overlay candidates live in two
+bounded heaps. With an Accelerate ``accelerator``, records are sharded by process index,
+counts are summed exactly across processes and the per-process JSONL files are merged by the
+main process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import io
+import itertools
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from keyseg import tokens
+from keyseg.data.collate import Collator, Conversation, ImageExample
+from keyseg.data.sample import Referent, SegRecord
+from keyseg.errors import KeySegConfigError, KeySegDataError
+from keyseg.metrics import SegMetrics, iou_score
+
+Mode = Literal["teacher", "generate"]
+MODES: tuple[str, ...] = ("teacher", "generate")
+
+#: LISA's validation question wording (deterministic: no template sampling in evaluation).
+SENTENCE_QUESTION = tokens.LONG_QUESTIONS[1]  # "{sent} Please output segmentation mask."
+PHRASE_QUESTION = tokens.SHORT_QUESTIONS[3]  # "What is {class_name} in this image? ..."
+#: Sources whose referents are paraphrases of one query (only the first is used by default).
+PARAPHRASE_SOURCES: frozenset[str] = frozenset({"reason_seg"})
+_MAX_SKIP_MESSAGES = 20
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def eval_question(referent: Referent) -> str:
+    """The deterministic question for a referent (LISA's validation wording)."""
+    if referent.is_sentence:
+        return SENTENCE_QUESTION.format(sent=referent.text.strip())
+    return PHRASE_QUESTION.format(class_name=referent.text.strip().lower())
+
+
+def teacher_answer(num_masks: int, keyword: str | None = None, use_keyword: bool = True) -> str:
+    """The fed answer: ``"[SEG]."`` or ``"[SEG], [SEG] and [SEG]."`` for ``num_masks``
+    targets, then ``" [KEY] {keyword}"`` (``" [KEY]"`` when the keyword is unknown) if
+    ``use_keyword``."""
+    if num_masks <= 1:
+        answer = f"{tokens.SEG_TOKEN}."
+    else:
+        answer = ", ".join([tokens.SEG_TOKEN] * (num_masks - 1)) + f" and {tokens.SEG_TOKEN}."
+    if not use_keyword:
+        return answer
+    if keyword and keyword.strip():
+        return tokens.with_keyword(answer, keyword)
+    return f"{answer} {tokens.KEY_TOKEN}"
+
+
+def eval_referents(record: SegRecord, all_texts: bool = False) -> list[tuple[int, Referent]]:
+    """``(index, referent)`` pairs scored for ``record``: the first of a ReasonSeg record
+    (its texts are paraphrases) unless ``all_texts``; every referent otherwise."""
+    pairs = list(enumerate(record.referents))
+    if record.source in PARAPHRASE_SOURCES and not all_texts:
+        return pairs[:1]
+    return pairs
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class OverlayCandidate:
+    """A scored sample kept for an overlay: bit-packed masks, re-rendered at the end.
+
+    Attributes:
+        score: the sample's mean per-mask IoU score (gIoU contribution).
+        sample_id: the conversation id.
+        record_index: index of the record in the evaluated sequence (to reload the image).
+        query: the referent text.
+        answer: the fed or generated answer.
+        shape: ``(k, H, W)`` of the masks.
+        pred_bits / target_bits: ``np.packbits`` of the ``(k, H, W)`` prediction
+            (``logits > 0``) and of the target's foreground; ``ignore_bits`` of its 255 pixels.
+    """
+
+    score: float
+    sample_id: str
+    record_index: int
+    query: str
+    answer: str
+    shape: tuple[int, int, int]
+    pred_bits: np.ndarray
+    target_bits: np.ndarray
+    ignore_bits: np.ndarray
+
+    def masks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Unpacked ``(k, H, W)`` bool prediction, target foreground and ignore region."""
+        size = int(np.prod(self.shape))
+
+        def unpack(bits: np.ndarray) -> np.ndarray:
+            return np.unpackbits(bits, count=size).astype(bool).reshape(self.shape)
+
+        return unpack(self.pred_bits), unpack(self.target_bits), unpack(self.ignore_bits)
+
+
+@dataclass
+class EvalResult:
+    """What :func:`run_evaluation` returns (identical on every process after reduction).
+
+    Attributes:
+        metrics: ``giou``, ``ciou``, ``n`` (masks scored) and the counts ``samples``
+            (conversations scored), ``records`` (records evaluated), ``skipped`` (records that
+            failed to load: their queries are not scored), ``no_seg`` / ``fewer_seg`` /
+            ``extra_seg`` (generated answers with no / too few / too many ``[SEG]``),
+            ``intersection`` / ``union`` / ``sum_iou`` (the exact totals), and
+            ``by_difficulty`` ``{label: {giou, ciou, n}}`` when records carry
+            ``Referent.difficulty``.
+        per_sample: the JSONL lines as dicts when ``keep_per_sample`` (this process only).
+        skipped_messages: the first error messages of skipped records.
+        overlays: ``worst`` and ``best`` :class:`OverlayCandidate` lists (``keep_overlays``).
+        wall_time: seconds.
+    """
+
+    metrics: dict[str, Any]
+    per_sample: list[dict] | None = None
+    skipped_messages: list[str] = field(default_factory=list)
+    overlays: dict[str, list[OverlayCandidate]] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+
+class _BoundedHeaps:
+    """The ``n`` lowest- and ``n`` highest-scoring candidates seen (ties: first seen wins)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.worst: list[tuple[float, int, OverlayCandidate]] = []  # max-heap via -score
+        self.best: list[tuple[float, int, OverlayCandidate]] = []  # min-heap on score
+        self._count = itertools.count()
+
+    def wants(self, score: float) -> bool:
+        if self.n <= 0:
+            return False
+        return (len(self.worst) < self.n or -self.worst[0][0] > score
+                or len(self.best) < self.n or self.best[0][0] < score)
+
+    def push(self, candidate: OverlayCandidate) -> None:
+        order = next(self._count)
+        s = candidate.score
+        if len(self.worst) < self.n:
+            heapq.heappush(self.worst, (-s, -order, candidate))
+        elif -self.worst[0][0] > s:
+            heapq.heapreplace(self.worst, (-s, -order, candidate))
+        if len(self.best) < self.n:
+            heapq.heappush(self.best, (s, -order, candidate))
+        elif self.best[0][0] < s:
+            heapq.heapreplace(self.best, (s, -order, candidate))
+
+    def result(self) -> dict[str, list[OverlayCandidate]]:
+        return {"worst": sorted((c for _, _, c in self.worst), key=lambda c: c.score),
+                "best": sorted((c for _, _, c in self.best), key=lambda c: -c.score)}
+
+
+@dataclass
+class _Item:
+    """One conversation waiting for its batch."""
+
+    record_index: int
+    record_id: str
+    source: str
+    image: Any
+    conversation: Conversation
+    referent: Referent
+    fed_answer: str
+
+
+# --------------------------------------------------------------------------- main loop
+
+
+def run_evaluation(
+    model,
+    records: Sequence[SegRecord],
+    *,
+    mode: Mode = "teacher",
+    limit: int | None = None,
+    batch_size: int = 1,
+    accelerator: Any | None = None,
+    all_texts: bool = False,
+    max_new_tokens: int = 64,
+    jsonl_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    keep_per_sample: bool = False,
+    keep_overlays: int = 0,
+    generate_kwargs: dict[str, Any] | None = None,
+    max_pixels: int | None = None,
+) -> EvalResult:
+    """Score ``model`` on ``records`` (see the module docstring for the protocols).
+
+    Args:
+        model: a :class:`~keyseg.model.keyseg.KeySegModel` (or an Accelerate-wrapped one).
+        records: a sequence of records (lazy readers are fine; ``records[i]`` raising
+            :class:`KeySegDataError` counts the record as skipped).
+        mode: ``"teacher"`` or ``"generate"``.
+        limit: evaluate only the first ``limit`` records (before sharding).
+        batch_size: conversations per forward (rows about one image share its SAM encoding).
+        accelerator: an ``accelerate.Accelerator``: shard by process, reduce exactly.
+        all_texts: score every text of a ReasonSeg record, not just the first.
+        max_new_tokens: generation budget (``generate`` mode).
+        jsonl_path: write one JSON line per scored conversation here (streamed, flushed).
+        progress: show a progress bar (main process only).
+        keep_per_sample: also return the per-sample lines in :attr:`EvalResult.per_sample`.
+        keep_overlays: keep the ``n`` worst and ``n`` best samples for overlays.
+        generate_kwargs: passed to ``generate`` (e.g. a ``logits_processor``).
+        max_pixels: image pixel limit for :func:`keyseg.data.images.load_image`.
+
+    Returns:
+        an :class:`EvalResult`; its ``metrics`` are the sums over all processes.
+    """
+    if mode not in MODES:
+        raise KeySegConfigError(f"evaluation mode {mode!r}: use one of {', '.join(MODES)}")
+    if batch_size < 1:
+        raise KeySegConfigError(f"batch_size must be >= 1, got {batch_size}")
+    start = time.perf_counter()
+    rank, world = _process_layout(accelerator)
+    if accelerator is not None:
+        model = accelerator.unwrap_model(model)
+    total = len(records) if limit is None else max(0, min(int(limit), len(records)))
+    shard = range(rank, total, world)
+
+    metrics = SegMetrics()
+    by_difficulty: dict[str, SegMetrics] = {}
+    counts: Counter = Counter()
+    skipped_messages: list[str] = []
+    heaps = _BoundedHeaps(keep_overlays)
+    per_sample: list[dict] | None = [] if keep_per_sample else None
+    use_keyword = bool(model.config.use_keyword)
+    collator = Collator(model.processor, mode="train" if mode == "teacher" else "prompt")
+
+    jsonl_final = Path(jsonl_path) if jsonl_path is not None else None
+    part_path = _part_path(jsonl_final, rank) if jsonl_final is not None else None
+    writer = None
+    if part_path is not None:
+        part_path.parent.mkdir(parents=True, exist_ok=True)
+        writer = open(part_path, "w", encoding="utf-8")  # noqa: SIM115 (closed in finally)
+
+    was_training = model.training
+    model.eval()
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    bar = _progress(len(shard), enabled=progress and rank == 0, desc=f"eval ({mode})")
+    try:
+        with torch.no_grad(), autocast:
+            for items in _batches(records, shard, batch_size, mode, use_keyword, all_texts,
+                                  counts, skipped_messages, bar, max_pixels):
+                batch = collator(_group_examples(items)).to(model.device, dtype=model.dtype)
+                outputs = _infer(model, batch, items, mode, max_new_tokens,
+                                 generate_kwargs or {})
+                for item, (pred, answer, keyword) in zip(items, outputs, strict=True):
+                    line = _score(item, pred, answer, keyword, mode, metrics, by_difficulty,
+                                  counts, heaps)
+                    if writer is not None:
+                        writer.write(json.dumps(line, ensure_ascii=False) + "\n")
+                        writer.flush()
+                    if per_sample is not None:
+                        per_sample.append(line)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        model.train(was_training)
+
+    # --- exact reduction across processes ---------------------------------------------------
+    metrics.all_reduce(accelerator)
+    counts = _reduce_counts(counts, accelerator)
+    by_difficulty = _reduce_difficulty(by_difficulty, accelerator, world)
+    overlays = heaps.result()
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        skipped_messages = list(gather_object(skipped_messages))[:_MAX_SKIP_MESSAGES]
+        if keep_overlays:
+            merged = _BoundedHeaps(keep_overlays)
+            for candidate in gather_object(overlays["worst"] + overlays["best"]):
+                merged.push(candidate)
+            overlays = merged.result()
+    if jsonl_final is not None:
+        _merge_jsonl(jsonl_final, rank, world, accelerator)
+
+    result = metrics.compute()
+    result.update({
+        "samples": counts["samples"],
+        "records": counts["records"],
+        "skipped": counts["skipped"],
+        "no_seg": counts["no_seg"],
+        "fewer_seg": counts["fewer_seg"],
+        "extra_seg": counts["extra_seg"],
+        **{k: v for k, v in metrics.state_dict().items() if k != "n"},
+    })
+    if by_difficulty:
+        result["by_difficulty"] = {k: by_difficulty[k].compute() for k in sorted(by_difficulty)}
+    return EvalResult(metrics=result, per_sample=per_sample, skipped_messages=skipped_messages,
+                      overlays=overlays if keep_overlays else {},
+                      wall_time=time.perf_counter() - start)
+
+
+def _process_layout(accelerator: Any | None) -> tuple[int, int]:
+    if accelerator is None:
+        return 0, 1
+    return int(accelerator.process_index), int(accelerator.num_processes)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="img", dynamic_ncols=True)
+
+
+def _batches(
+    records: Sequence[SegRecord],
+    shard: range,
+    batch_size: int,
+    mode: str,
+    use_keyword: bool,
+    all_texts: bool,
+    counts: Counter,
+    skipped_messages: list[str],
+    bar,
+    max_pixels: int | None,
+) -> Iterator[list[_Item]]:
+    """Load records of the shard lazily and yield lists of ``batch_size`` conversations.
+
+    A record that fails to load (:class:`KeySegDataError`: truncated image, bad annotation)
+    is counted in ``counts["skipped"]`` and left out.
+    """
+    from keyseg.data.images import DEFAULT_MAX_PIXELS, load_image
+
+    pending: list[_Item] = []
+    for index in shard:
+        try:
+            record = records[index]
+            image = record.image if record.image is not None else load_image(
+                record.image_path, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+            image = image.convert("RGB")
+        except KeySegDataError as error:
+            counts["skipped"] += 1
+            if len(skipped_messages) < _MAX_SKIP_MESSAGES:
+                skipped_messages.append(str(error))
+            bar.update(1)
+            continue
+        counts["records"] += 1
+        for ref_index, ref in eval_referents(record, all_texts):
+            answer = teacher_answer(int(ref.masks.shape[0]), ref.keyword, use_keyword)
+            conv = Conversation(
+                turns=[tokens.Turn(eval_question(ref), answer)],
+                target_masks=ref.masks,
+                sample_id=f"{record.source}/{record.sample_id}#{ref_index}",
+                keyword=ref.keyword,
+                difficulty=ref.difficulty,
+            )
+            pending.append(_Item(index, record.sample_id, record.source, image, conv, ref,
+                                 answer))
+            if len(pending) >= batch_size:
+                yield pending
+                pending = []
+        bar.update(1)
+    if pending:
+        yield pending
+
+
+def _group_examples(items: list[_Item]) -> list[ImageExample]:
+    """Consecutive conversations about the same image share one :class:`ImageExample`."""
+    examples: list[ImageExample] = []
+    last_index = None
+    for item in items:
+        if item.record_index != last_index:
+            examples.append(ImageExample(image=item.image))
+            last_index = item.record_index
+        examples[-1].conversations.append(item.conversation)
+    return examples
+
+
+def _infer(model, batch, items: list[_Item], mode: str, max_new_tokens: int,
+           generate_kwargs: dict) -> list[tuple[torch.Tensor, str, str | None]]:
+    """Per row: ``(masks (n, H, W) logits, answer, keyword)``."""
+    if mode == "teacher":
+        masks = model.predict(batch)
+        return [(m, item.fed_answer, item.referent.keyword if model.config.use_keyword else None)
+                for m, item in zip(masks, items, strict=True)]
+    from keyseg.generation import generate
+
+    results = generate(model, batch, max_new_tokens=max_new_tokens, **generate_kwargs)
+    return [(r.masks, r.answer, r.keyword) for r in results]
+
+
+def _score(
+    item: _Item,
+    pred: torch.Tensor,
+    answer: str,
+    keyword: str | None,
+    mode: str,
+    metrics: SegMetrics,
+    by_difficulty: dict[str, SegMetrics],
+    counts: Counter,
+    heaps: _BoundedHeaps,
+) -> dict:
+    """Score one conversation; returns its JSONL line.
+
+    ``pred``: ``(n_pred, H, W)`` logits; ``target``: ``(k, H, W)``. Prediction ``i`` is matched
+    with target ``i``; missing predictions are empty (all-zero) masks, extra ones ignored.
+    """
+    target = np.asarray(item.conversation.target_masks)
+    k, n_pred = int(target.shape[0]), int(pred.shape[0])
+    if n_pred < k:
+        filler = torch.full((k - n_pred, *pred.shape[1:]), -1.0, dtype=pred.dtype,
+                            device=pred.device)
+        used = torch.cat([pred, filler]) if n_pred else filler
+    else:
+        used = pred[:k]
+    if tuple(used.shape[1:]) != tuple(target.shape[1:]):
+        raise KeySegDataError(
+            f"{item.conversation.sample_id}: predicted masks {tuple(used.shape[1:])} do not "
+            f"match the target size {tuple(target.shape[1:])}"
+        )
+    pairs = metrics.update(used, target)
+    difficulty = item.referent.difficulty
+    if difficulty is not None:
+        by_difficulty.setdefault(difficulty, SegMetrics()).update_counts(
+            [i for i, _ in pairs], [u for _, u in pairs])
+    counts["samples"] += 1
+    if mode == "generate":
+        if n_pred == 0:
+            counts["no_seg"] += 1
+        elif n_pred < k:
+            counts["fewer_seg"] += 1
+        elif n_pred > k:
+            counts["extra_seg"] += 1
+    score = sum(iou_score(i, u) for i, u in pairs) / len(pairs)
+    if heaps.wants(score):
+        heaps.push(OverlayCandidate(
+            score=score, sample_id=item.conversation.sample_id,
+            record_index=item.record_index, query=item.referent.text, answer=answer,
+            shape=tuple(int(s) for s in target.shape),
+            pred_bits=np.packbits((used > 0).cpu().numpy().reshape(-1)),
+            target_bits=np.packbits(((target != 0) & (target != 255)).reshape(-1)),
+            ignore_bits=np.packbits((target == 255).reshape(-1)),
+        ))
+    return {
+        "id": item.conversation.sample_id,
+        "record": item.record_id,
+        "source": item.source,
+        "query": item.referent.text,
+        "question": item.conversation.turns[-1].question,
+        "answer": answer,
+        "keyword": keyword,
+        "target_keyword": item.referent.keyword,
+        "difficulty": difficulty,
+        "n_target": k,
+        "n_pred": n_pred,
+        "no_seg": n_pred == 0,
+        "I": [i for i, _ in pairs],
+        "U": [u for _, u in pairs],
+        "iou": score,
+    }
+
+
+# --------------------------------------------------------------------------- reduction
+
+
+_COUNT_KEYS = ("samples", "records", "skipped", "no_seg", "fewer_seg", "extra_seg")
+
+
+def _reduce_counts(counts: Counter, accelerator: Any | None) -> Counter:
+    if accelerator is None or accelerator.num_processes <= 1:
+        return Counter({k: int(counts[k]) for k in _COUNT_KEYS})
+    local = torch.tensor([counts[k] for k in _COUNT_KEYS], dtype=torch.int64,
+                         device=accelerator.device)
+    total = accelerator.reduce(local, "sum").cpu().tolist()
+    return Counter(dict(zip(_COUNT_KEYS, (int(v) for v in total), strict=True)))
+
+
+def _reduce_difficulty(by_difficulty: dict[str, SegMetrics], accelerator: Any | None,
+                       world: int) -> dict[str, SegMetrics]:
+    """Per-label accumulators summed over processes (labels may differ per process)."""
+    if world <= 1:
+        return by_difficulty
+    from accelerate.utils import gather_object
+
+    merged: dict[str, SegMetrics] = {}
+    states = [(k, m.state_dict()) for k, m in by_difficulty.items()]
+    for name, state in gather_object(states):
+        part = SegMetrics()
+        part.load_state_dict(state)
+        merged.setdefault(name, SegMetrics()).merge(part)
+    return merged
+
+
+def _part_path(final: Path, rank: int) -> Path:
+    return final.with_name(f".{final.name}.part{rank}")
+
+
+def _merge_jsonl(final: Path, rank: int, world: int, accelerator: Any | None) -> None:
+    """Concatenate the per-process parts (rank order) into ``final`` on the main process."""
+    if world > 1:
+        accelerator.wait_for_everyone()
+    if rank == 0:
+        tmp = final.with_name(f".{final.name}.tmp")
+        with open(tmp, "wb") as out:
+            for r in range(world):
+                part = _part_path(final, r)
+                with open(part, "rb") as handle:
+                    while chunk := handle.read(1 << 20):
+                        out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, final)
+        for r in range(world):
+            _part_path(final, r).unlink(missing_ok=True)
+    if world > 1:
+        accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def recompute_from_jsonl(path: str | os.PathLike) -> dict[str, float | int]:
+    """gIoU / cIoU recomputed from a per-sample JSONL (checks a report's numbers)."""
+    metrics = SegMetrics()
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                row = json.loads(line)
+                metrics.update_counts(row["I"], row["U"])
+    return metrics.compute()
+
+
+def save_overlays(
+    candidates: dict[str, list[OverlayCandidate]],
+    records: Sequence[SegRecord],
+    out_dir: str | os.PathLike,
+    max_pixels: int | None = None,
+) -> list[Path]:
+    """Render the kept candidates as PNGs: the image with the prediction in red, the target
+    outline in green and ignored pixels darkened; ``index.json`` lists them.
+
+    Returns:
+        the written PNG paths.
+    """
+    from PIL import Image
+
+    from keyseg.data.images import DEFAULT_MAX_PIXELS, load_image
+    from keyseg.io import atomic_write_bytes, atomic_write_json
+
+    out = Path(out_dir)
+    written: list[Path] = []
+    index: list[dict] = []
+    for kind, items in candidates.items():
+        for rank, cand in enumerate(items):
+            record = records[cand.record_index]
+            image = record.image if record.image is not None else load_image(
+                record.image_path, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+            pred, target, ignore = cand.masks()
+            canvas = render_overlay(np.asarray(image.convert("RGB")), pred.any(0),
+                                    target.any(0), ignore.any(0))
+            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in cand.sample_id)
+            path = out / f"{kind}_{rank:03d}_iou{cand.score:.3f}_{safe[-80:]}.png"
+            buffer = io.BytesIO()
+            Image.fromarray(canvas).save(buffer, format="PNG")
+            atomic_write_bytes(path, buffer.getvalue())
+            written.append(path)
+            index.append({"file": path.name, "kind": kind, "rank": rank, "iou": cand.score,
+                          "id": cand.sample_id, "query": cand.query, "answer": cand.answer})
+    if index:
+        atomic_write_json(out / "index.json", index)
+    return written
+
+
+def render_overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray,
+                   ignore: np.ndarray | None = None) -> np.ndarray:
+    """``image (H, W, 3)`` uint8 with ``pred (H, W)`` tinted red, the outline of
+    ``target (H, W)`` in green and ``ignore (H, W)`` darkened -> ``(H, W, 3)`` uint8."""
+    out = image.astype(np.float32)
+    if ignore is not None:
+        out[ignore] *= 0.4
+    red = np.array([255.0, 40.0, 40.0])
+    out[pred] = 0.5 * out[pred] + 0.5 * red
+    edge = target & ~(_erode(target))
+    out[edge] = np.array([40.0, 255.0, 40.0])
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """4-neighbour binary erosion (outline = mask minus its erosion)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    return (padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1]
+            & padded[1:-1, :-2] & padded[1:-1, 2:])
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """One line: ``gIoU 0.4123  cIoU 0.3981  (n=200 masks, 200 samples, 0 skipped, 3 no [SEG])``."""
+    giou, ciou = metrics.get("giou", math.nan), metrics.get("ciou", math.nan)
+    return (f"gIoU {giou:.4f}  cIoU {ciou:.4f}  (n={metrics.get('n', 0)} masks, "
+            f"{metrics.get('samples', 0)} samples, {metrics.get('skipped', 0)} skipped, "
+            f"{metrics.get('no_seg', 0)} no [SEG])")
+
+
+__all__ = [
+    "MODES",
+    "EvalResult",
+    "OverlayCandidate",
+    "eval_question",
+    "eval_referents",
+    "format_metrics",
+    "recompute_from_jsonl",
+    "render_overlay",
+    "run_evaluation",
+    "save_overlays",
+    "teacher_answer",
+]
