@@ -44,13 +44,18 @@ class BackboneConfig:
     ``"at"`` takes the state at the special token itself.
     """
 
-    family: Literal["llava"] = "llava"
+    # "llava": HF LLaVA (LLaMA + CLIP, llava_v1 template); "qwen2_vl": Qwen2-VL (ChatML,
+    # dynamic image-token counts; set image_token="<|image_pad|>" and a Qwen system prompt).
+    family: Literal["llava", "qwen2_vl"] = "llava"
     preset: str = "tiny"  # used when name_or_path is None: "tiny" builds a random few-MB VLM
     name_or_path: str | None = None  # HF directory or hub name of the VLM
     hidden_state: HiddenStateChoice = "before"
     image_token: str = "<image>"
     # LLaVA-v1 (LISA-7B-v1) wraps the image tokens in <im_start>/<im_end>.
     use_im_start_end: bool = False
+    # LLaVA's image->text projector: "mlp2x_gelu" (HF LLaVA-1.5) or "linear" (LLaVA-v1 /
+    # LISA-7B-v1: one Linear(vision_hidden, text_hidden)).
+    projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
     system_prompt: str = (
         "A chat between a curious user and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -130,6 +135,20 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ShapesSettings:
+    """Options of the procedural ``shapes`` dataset (``keyseg.data.shapes.ShapesConfig``)."""
+
+    image_size: int = 192
+    train_size: int = 20000
+    val_size: int = 200
+    test_size: int = 500
+    min_objects: int = 2
+    max_objects: int = 6
+    queries_per_image: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class DataConfig:
     dataset_dir: str = "./dataset"
     # "name||name" with matching sample_rates, as in the reference.
@@ -144,6 +163,7 @@ class DataConfig:
     val_dataset: str = "reason_seg:val"
     max_image_pixels: int = 64_000_000
     num_workers: int = 2
+    shapes: ShapesSettings = field(default_factory=ShapesSettings)  # used by "shapes" data
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,13 @@ class PreparedImage:
         vision_inputs: the VLM image processor's tensors with a leading batch axis of 1,
             e.g. ``pixel_values (1, 3, h, w)``.
         sam: SAM input ``(3, S, S)`` plus resized/original sizes.
+        num_image_tokens: image tokens the backbone produces for this image (fixed for
+            LLaVA; per image for dynamic-resolution families such as Qwen2-VL).
     """
 
     vision_inputs: dict[str, torch.Tensor]
     sam: SamInput
+    num_image_tokens: int | None = None
 
 
 class KeySegProcessor:
@@ -65,18 +68,35 @@ class KeySegProcessor:
         """``image``: an RGB PIL image (see ``keyseg.data.images.load_image``)."""
         vision = self.image_processor(images=[image], return_tensors="pt")
         vision_inputs = {k: v for k, v in vision.items() if isinstance(v, torch.Tensor)}
-        return PreparedImage(vision_inputs, sam_preprocess(image, self.sam_image_size))
+        count = self.num_image_tokens
+        if "image_grid_thw" in vision_inputs:
+            # Dynamic resolution (Qwen2-VL): t*h*w patches, merge_size^2 patches per token.
+            merge = int(getattr(self.image_processor, "merge_size", 1))
+            count = int(vision_inputs["image_grid_thw"].prod(-1).sum()) // (merge * merge)
+        return PreparedImage(vision_inputs, sam_preprocess(image, self.sam_image_size), count)
 
     # --- text -----------------------------------------------------------------------------
-    def encode(self, turns: Sequence[tokens.Turn]) -> tokens.EncodedConversation:
-        """Ids and labels of a conversation (last turn without answer = generation prompt)."""
+    @property
+    def template(self) -> str:
+        """Conversation format of the backbone family (a key of ``tokens.TEMPLATES``)."""
+        return "chatml" if self.backbone.family == "qwen2_vl" else "llava_v1"
+
+    def encode(self, turns: Sequence[tokens.Turn],
+               num_image_tokens: int | None = None) -> tokens.EncodedConversation:
+        """Ids and labels of a conversation (last turn without answer = generation prompt).
+
+        ``num_image_tokens``: the image's count (``PreparedImage.num_image_tokens``); None
+        uses the backbone's fixed count (LLaVA).
+        """
+        count = self.num_image_tokens if num_image_tokens is None else num_image_tokens
         return tokens.encode_conversation(
             self.tokenizer,
             turns,
             self.ids,
-            num_image_tokens=self.num_image_tokens,
+            num_image_tokens=count,
             system_prompt=self.backbone.system_prompt,
             image_token=self.backbone.image_token,
+            template=self.template,
         )
 
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
@@ -104,6 +124,12 @@ class KeySegProcessor:
             raise KeySegCheckpointError(f"{meta_file}: missing (not a KeySeg model directory?)")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        image_processor = AutoImageProcessor.from_pretrained(directory)
+        if backbone.family == "qwen2_vl":
+            from transformers import Qwen2VLImageProcessorPil
+
+            # The PIL variant: no torchvision needed.
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
+        else:
+            image_processor = AutoImageProcessor.from_pretrained(directory)
         return cls(tokenizer, image_processor, backbone, meta["num_image_tokens"],
                    meta["sam_image_size"])

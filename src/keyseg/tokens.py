@@ -205,6 +205,43 @@ def render_conversation(
     return text, spans
 
 
+def render_chatml_conversation(
+    turns: Sequence[Turn],
+    system_prompt: str,
+    image_token: str = "<|image_pad|>",
+    eos_token: str = "<|im_end|>",
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render turns in Qwen's ChatML format (same contract as :func:`render_conversation`)::
+
+        <|im_start|>system\n{system}<|im_end|>\n
+        <|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n
+        <|im_start|>assistant\n{answer}<|im_end|>\n
+
+    A final turn without an answer ends with ``<|im_start|>assistant\n`` (generation
+    prompt). The supervised span of an answer includes its ``eos_token`` (``<|im_end|>``).
+    """
+    text = f"<|im_start|>system\n{system_prompt}{eos_token}\n"
+    spans: list[tuple[int, int]] = []
+    for index, turn in enumerate(turns):
+        question = turn.question
+        if index == 0:
+            question = f"<|vision_start|>{image_token}<|vision_end|>{question}"
+        text += f"<|im_start|>user\n{question}{eos_token}\n<|im_start|>assistant\n"
+        if turn.answer is None:
+            if index != len(turns) - 1:
+                raise KeySegInputError("only the last turn of a conversation may lack an answer")
+            break
+        start = len(text)
+        text += turn.answer + eos_token
+        spans.append((start, len(text)))
+        text += "\n"
+    return text, spans
+
+
+# Conversation renderers by name (BackboneConfig.family picks one, see KeySegProcessor).
+TEMPLATES = {"llava_v1": render_conversation, "chatml": render_chatml_conversation}
+
+
 def encode_conversation(
     tokenizer,
     turns: Sequence[Turn],
@@ -212,13 +249,16 @@ def encode_conversation(
     num_image_tokens: int,
     system_prompt: str,
     image_token: str = "<image>",
+    template: str = "llava_v1",
 ) -> EncodedConversation:
     """Tokenise a conversation, mask non-assistant labels and expand the image placeholder.
 
     ``num_image_tokens`` is what the backbone produces for this image (e.g. 256 for CLIP
     ViT-L/14 at 224 px, 576 at 336 px, any count for dynamic-resolution models).
+    ``template`` is a key of :data:`TEMPLATES`.
     """
-    text, spans = render_conversation(turns, system_prompt, image_token, tokenizer.eos_token)
+    render = TEMPLATES[template]
+    text, spans = render(turns, system_prompt, image_token, tokenizer.eos_token)
     encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     token_ids: list[int] = encoded["input_ids"]
     offsets: list[tuple[int, int]] = encoded["offset_mapping"]

@@ -122,7 +122,7 @@ class Collator:
                 turns = list(conv.turns)
                 if self.mode == "prompt":
                     turns[-1] = tokens.Turn(turns[-1].question, None)
-                encoded = self.processor.encode(turns)
+                encoded = self.processor.encode(turns, prepared.num_image_tokens)
                 if self.mode == "train":
                     self._check_targets(encoded.input_ids, conv, ids.seg)
                 rows_ids.append(encoded.input_ids)

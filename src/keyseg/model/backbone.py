@@ -1,4 +1,8 @@
-"""The vision-language backbone: an HF image-text-to-text model (LLaVA family first).
+"""The vision-language backbone: an HF image-text-to-text model.
+
+Families (``BackboneConfig.family``): ``llava`` (HF LLaVA: LLaMA + CLIP; projector
+``mlp2x_gelu`` or LLaVA-v1's single ``linear``) and ``qwen2_vl`` (Qwen2-VL, dynamic image-token
+counts, see :mod:`keyseg.model.qwen`).
 
 Nothing here assumes LLaMA widths or CLIP-224: the hidden size, vocabulary size and number of
 image tokens are read from the loaded config.
@@ -24,8 +28,54 @@ class BackboneOutput:
     last_hidden: torch.Tensor
 
 
-def num_image_tokens(config: LlavaConfig) -> int:
-    """Image tokens LLaVA inserts per image: patches, plus CLS under the ``full`` strategy."""
+class LinearProjector(nn.Module):
+    """LLaVA-v1's image->text projector: one ``Linear(vision_hidden, text_hidden)``
+    (``(B, N, Dv) -> (B, N, H)``), in place of HF LLaVA's two-layer GELU MLP."""
+
+    def __init__(self, vision_hidden: int, text_hidden: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(vision_hidden, text_hidden)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear(image_features)
+
+
+def apply_projector(vlm, cfg: BackboneConfig):
+    """Swap HF LLaVA's MLP projector for :class:`LinearProjector` when
+    ``cfg.projector == "linear"`` (LLaVA-v1 / LISA); returns ``vlm``."""
+    if cfg.family != "llava" or cfg.projector == "mlp2x_gelu":
+        return vlm
+    config = vlm.config
+    layers = config.vision_feature_layer
+    width = config.vision_config.hidden_size * (len(layers) if isinstance(layers, list) else 1)
+    old = vlm.model.multi_modal_projector
+    reference = old.linear_1.weight
+    vlm.model.multi_modal_projector = LinearProjector(width, config.text_config.hidden_size).to(
+        device=reference.device, dtype=reference.dtype
+    )
+    return vlm
+
+
+def vlm_from_config_dict(cfg: BackboneConfig, vlm_config: dict):
+    """An untrained VLM of the family ``cfg.family`` built from a saved config dict
+    (``config.to_dict()``), with the configured projector; weights are loaded by the caller."""
+    if cfg.family == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        return Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(vlm_config))
+    if cfg.family != "llava":
+        raise KeySegConfigError(f"model.backbone.family: unsupported family {cfg.family!r}")
+    return apply_projector(LlavaForConditionalGeneration(LlavaConfig.from_dict(vlm_config)), cfg)
+
+
+def num_image_tokens(config) -> int:
+    """Image tokens LLaVA inserts per image: patches, plus CLS under the ``full`` strategy.
+
+    Dynamic-resolution families (Qwen2-VL) have no fixed count: 0, and the processor reads
+    the count of each image from its ``image_grid_thw``.
+    """
+    if getattr(config, "model_type", "") == "qwen2_vl":
+        return 0
     vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
     return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
@@ -34,13 +84,23 @@ def num_image_tokens(config: LlavaConfig) -> int:
 def build_vlm(cfg: BackboneConfig, tokenizer, dtype: torch.dtype | None = None):
     """Build the VLM, its image processor and tokenizer.
 
-    ``cfg.name_or_path`` loads a pretrained HF LLaVA directory; otherwise ``cfg.preset``
-    names a locally built random model (``tiny``). Returns ``(vlm, image_processor,
-    tokenizer)``; the tokenizer is the given one, or the directory's.
+    ``cfg.name_or_path`` loads a pretrained HF directory of the family ``cfg.family``;
+    otherwise ``cfg.preset`` names a locally built random model (``tiny``). Returns ``(vlm,
+    image_processor, tokenizer)``; the tokenizer is the given one, or the directory's.
     """
-    if cfg.family != "llava":
+    if cfg.family not in ("llava", "qwen2_vl"):
         raise KeySegConfigError(f"model.backbone.family: unsupported family {cfg.family!r}")
     if cfg.name_or_path is None:
+        if cfg.family == "qwen2_vl":
+            from keyseg.model import qwen
+
+            if cfg.preset not in qwen.QWEN_PRESETS:
+                raise KeySegConfigError(
+                    f"model.backbone.preset: unknown qwen2_vl preset {cfg.preset!r} without "
+                    f"name_or_path (local presets: {', '.join(qwen.QWEN_PRESETS)})"
+                )
+            vlm, image_processor, tokenizer = qwen.build_tiny_qwen(cfg.preset, tokenizer)
+            return vlm.to(dtype) if dtype is not None else vlm, image_processor, tokenizer
         from keyseg.model import tiny
 
         if cfg.preset not in tiny.VLM_PRESETS:
@@ -49,7 +109,7 @@ def build_vlm(cfg: BackboneConfig, tokenizer, dtype: torch.dtype | None = None):
                 f"(local presets: {', '.join(tiny.VLM_PRESETS)})"
             )
         preset = tiny.VLM_PRESETS[cfg.preset]
-        tokenizer = tokenizer or tiny.build_tiny_tokenizer()
+        tokenizer = tokenizer or tiny.build_tiny_tokenizer(tiny.preset_corpus(cfg.preset))
         vocab = tokenizer.get_vocab()
         config = tiny.tiny_llava_config(
             vocab_size=len(tokenizer),
@@ -57,15 +117,27 @@ def build_vlm(cfg: BackboneConfig, tokenizer, dtype: torch.dtype | None = None):
             pad_token_id=tokenizer.pad_token_id,
             **preset,
         )
-        vlm = LlavaForConditionalGeneration(config)
+        vlm = apply_projector(LlavaForConditionalGeneration(config), cfg)
         image_processor = tiny.tiny_image_processor(config.vision_config.image_size)
         return vlm.to(dtype) if dtype is not None else vlm, image_processor, tokenizer
 
     from transformers import AutoImageProcessor, AutoTokenizer
 
     try:
-        vlm = LlavaForConditionalGeneration.from_pretrained(cfg.name_or_path, dtype=dtype)
-        image_processor = AutoImageProcessor.from_pretrained(cfg.name_or_path)
+        if cfg.family == "qwen2_vl":
+            from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+            vlm = Qwen2VLForConditionalGeneration.from_pretrained(cfg.name_or_path, dtype=dtype)
+            # The PIL variant: works without torchvision.
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(cfg.name_or_path)
+        else:
+            if cfg.projector != "mlp2x_gelu":
+                raise KeySegConfigError(
+                    f"model.backbone.projector={cfg.projector!r} needs a KeySeg directory "
+                    "(keyseg convert lisa ...), not a plain HF LLaVA one"
+                )
+            vlm = LlavaForConditionalGeneration.from_pretrained(cfg.name_or_path, dtype=dtype)
+            image_processor = AutoImageProcessor.from_pretrained(cfg.name_or_path)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.name_or_path)
     except OSError as error:
         raise KeySegCheckpointError(f"{cfg.name_or_path}: cannot load VLM: {error}") from error
@@ -79,6 +151,10 @@ class VisionLanguageBackbone(nn.Module):
     def __init__(self, vlm: LlavaForConditionalGeneration) -> None:
         super().__init__()
         self.vlm = vlm
+
+    @property
+    def family(self) -> str:
+        return "qwen2_vl" if self.base.config.model_type == "qwen2_vl" else "llava"
 
     @property
     def base(self) -> LlavaForConditionalGeneration:
@@ -98,9 +174,15 @@ class VisionLanguageBackbone(nn.Module):
         return self.base.model.language_model
 
     def vision_tower(self) -> nn.Module:
+        if self.family == "qwen2_vl":
+            visual = self.base.model.visual
+            # Everything of the ViT except the merger (the projector, below).
+            return nn.ModuleList([m for n, m in visual.named_children() if n != "merger"])
         return self.base.model.vision_tower
 
     def projector(self) -> nn.Module:
+        if self.family == "qwen2_vl":
+            return self.base.model.visual.merger
         return self.base.model.multi_modal_projector
 
     def input_embeddings(self) -> nn.Embedding:
@@ -120,7 +202,8 @@ class VisionLanguageBackbone(nn.Module):
         Args:
             input_ids: ``(B, L)`` with image tokens already expanded.
             attention_mask: ``(B, L)``.
-            vision_inputs: the image processor's outputs, e.g. ``pixel_values (B, 3, h, w)``.
+            vision_inputs: the image processor's outputs, e.g. ``pixel_values (B, 3, h, w)``
+                (LLaVA) or ``pixel_values (n_patches, D)`` + ``image_grid_thw (B, 3)`` (Qwen2-VL).
         """
         out = self.vlm(
             input_ids=input_ids,

@@ -8,14 +8,15 @@ Data flow for one conversation row (SPEC §2)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from keyseg import tokens
@@ -23,14 +24,39 @@ from keyseg.batch import Batch
 from keyseg.config import ModelConfig, from_dict, to_dict
 from keyseg.errors import KeySegCheckpointError, KeySegInputError
 from keyseg.io import atomic_directory
-from keyseg.model.backbone import VisionLanguageBackbone, build_vlm, num_image_tokens
+from keyseg.model.backbone import (
+    VisionLanguageBackbone,
+    build_vlm,
+    num_image_tokens,
+    vlm_from_config_dict,
+)
 from keyseg.model.fusion import KeywordFusion
 from keyseg.model.losses import dice_loss, keyword_alignment_loss, sigmoid_ce_loss
 from keyseg.model.sam import SamSegmenter
 from keyseg.processor import KeySegProcessor
 
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "model.safetensors"  # single-file layout, still read; new saves are sharded
+
+
+@contextlib.contextmanager
+def skip_init(dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Build modules without running their random init (every tensor is loaded right
+    after, strictly) and, given ``dtype``, directly in that dtype — a 7B model then costs
+    neither an fp32 copy nor minutes of init. Non-persistent buffers (rotary tables) are
+    still computed normally."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: init runs, still correct
+        no_init_weights = contextlib.nullcontext
+    previous = torch.get_default_dtype()
+    try:
+        if dtype is not None and dtype.is_floating_point:
+            torch.set_default_dtype(dtype)
+        with no_init_weights():
+            yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 @dataclass
@@ -104,8 +130,12 @@ class KeySegModel(nn.Module):
         return model.to(dtype) if dtype is not None else model
 
     # --- persistence ----------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config, weights (safetensors) and processor files, atomically."""
+    def save_pretrained(self, directory: str | os.PathLike,
+                        max_shard_bytes: int | None = None) -> None:
+        """Write config, weights (safetensors shards + ``model.safetensors.index.json``) and
+        processor files, atomically (a crash leaves any previous directory intact)."""
+        from keyseg.convert.checkpoint_io import DEFAULT_SHARD_BYTES, save_sharded_safetensors
+
         lora = hasattr(self.backbone.vlm, "peft_config")
         meta = {
             "keyseg": to_dict(self.config),
@@ -113,17 +143,23 @@ class KeySegModel(nn.Module):
             "sam": self.sam.config.to_dict(),
             "lora_applied": lora,
         }
-        state = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
         with atomic_directory(directory) as tmp:
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
-            save_file(state, str(tmp / WEIGHTS_FILE))
+            save_sharded_safetensors(self.state_dict(), tmp,
+                                     max_shard_bytes or DEFAULT_SHARD_BYTES)
             self.processor.save_pretrained(tmp)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike,
                         dtype: torch.dtype | None = None) -> KeySegModel:
-        """Load a directory written by :meth:`save_pretrained` (no network)."""
-        from transformers import LlavaConfig, LlavaForConditionalGeneration, SamConfig
+        """Load a directory written by :meth:`save_pretrained` (no network).
+
+        The model is built without random init (directly in ``dtype`` when given) and every
+        tensor is then loaded by exact name.
+        """
+        from transformers import SamConfig
+
+        from keyseg.convert.checkpoint_io import load_weights_dir
 
         directory = Path(directory)
         config_file = directory / CONFIG_FILE
@@ -132,19 +168,16 @@ class KeySegModel(nn.Module):
         meta = json.loads(config_file.read_text(encoding="utf-8"))
         config = from_dict(ModelConfig, meta["keyseg"], source=str(config_file))
         processor = KeySegProcessor.from_pretrained(directory, config.backbone)
-        vlm = LlavaForConditionalGeneration(LlavaConfig.from_dict(meta["vlm"]))
-        sam = SamSegmenter(SamConfig.from_dict(meta["sam"]))
-        model = cls(config, VisionLanguageBackbone(vlm), sam, processor)
-        if meta.get("lora_applied"):
-            from keyseg.model.trainable import apply_lora
+        with skip_init(dtype):
+            vlm = vlm_from_config_dict(config.backbone, meta["vlm"])
+            sam = SamSegmenter(SamConfig.from_dict(meta["sam"]))
+            model = cls(config, VisionLanguageBackbone(vlm), sam, processor)
+            if meta.get("lora_applied"):
+                from keyseg.model.trainable import apply_lora
 
-            apply_lora(model, config.lora)
-        weights = directory / WEIGHTS_FILE
-        try:
-            state = load_file(str(weights))
-        except (OSError, RuntimeError) as error:
-            raise KeySegCheckpointError(f"{weights}: cannot read weights: {error}") from error
-        model.load_checkpoint_state(state, source=str(weights))
+                apply_lora(model, config.lora)
+        weights = load_weights_dir(directory)
+        model.load_checkpoint_state(weights.tensors, source=str(weights.source))
         return model.to(dtype) if dtype is not None else model
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor], source: str,

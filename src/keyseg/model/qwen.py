@@ -1,0 +1,159 @@
+"""The Qwen2-VL backbone family: dynamic-resolution images, ChatML template.
+
+Qwen2-VL differs from LLaVA in three ways the rest of KeySeg must not care about:
+
+* the number of image tokens depends on the image: the image processor cuts the image into
+  ``patch_size`` patches on a ``(t, h, w)`` grid (``image_grid_thw``) and the vision merger
+  folds ``merge_size x merge_size`` patches into one token, so an image gives
+  ``t * h * w / merge_size**2`` tokens (:func:`qwen_image_token_count`);
+* ``pixel_values`` are flattened patches ``(n_patches, C * T * P * P)``, so rows of a batch
+  concatenate along axis 0 together with ``image_grid_thw (B, 3)``;
+* the conversation is ChatML (``<|im_start|>user ... <|im_end|>``) with the image placeholder
+  ``<|vision_start|><|image_pad|><|vision_end|>`` (:func:`keyseg.tokens.render_chatml_conversation`).
+
+This module builds the tiny local preset (tokenizer, config, image processor) used by tests;
+a real checkpoint (``Qwen/Qwen2-VL-2B-Instruct`` downloaded to a directory) is loaded by
+:func:`keyseg.model.backbone.build_vlm` through the same classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLImageProcessorPil
+
+from keyseg import tokens
+
+QWEN_IMAGE_TOKEN = "<|image_pad|>"
+QWEN_SYSTEM_PROMPT = "You are a helpful assistant."
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    QWEN_IMAGE_TOKEN,
+    "<|video_pad|>",
+)
+
+# Named local presets for BackboneConfig.preset when family is qwen2_vl.
+QWEN_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 64, "num_layers": 2, "patch_size": 4, "merge_size": 2},
+}
+
+
+def build_tiny_qwen_tokenizer(corpus: Iterable[str] | None = None,
+                              vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with Qwen's special tokens (no BOS, ``<|im_end|>`` ends a turn)."""
+    from keyseg.model.tiny import _DEFAULT_CORPUS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(QWEN_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus or _DEFAULT_CORPUS), trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    )
+    tokens.add_special_tokens(wrapped, QWEN_IMAGE_TOKEN)
+    return wrapped
+
+
+def tiny_qwen2_vl_config(
+    vocab_size: int,
+    image_token_id: int,
+    vision_start_token_id: int,
+    vision_end_token_id: int,
+    video_token_id: int,
+    pad_token_id: int,
+    eos_token_id: int,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    patch_size: int = 4,
+    merge_size: int = 2,
+) -> Qwen2VLConfig:
+    """A Qwen2-VL config of a few hundred thousand parameters (4 heads of 16 dims, M-RoPE
+    sections summing to 8 = head_dim / 2)."""
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                            "mrope_section": [2, 3, 3]},
+        "pad_token_id": pad_token_id,
+        "eos_token_id": eos_token_id,
+        "bos_token_id": None,
+        "tie_word_embeddings": False,
+    }
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": hidden_size,  # the merger projects straight to the LM width
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "patch_size": patch_size,
+        "spatial_merge_size": merge_size,
+        "temporal_patch_size": 2,
+    }
+    return Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=image_token_id,
+        video_token_id=video_token_id,
+        vision_start_token_id=vision_start_token_id,
+        vision_end_token_id=vision_end_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_qwen_image_processor(patch_size: int = 4, merge_size: int = 2,
+                              min_pixels: int = 16 * 16,
+                              max_pixels: int = 48 * 48) -> Qwen2VLImageProcessorPil:
+    """Qwen2-VL preprocessing (PIL, no torchvision) on a tiny pixel budget: images are
+    resized to multiples of ``patch_size * merge_size`` between ``min_pixels`` and
+    ``max_pixels``, so different aspect ratios give different token counts."""
+    return Qwen2VLImageProcessorPil(
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        patch_size=patch_size,
+        merge_size=merge_size,
+        temporal_patch_size=2,
+    )
+
+
+def qwen_image_token_count(image_grid_thw: torch.Tensor, merge_size: int) -> int:
+    """Image tokens of one image: ``t * h * w / merge_size**2`` from its ``(1, 3)`` or
+    ``(3,)`` grid."""
+    return int(image_grid_thw.reshape(-1, 3).prod(-1).sum()) // (merge_size**2)
+
+
+def build_tiny_qwen(preset: str, tokenizer=None):
+    """``(vlm, image_processor, tokenizer)`` for a local Qwen2-VL preset (random weights)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    settings = QWEN_PRESETS[preset]
+    tokenizer = tokenizer or build_tiny_qwen_tokenizer()
+    vocab = tokenizer.get_vocab()
+    config = tiny_qwen2_vl_config(
+        vocab_size=len(tokenizer),
+        image_token_id=vocab[QWEN_IMAGE_TOKEN],
+        vision_start_token_id=vocab["<|vision_start|>"],
+        vision_end_token_id=vocab["<|vision_end|>"],
+        video_token_id=vocab["<|video_pad|>"],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **settings,
+    )
+    vlm = Qwen2VLForConditionalGeneration(config)
+    processor = tiny_qwen_image_processor(settings["patch_size"], settings["merge_size"])
+    return vlm, processor, tokenizer
