@@ -1,9 +1,11 @@
-# Two commands a newcomer needs:  make demo  /  make test
+# The two commands a newcomer needs:
+#   make demo   install, then segment a bundled image with the embedded default model
+#   make test   install (+ headless Chromium for the browser test), then lint and run all tests
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: install demo test lint clean
+.PHONY: install browser demo test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,10 +15,17 @@ install: $(BIN)/python
 	$(BIN)/pip install "torch==2.13.0"
 	$(BIN)/pip install -e ".[dev]"
 
-demo: install
-	$(BIN)/keyseg demo-run
+# The demo's browser test drives Debian's Chromium through Playwright (no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-test: install
+demo: install
+	$(BIN)/keyseg segment src/keyseg/assets/examples/example.png \
+	  "Which shape could you wear on a finger?" --out outputs/demo
+
+test: install browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
@@ -24,4 +33,4 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache outputs
