@@ -1,0 +1,245 @@
+"""``keyseg eval``: gIoU / cIoU per split and protocol, a JSON report, per-sample JSONL, overlays.
+
+Output layout (``--out DIR``)::
+
+    DIR/report.json                              metrics per split and mode, counts, config,
+                                                 checkpoint hash, versions, device, wall time
+    DIR/samples/<name>_<split>_<mode>.jsonl      one line per scored query
+    DIR/overlays/<name>_<split>_<mode>/*.png     --save-overlays N: N worst and N best
+
+Runs on one device, or on many with ``accelerate launch -m keyseg.cli eval ...`` (records
+sharded by process, counts summed exactly, JSONL merged by the main process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+HELP = "evaluate a checkpoint: gIoU/cIoU per split (teacher-forced or generated answers)"
+EXAMPLE = ("keyseg eval --checkpoint checkpoints/keyseg-7b --dataset reason_seg:val "
+           "--dataset refcoco:testA --mode teacher --dataset-dir ./dataset --out eval/run1")
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="KeySeg model directory (default: the packaged default model)")
+    parser.add_argument("--dataset", action="append", required=True, metavar="SPEC",
+                        help="NAME:SPLIT, repeatable: reason_seg:val|test, refcoco:val|testA|"
+                             "testB, refcoco+:..., refcocog:val|test, shapes:val|test")
+    parser.add_argument("--mode", nargs="+", choices=["teacher", "generate"],
+                        default=["teacher"],
+                        help="protocol(s): teacher = LISA's fed '[SEG].' answer; generate = "
+                             "the model answers (default: teacher)")
+    parser.add_argument("--dataset-dir", type=Path, default=Path("./dataset"),
+                        help="dataset root holding reason_seg/ and refer_seg/ (default: "
+                             "./dataset)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate only the first N records (images) of each split")
+    parser.add_argument("--out", type=Path, default=Path("eval"),
+                        help="output directory (default: ./eval)")
+    parser.add_argument("--save-overlays", type=int, default=0, metavar="N",
+                        help="save the N worst and N best overlays per split and mode")
+    parser.add_argument("--all-texts", action="store_true",
+                        help="ReasonSeg: score every text of a sample, not only text[0]")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="queries per forward pass (default: 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=64,
+                        help="generation budget in generate mode (default: 64)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:1, mps or auto (default; ignored under "
+                             "accelerate launch)")
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights dtype (auto: bfloat16 on CUDA with bf16 support, "
+                             "else float32)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from keyseg.data.eval_sets import parse_spec, resolve_eval_set
+    from keyseg.errors import KeySegConfigError
+    from keyseg.evaluate import format_metrics, run_evaluation, save_overlays
+    from keyseg.io import atomic_write_json
+
+    for spec in args.dataset:
+        parse_spec(spec)  # fail fast on a typo, before loading a model
+    if args.limit is not None and args.limit < 0:
+        raise KeySegConfigError(f"--limit must be >= 0, got {args.limit}")
+    if args.save_overlays < 0:
+        raise KeySegConfigError(f"--save-overlays must be >= 0, got {args.save_overlays}")
+
+    started = time.perf_counter()
+    accelerator = _accelerator()
+    device = accelerator.device if accelerator is not None else _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    model, checkpoint = _load_model(args.checkpoint, dtype)
+    model.to(device)
+    is_main = accelerator is None or accelerator.is_main_process
+
+    results: dict[str, dict[str, Any]] = {}
+    for spec in args.dataset:
+        eval_set = resolve_eval_set(spec, args.dataset_dir)
+        results[eval_set.spec] = {}
+        for mode in args.mode:
+            stem = f"{eval_set.name}_{eval_set.split}_{mode}".replace("+", "plus")
+            jsonl = args.out / "samples" / f"{stem}.jsonl"
+            result = run_evaluation(
+                model, eval_set.records, mode=mode, limit=args.limit,
+                batch_size=args.batch_size, accelerator=accelerator,
+                all_texts=args.all_texts, max_new_tokens=args.max_new_tokens,
+                jsonl_path=jsonl, progress=not args.no_progress,
+                keep_overlays=args.save_overlays,
+            )
+            entry = dict(result.metrics)
+            entry["reader_skipped"] = eval_set.reader_skipped()
+            entry["skipped_messages"] = result.skipped_messages
+            entry["jsonl"] = str(jsonl.relative_to(args.out))
+            entry["wall_time_s"] = round(result.wall_time, 3)
+            if args.save_overlays and is_main:
+                folder = args.out / "overlays" / stem
+                paths = save_overlays(result.overlays, eval_set.records, folder)
+                entry["overlays"] = str(folder.relative_to(args.out)) if paths else None
+            results[eval_set.spec][mode] = entry
+            if is_main:
+                print(f"{eval_set.spec} [{mode}]: {format_metrics(result.metrics)}")
+
+    if is_main:
+        report = {
+            "results": results,
+            "checkpoint": checkpoint,
+            "config": {
+                "model": _model_config(model),
+                "eval": {
+                    "datasets": args.dataset, "modes": args.mode,
+                    "dataset_dir": str(args.dataset_dir), "limit": args.limit,
+                    "all_texts": args.all_texts, "batch_size": args.batch_size,
+                    "max_new_tokens": args.max_new_tokens, "dtype": str(dtype),
+                },
+            },
+            "versions": _versions(),
+            "device": _device_description(device, accelerator),
+            "wall_time_s": round(time.perf_counter() - started, 3),
+        }
+        atomic_write_json(args.out / "report.json", report)
+        print(f"report: {args.out / 'report.json'}")
+    return 0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _accelerator():
+    """An ``Accelerator`` under ``accelerate launch`` with several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator()
+
+
+def _device(name: str):
+    import torch
+
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _dtype(name: str, device):
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _load_model(checkpoint: Path | None, dtype) -> tuple[Any, dict[str, Any]]:
+    """The model and the report's ``checkpoint`` entry (path, sha256 of its weights)."""
+    from keyseg.model.keyseg import KeySegModel
+
+    if checkpoint is not None:
+        model = KeySegModel.from_pretrained(checkpoint, dtype=dtype)
+        return model, {"path": str(checkpoint), "default": False, **checkpoint_hash(checkpoint)}
+    try:
+        from keyseg.pipeline import default_checkpoint  # written by the pipeline work
+    except ImportError:
+        default_checkpoint = None
+    if default_checkpoint is not None:
+        found = default_checkpoint()
+        if isinstance(found, (str, os.PathLike)):
+            path = Path(found)
+            model = KeySegModel.from_pretrained(path, dtype=dtype)
+            return model, {"path": str(path), "default": True, **checkpoint_hash(path)}
+        if found is not None:  # a ready model
+            return found.to(dtype), {"path": None, "default": True, "sha256": None}
+    warnings.warn("no --checkpoint and no packaged default model: evaluating a tiny RANDOM "
+                  "model (numbers are meaningless)", stacklevel=2)
+    from keyseg.model.tiny import build_tiny_model
+
+    return build_tiny_model(seed=0).to(dtype), {"path": None, "default": True,
+                                                "random_tiny": True, "sha256": None}
+
+
+def checkpoint_hash(directory: str | os.PathLike) -> dict[str, Any]:
+    """``{"sha256": combined, "files": {name: sha256}}`` over the weight files of a
+    directory (``*.safetensors``, ``*.bin``, ``*.pth``, ``*.pt``; the combined hash is the
+    sha256 of ``"name sha256\\n"`` lines in name order)."""
+    directory = Path(directory)
+    files: dict[str, str] = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES):
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+            files[path.name] = digest.hexdigest()
+    combined = hashlib.sha256("".join(f"{n} {h}\n" for n, h in files.items()).encode())
+    return {"sha256": combined.hexdigest() if files else None, "files": files}
+
+
+def _model_config(model) -> dict[str, Any]:
+    from keyseg.config import to_dict
+
+    return to_dict(model.config)
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import keyseg
+
+    found: dict[str, str | None] = {"keyseg": keyseg.__version__,
+                                    "python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate", "numpy", "pillow"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _device_description(device, accelerator) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"device": str(device), "platform": platform.platform(),
+                            "processes": accelerator.num_processes if accelerator else 1,
+                            "argv": sys.argv[1:]}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+    return info
