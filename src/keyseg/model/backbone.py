@@ -209,9 +209,21 @@ class VisionLanguageBackbone(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             output_hidden_states=True,
-            **vision_inputs,
+            **self.model_inputs(input_ids, vision_inputs),
         )
         return BackboneOutput(logits=out.logits, last_hidden=out.hidden_states[-1])
 
+    def model_inputs(self, input_ids: torch.Tensor,
+                     vision_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``vision_inputs`` plus what the family derives from the ids: Qwen2-VL's M-RoPE
+        needs ``mm_token_type_ids (B, L)`` (1 at image tokens, 0 elsewhere)."""
+        if self.family != "qwen2_vl" or "mm_token_type_ids" in vision_inputs:
+            return vision_inputs
+        image_id = self.base.config.image_token_id
+        return {**vision_inputs, "mm_token_type_ids": (input_ids == image_id).to(torch.int32)}
+
     def generate(self, **kwargs):
+        if "input_ids" in kwargs and self.family == "qwen2_vl":
+            extra = self.model_inputs(kwargs["input_ids"], {})
+            kwargs = {**extra, **kwargs}
         return self.vlm.generate(**kwargs)

@@ -9,7 +9,8 @@ Qwen2-VL differs from LLaVA in three ways the rest of KeySeg must not care about
 * ``pixel_values`` are flattened patches ``(n_patches, C * T * P * P)``, so rows of a batch
   concatenate along axis 0 together with ``image_grid_thw (B, 3)``;
 * the conversation is ChatML (``<|im_start|>user ... <|im_end|>``) with the image placeholder
-  ``<|vision_start|><|image_pad|><|vision_end|>`` (:func:`keyseg.tokens.render_chatml_conversation`).
+  ``<|vision_start|><|image_pad|><|vision_end|>``
+  (:func:`keyseg.tokens.render_chatml_conversation`).
 
 This module builds the tiny local preset (tokenizer, config, image processor) used by tests;
 a real checkpoint (``Qwen/Qwen2-VL-2B-Instruct`` downloaded to a directory) is loaded by
