@@ -52,6 +52,8 @@ def generate(
     batch: Batch,
     image_embeddings: torch.Tensor | None = None,
     max_new_tokens: int = 64,
+    *,
+    answer_only: bool = False,
     **generate_kwargs,
 ) -> list[GenerationResult]:
     """Generate an answer per row of a prompt batch and decode a mask per ``[SEG]``.
@@ -62,7 +64,10 @@ def generate(
         image_embeddings: ``(N_img, C, h, w)`` precomputed SAM embeddings of
             ``batch.sam_pixel_values`` (reuse across turns/queries); computed if None.
         max_new_tokens: generation budget; other ``generate`` options pass through
-            (greedy by default).
+            (greedy with KV cache by default; ``use_cache=False`` is the naive path).
+        answer_only: take masks/keys only from the ``[SEG]``/``[KEY]`` tokens *generated*
+            now, not from those in the prompt (earlier turns of a multi-turn chat, or a
+            literal ``[SEG]`` typed into a query).
 
     Returns:
         One :class:`GenerationResult` per row.
@@ -71,7 +76,7 @@ def generate(
     ids = processor.ids
     if image_embeddings is None:
         image_embeddings = model.encode_images(batch.sam_pixel_values)
-    options = {"do_sample": False, "num_beams": 1, **generate_kwargs}
+    options = {"do_sample": False, "num_beams": 1, "use_cache": True, **generate_kwargs}
     out = model.backbone.generate(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -80,13 +85,15 @@ def generate(
         pad_token_id=ids.pad,
         output_hidden_states=True,
         return_dict_in_generate=True,
-        use_cache=True,
         **batch.vision_inputs,
         **options,
     )
     # Step 0 holds the prompt's states, each later step one new token's: together the
-    # last-layer states of every position but the final generated token.
-    last_hidden = torch.cat([step[-1] for step in out.hidden_states], dim=1)
+    # last-layer states of every position but the final generated token. (Without a KV
+    # cache each later step re-runs the whole sequence: its newest position is the one to keep.)
+    last_hidden = torch.cat(
+        [out.hidden_states[0][-1], *(step[-1][:, -1:] for step in out.hidden_states[1:])], dim=1
+    )
     prompt_length = batch.input_ids.shape[1]
     results = []
     for row in range(batch.input_ids.shape[0]):
@@ -99,8 +106,10 @@ def generate(
         if hidden.shape[0] < sequence.shape[0] and _needs_last_state(model, sequence):
             hidden = _full_forward_hidden(model, batch, row, sequence)
         image = int(batch.image_index[row])
+        # "before" reads the state preceding a token, so keep the prompt's last position.
+        start = prompt_length - 1 if answer_only else 0
         masks, scores, key = model.masks_from_hidden(
-            sequence, hidden[: sequence.shape[0]], image_embeddings[image],
+            sequence[start:], hidden[start : sequence.shape[0]], image_embeddings[image],
             batch.resized_sizes[image], batch.original_sizes[image],
         )
         results.append(
