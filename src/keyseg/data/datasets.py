@@ -1,0 +1,138 @@
+"""Datasets named in a :class:`~keyseg.config.DataConfig`, built for training and validation.
+
+Training data is a :class:`~keyseg.data.mixture.MixtureSampler` over the datasets in
+``DataConfig.datasets`` (``"name||name"``, rates from ``sample_rates``):
+
+===============  =============================================================================
+name             what it reads
+===============  =============================================================================
+``reason_seg``   ReasonSeg ``reason_seg_split`` (+ keyword file, explanations) under
+                 ``dataset_dir``
+``refer_seg``    the REFER datasets of ``refer_seg_data`` (``refcoco||refcoco+||refcocog``),
+                 train split, concatenated
+``shapes``       the procedural shapes world (``DataConfig.shapes`` options), no files needed
+===============  =============================================================================
+
+Validation is ``DataConfig.val_dataset``: ``"NAME:SPLIT"`` with NAME one of ``reason_seg``,
+``shapes``, ``refcoco``, ``refcoco+``, ``refcocog``; ``""`` or ``"none"`` disables it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from keyseg.config import DataConfig
+from keyseg.data.mixture import MixtureSampler
+from keyseg.data.sample import SegRecord
+from keyseg.errors import KeySegConfigError
+
+DATASET_NAMES: tuple[str, ...] = ("reason_seg", "refer_seg", "shapes")
+VAL_NAMES: tuple[str, ...] = ("reason_seg", "shapes", "refcoco", "refcoco+", "refcocog")
+
+
+class ConcatRecords(Sequence[SegRecord]):
+    """Several record sequences seen as one (index ``i`` walks them in order)."""
+
+    def __init__(self, parts: Sequence[Sequence[SegRecord]]) -> None:
+        self.parts = list(parts)
+        self._ends: list[int] = []
+        total = 0
+        for part in self.parts:
+            total += len(part)
+            self._ends.append(total)
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, index: int) -> SegRecord:  # type: ignore[override]
+        if not 0 <= index < len(self):
+            raise IndexError(f"record index {index} out of range (size {len(self)})")
+        part = bisect.bisect_right(self._ends, index)
+        start = self._ends[part - 1] if part else 0
+        return self.parts[part][index - start]
+
+
+def shapes_config(cfg: DataConfig):
+    """The :class:`keyseg.data.shapes.ShapesConfig` described by ``cfg.shapes``."""
+    from keyseg.data.shapes import ShapesConfig
+
+    s = cfg.shapes
+    return ShapesConfig(
+        image_size=s.image_size, train_size=s.train_size, val_size=s.val_size,
+        test_size=s.test_size, min_objects=s.min_objects, max_objects=s.max_objects,
+        queries_per_image=s.queries_per_image, seed=s.seed,
+    )
+
+
+def _keyword_file(cfg: DataConfig) -> Path | bool | None:
+    """The configured keyword file (relative to ``dataset_dir``); ``None`` lets the reader
+    search its usual places when the configured one is absent."""
+    if cfg.keyword_file is None:
+        return False
+    path = Path(cfg.keyword_file)
+    if not path.is_absolute():
+        path = Path(cfg.dataset_dir) / path
+    if path.is_file():
+        return path
+    warnings.warn(f"data.keyword_file {path} not found; searching the usual places",
+                  stacklevel=3)
+    return None
+
+
+def build_dataset(name: str, cfg: DataConfig, split: str = "train") -> Sequence[SegRecord]:
+    """One named dataset (see the module table) as a sequence of records."""
+    if name == "shapes":
+        from keyseg.data.shapes import ShapesDataset
+
+        return ShapesDataset(split, shapes_config(cfg))
+    if name == "reason_seg":
+        from keyseg.data.reason_seg import ReasonSegDataset
+
+        return ReasonSegDataset(cfg.dataset_dir, split=split, keyword_file=_keyword_file(cfg))
+    if name in ("refer_seg", "refcoco", "refcoco+", "refcocog"):
+        from keyseg.data.refer import ReferDataset
+
+        names = cfg.refer_seg_data.split("||") if name == "refer_seg" else [name]
+        parts = [ReferDataset(cfg.dataset_dir, name=n.strip(), split=split,
+                              keyword_mode=cfg.refer_keyword) for n in names if n.strip()]
+        return parts[0] if len(parts) == 1 else ConcatRecords(parts)
+    raise KeySegConfigError(
+        f"data.datasets: unknown dataset {name!r} (known: {', '.join(DATASET_NAMES)})"
+    )
+
+
+def build_mixture(cfg: DataConfig, seed: int) -> MixtureSampler:
+    """The training mixture of ``cfg.datasets`` with ``cfg.sample_rates``."""
+    names = [n.strip() for n in cfg.datasets.split("||") if n.strip()]
+    if not names:
+        raise KeySegConfigError("data.datasets: no dataset named")
+    if len(names) != len(cfg.sample_rates):
+        raise KeySegConfigError(
+            f"data.sample_rates: {len(cfg.sample_rates)} rates for {len(names)} datasets "
+            f"({cfg.datasets!r})"
+        )
+    if len(set(names)) != len(names):
+        raise KeySegConfigError(f"data.datasets: a dataset is named twice in {cfg.datasets!r}")
+    datasets = {name: build_dataset(name, cfg, cfg.reason_seg_split if name == "reason_seg"
+                                    else "train") for name in names}
+    weights = dict(zip(names, cfg.sample_rates, strict=True))
+    return MixtureSampler(datasets, weights, seed=seed,
+                          max_referents=cfg.max_referents_per_image)
+
+
+def build_val_records(cfg: DataConfig) -> Sequence[SegRecord] | None:
+    """The validation records named by ``cfg.val_dataset`` (``None`` when disabled)."""
+    spec = cfg.val_dataset.strip()
+    if spec.lower() in ("", "none"):
+        return None
+    name, _, split = spec.partition(":")
+    name, split = name.strip(), (split.strip() or "val")
+    if name not in VAL_NAMES:
+        raise KeySegConfigError(
+            f"data.val_dataset: {spec!r}: unknown dataset {name!r} "
+            f"(expected NAME:SPLIT with NAME in {', '.join(VAL_NAMES)})"
+        )
+    return build_dataset(name, cfg, split)
