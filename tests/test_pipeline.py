@@ -1,0 +1,186 @@
+"""KeySegPipeline on a random tiny model: shapes, sizes, caching, cache==no-cache, history."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from keyseg import pipeline as pipeline_module
+from keyseg.errors import KeySegError
+from keyseg.pipeline import NO_SEG_MESSAGE, KeySegPipeline, Result
+from keyseg.tokens import Turn
+
+
+class Script(LogitsProcessor):
+    """Force the first generated tokens to ``script`` (prompt length read on the first call),
+    so a random model 'answers' with [SEG]/[KEY]; later tokens are left to greedy."""
+
+    def __init__(self, script: list[int]) -> None:
+        self.script, self.start = script, None
+
+    def __call__(self, input_ids, scores):
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        step = input_ids.shape[1] - self.start
+        if step < len(self.script):
+            scores = torch.full_like(scores, -1e9)
+            scores[:, self.script[step]] = 0.0
+        return scores
+
+
+@pytest.fixture(scope="module")
+def model():
+    from keyseg.model.tiny import build_tiny_model
+
+    return build_tiny_model(seed=3).eval()
+
+
+@pytest.fixture
+def pipe(model):
+    return KeySegPipeline(model, max_new_tokens=12)
+
+
+def script_ids(pipe: KeySegPipeline, text: str, segs: int, keyword: str | None) -> list[int]:
+    ids = pipe.processor.ids
+    encode = pipe.processor.tokenizer
+    out = list(encode(text, add_special_tokens=False)["input_ids"]) + [ids.seg] * segs
+    if keyword:
+        out += [ids.key, *encode(f" {keyword}", add_special_tokens=False)["input_ids"]]
+    return [*out, ids.eos]
+
+
+def forced(pipe, text="Sure, they are", segs=1, keyword="spoon"):
+    return LogitsProcessorList([Script(script_ids(pipe, text, segs, keyword))])
+
+
+def image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+
+
+def test_result_types_and_shapes_with_two_seg_answer(pipe):
+    result = pipe(image(30, 50), "What would you use to eat soup?",
+                  logits_processor=forced(pipe, segs=2), return_logits=True)
+    assert isinstance(result, Result)
+    assert result.answer.count("[SEG]") == 2 and result.keyword == "spoon"
+    assert result.masks.dtype == np.bool_ and result.masks.shape == (2, 30, 50)
+    assert result.scores.shape == (2,) and result.scores.dtype == np.float32
+    assert result.mask_logits.shape == (2, 30, 50)
+    assert np.array_equal(result.masks, (result.mask_logits > 0).numpy())
+    assert result.message is None or "empty" in result.message
+    (neighbours,) = result.keyword_neighbours
+    assert len(neighbours) == pipe.num_neighbours
+    cosines = [c for _, c in neighbours]
+    assert all(isinstance(t, str) and t for t, _ in neighbours)
+    assert cosines == sorted(cosines, reverse=True) and all(-1.0 <= c <= 1.0 for c in cosines)
+    assert "[SEG]" not in result.text and "spoon" not in result.text
+
+
+def test_masks_have_original_size_for_non_square_inputs_of_every_form(pipe, tmp_path):
+    path = tmp_path / "tall.png"
+    Image.fromarray(image(90, 20, seed=1)).save(path)
+    inputs = [image(37, 91), Image.fromarray(image(64, 48, seed=2)), str(path)]
+    results = pipe(inputs, ["a", "b", "c"], logits_processor=forced(pipe))
+    assert [r.masks.shape for r in results] == [(1, 37, 91), (1, 64, 48), (1, 90, 20)]
+
+
+def test_answer_without_seg_gives_empty_mask_list_and_message(pipe):
+    result = pipe(image(30, 50), "Is there a dog?",
+                  logits_processor=forced(pipe, text=" No.", segs=0, keyword=None))
+    assert result.masks.shape == (0, 30, 50) and len(result.masks) == 0
+    assert result.scores.shape == (0,) and result.keyword is None
+    assert result.keyword_neighbours == [] and result.message == NO_SEG_MESSAGE
+
+
+def test_sam_embedding_computed_once_for_two_queries_on_one_image(pipe, model, monkeypatch):
+    calls = []
+    original = model.encode_images
+
+    def counting(pixels):
+        calls.append(pixels.shape[0])
+        return original(pixels)
+
+    monkeypatch.setattr(model, "encode_images", counting)
+    picture = image(40, 60)
+    pipe.set_image(picture)
+    pipe.ask("first question", logits_processor=forced(pipe))
+    pipe.ask("second question", logits_processor=forced(pipe))
+    pipe(picture.copy(), "same pixels, new array")  # cache is keyed by content
+    assert calls == [1]
+    pipe(image(40, 60, seed=9), "another image")
+    assert calls == [1, 1]
+
+
+def test_generation_with_kv_cache_gives_same_tokens_and_masks_as_without(pipe):
+    picture = image(30, 50)
+    # A forced prefix with [SEG]/[KEY], then free greedy tokens after it.
+    runs = []
+    for use_cache in (True, False):
+        ids = pipe.processor.ids
+        prefix = [*script_ids(pipe, "It is", 1, None)[:-1], ids.key]
+        runs.append(pipe(picture, "what is it", max_new_tokens=10, use_cache=use_cache,
+                         return_logits=True,
+                         logits_processor=LogitsProcessorList([Script(prefix)])))
+    cached, naive = runs
+    assert cached.answer == naive.answer
+    assert cached.masks.shape == naive.masks.shape == (1, 30, 50)
+    torch.testing.assert_close(cached.mask_logits, naive.mask_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_chat_history_masks_come_from_the_new_answer_only(pipe):
+    pipe.set_image(image(30, 50))
+    first = pipe.ask("all the circles", logits_processor=forced(pipe, segs=2))
+    second = pipe.ask("and the largest one?", logits_processor=forced(pipe, segs=1))
+    assert first.masks.shape[0] == 2 and second.masks.shape[0] == 1
+    assert [t.answer for t in pipe.history] == [first.answer, second.answer]
+    pipe.set_image(image(30, 50, seed=5))
+    assert pipe.history == []
+
+
+def test_history_changes_the_prompt(pipe):
+    picture = image(30, 50)
+    plain = pipe(picture, "what now?", return_logits=True,
+                 logits_processor=forced(pipe, segs=1, keyword=None))
+    history = [Turn("Where is the cup? Please output segmentation mask.", "It is [SEG].")]
+    follow = pipe(picture, "what now?", history=history, return_logits=True,
+                  logits_processor=forced(pipe, segs=1, keyword=None))
+    assert not torch.allclose(plain.mask_logits, follow.mask_logits)
+
+
+def test_keyword_neighbours_of_a_projected_token_rank_that_token_first(pipe):
+    tokenizer = pipe.processor.tokenizer
+    token = tokenizer(" spoon", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        key = pipe.model.projected_table()[token][None]
+    (row,) = pipe.keyword_neighbours(key, k=3)
+    assert row[0][0] == tokenizer.decode([token]).strip()
+    assert row[0][1] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_from_pretrained_without_default_builds_random_model_with_warning(monkeypatch, capsys,
+                                                                         tmp_path, model):
+    monkeypatch.setattr(pipeline_module, "default_checkpoint", lambda: None)
+    pipe = KeySegPipeline.from_pretrained(None, device="cpu")
+    assert "UNTRAINED" in capsys.readouterr().err
+    assert pipe.dtype == torch.float32 and pipe.device.type == "cpu"
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = KeySegPipeline.from_pretrained(tmp_path / "ckpt", device="cpu")
+    assert capsys.readouterr().err == ""
+    picture = image(30, 50)
+    a = KeySegPipeline(model)(picture, "q", return_logits=True, logits_processor=forced(pipe))
+    b = loaded(picture, "q", return_logits=True, logits_processor=forced(loaded))
+    assert a.answer == b.answer
+    torch.testing.assert_close(a.mask_logits, b.mask_logits)
+
+
+def test_quantized_loading_without_cuda_is_a_clear_error():
+    with pytest.raises(KeySegError, match="CUDA"):
+        KeySegPipeline.from_pretrained(None, device="cpu", load_in="4bit")
+
+
+def test_oversized_array_is_refused(pipe):
+    small = KeySegPipeline(pipe.model, max_pixels=100)
+    with pytest.raises(KeySegError, match="over the limit"):
+        small(image(20, 20), "q")
