@@ -30,9 +30,67 @@ def _sam_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",
         default="auto",
-        choices=["auto", "vit_h", "vit_l", "vit_b", "tiny"],
+        choices=["auto", "vit_h", "vit_l", "vit_b", "tiny", "shapes"],
         help="SAM size (default: inferred from the encoder's width and depth)",
     )
+
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _dtype(name: str):
+    import torch
+
+    return None if name == "auto" else getattr(torch, _DTYPES[name])
+
+
+def _finish(model, report, args: argparse.Namespace) -> int:
+    """Save the converted model and print what the conversion did."""
+    model.save_pretrained(args.dst)
+    print(f"converted {args.src} -> {args.dst} ({report.summary()})")
+    for name, token_id in report.new_token_rows.items():
+        print(f"  new token {name} -> id {token_id} (row initialised to the mean row)")
+    if report.fresh:
+        print(f"  {len(report.fresh)} KeySeg tensors keep their fresh initialisation "
+              f"(first: {report.fresh[0]})")
+    return 0
+
+
+def _convert_lisa(args: argparse.Namespace) -> int:
+    """LISA HF directory (LLaVA-v1 LLaMA + SAM + text_hidden_fcs) -> KeySeg directory."""
+    from keyseg.convert.lisa import convert_lisa
+
+    model, report = convert_lisa(args.src, vision_tower=args.vision_tower,
+                                 dtype=_dtype(args.dtype), progress=True)
+    return _finish(model, report, args)
+
+
+def _convert_keyseg_ref(args: argparse.Namespace) -> int:
+    """KeySeg reference directory or zero_to_fp32 file -> KeySeg directory."""
+    from keyseg.convert.keyseg_ref import convert_keyseg_ref
+
+    model, report = convert_keyseg_ref(args.src, base=args.base, vision_tower=args.vision_tower,
+                                       dtype=_dtype(args.dtype), lora_alpha=args.lora_alpha,
+                                       progress=True)
+    if getattr(report, "lora_merged", 0):
+        print(f"  merged {report.lora_merged} LoRA pairs (alpha {args.lora_alpha})")
+    return _finish(model, report, args)
+
+
+def _lisa_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vision-tower", default=None, metavar="DIR",
+                        help="local CLIP directory (default: mm_vision_tower from config.json "
+                             "if it is a local directory, else SRC/vision_tower)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
+                        help="dtype of the written weights (auto: fp32)")
+
+
+def _keyseg_ref_arguments(parser: argparse.ArgumentParser) -> None:
+    _lisa_arguments(parser)
+    parser.add_argument("--base", default=None, metavar="DIR",
+                        help="config.json + tokenizer directory when SRC is a single file")
+    parser.add_argument("--lora-alpha", type=float, default=16.0,
+                        help="LoRA alpha of the training run, to merge LoRA factors (16)")
 
 
 # kind -> (help, extra-arguments hook or None, handler). Every kind takes SRC and DST.
@@ -45,6 +103,16 @@ KINDS: dict[
         _sam_arguments,
         _convert_sam,
     ),
+    "lisa": (
+        "LISA HF checkpoint directory (e.g. LISA-7B-v1) -> KeySeg model directory",
+        _lisa_arguments,
+        _convert_lisa,
+    ),
+    "keyseg-ref": (
+        "KeySeg reference checkpoint (HF directory or zero_to_fp32 file) -> KeySeg directory",
+        _keyseg_ref_arguments,
+        _convert_keyseg_ref,
+    ),
 }
 
 
@@ -52,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
     for name, (help_text, extra_arguments, handler) in KINDS.items():
         sub = kinds.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("src", metavar="SRC", help="checkpoint file to read")
+        sub.add_argument("src", metavar="SRC", help="checkpoint file or directory to read")
         sub.add_argument("dst", metavar="DST_DIR", help="directory to write (created if absent)")
         if extra_arguments is not None:
             extra_arguments(sub)
