@@ -1,0 +1,123 @@
+"""``keyseg convert keyseg-ref``: the KeySeg reference layout (LISA + keyword_fusion.*,
+embedding_table_proj.*, keyword_text_proj.*), as an HF directory or a zero_to_fp32 file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_lisa_convert import HIDDEN, write_lisa, write_weights
+
+from keyseg import tokens
+from keyseg.cli import main as cli_main
+from keyseg.convert.keyseg_ref import convert_keyseg_ref
+from keyseg.errors import KeySegCheckpointError
+from keyseg.model.keyseg import KeySegModel
+
+
+def reference_extras(dim: int = 256) -> dict[str, torch.Tensor]:
+    torch.manual_seed(5)
+    out = {}
+    for name in ("query_proj", "key_proj", "value_proj", "out_proj",
+                 "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"):
+        out[f"keyword_fusion.{name}.weight"] = torch.randn(dim, dim)
+        out[f"keyword_fusion.{name}.bias"] = torch.randn(dim)
+    for norm in ("norm1", "norm2"):
+        out[f"keyword_fusion.{norm}.weight"] = torch.randn(dim)
+        out[f"keyword_fusion.{norm}.bias"] = torch.randn(dim)
+    out["keyword_fusion.mlp.0.weight"] = torch.randn(2 * dim, dim)
+    out["keyword_fusion.mlp.0.bias"] = torch.randn(2 * dim)
+    out["keyword_fusion.mlp.2.weight"] = torch.randn(dim, 2 * dim)
+    out["keyword_fusion.mlp.2.bias"] = torch.randn(dim)
+    out["keyword_text_proj.weight"] = torch.randn(dim, HIDDEN)
+    out["keyword_text_proj.bias"] = torch.randn(dim)
+    out["embedding_table_proj.weight"] = torch.randn(dim, HIDDEN)
+    out["embedding_table_proj.bias"] = torch.randn(dim)
+    return out
+
+
+def write_reference(tmp_path):
+    src, state, _ = write_lisa(tmp_path, "safetensors", 2)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer.add_tokens([tokens.KEY_TOKEN])  # the reference tokenizer knows [KEY]
+    tokenizer.save_pretrained(src)
+    state = {**state, **reference_extras()}
+    for file in src.glob("model*.safetensors*"):
+        file.unlink()
+    write_weights(src, state, "safetensors", 2)
+    return src, state
+
+
+def test_reference_directory_maps_fusion_and_table_projection(tmp_path):
+    src, state = write_reference(tmp_path)
+    model, report = convert_keyseg_ref(src)
+    assert report.ok, report.summary()
+    assert set(state) <= set(report.mapped) | set(report.ignored)
+    assert report.fresh == []  # every KeySeg tensor comes from the reference
+    assert set(report.new_token_rows) == {"<image>"}  # [KEY] kept its trained row
+    own = model.state_dict()
+    pairs = {"keyword_fusion.query_proj.weight": "keyword_fusion.cross_attn.q_proj.weight",
+             "keyword_fusion.value_proj.bias": "keyword_fusion.cross_attn.v_proj.bias",
+             "keyword_fusion.out_proj.weight": "keyword_fusion.cross_attn.out_proj.weight",
+             "keyword_fusion.self_attn.k_proj.weight": "keyword_fusion.self_attn.k_proj.weight",
+             "embedding_table_proj.weight": "embedding_table_proj.weight"}
+    for source_name, target_name in pairs.items():
+        torch.testing.assert_close(own[target_name], state[source_name])
+    for ignored in ("keyword_fusion.norm1.weight", "keyword_fusion.mlp.2.bias",
+                    "keyword_text_proj.weight"):
+        assert ignored in report.ignored
+    key = model.processor.ids.key
+    lm = "backbone.vlm.model.language_model.embed_tokens.weight"
+    torch.testing.assert_close(own[lm][key], state["model.embed_tokens.weight"][key])
+
+
+def test_zero_to_fp32_file_with_module_prefix_and_lora_is_merged(tmp_path):
+    src, state = write_reference(tmp_path)
+    q = "model.layers.0.self_attn.q_proj"
+    lora_a, lora_b = torch.randn(8, HIDDEN), torch.randn(HIDDEN, 8)
+    peft = {}
+    for name, tensor in state.items():
+        if name == f"{q}.weight":
+            peft[f"module.base_model.model.{q}.base_layer.weight"] = tensor
+        else:
+            peft[f"module.base_model.model.{name}"] = tensor
+    peft[f"module.base_model.model.{q}.lora_A.default.weight"] = lora_a
+    peft[f"module.base_model.model.{q}.lora_B.default.weight"] = lora_b
+    file = tmp_path / "zero" / "pytorch_model.bin"
+    file.parent.mkdir()
+    torch.save(peft, file)
+    dst = tmp_path / "out"
+    assert cli_main(["convert", "keyseg-ref", str(file), str(dst), "--base", str(src)]) == 0
+    model = KeySegModel.from_pretrained(dst)
+    merged = model.state_dict()["backbone.vlm.model.language_model.layers.0.self_attn."
+                                "q_proj.weight"]
+    torch.testing.assert_close(merged, state[f"{q}.weight"] + 2.0 * lora_b @ lora_a)
+
+
+def test_single_file_without_config_asks_for_base(tmp_path):
+    file = tmp_path / "pytorch_model.bin"
+    torch.save({"module.keyword_fusion.query_proj.weight": torch.zeros(2, 2)}, file)
+    with pytest.raises(KeySegCheckpointError, match="pass --base DIR"):
+        convert_keyseg_ref(file)
+
+
+def test_lisa_checkpoint_is_not_taken_for_a_reference_one(tmp_path):
+    src, _, _ = write_lisa(tmp_path, "safetensors", 1)
+    with pytest.raises(KeySegCheckpointError, match="no keyword_fusion"):
+        convert_keyseg_ref(src)
+
+
+def test_reference_fusion_of_wrong_width_names_the_tensor(tmp_path):
+    src, state = write_reference(tmp_path)
+    state["keyword_fusion.key_proj.weight"] = torch.zeros(128, 256)
+    for file in src.glob("model*.safetensors*"):
+        file.unlink()
+    write_weights(src, state, "safetensors", 1)
+    with pytest.raises(KeySegCheckpointError,
+                       match=r"model\.safetensors: keyword_fusion\.key_proj\.weight: shape "
+                             r"\[128, 256\]"):
+        convert_keyseg_ref(src)
+    assert json.loads((src / "config.json").read_text())["hidden_size"] == HIDDEN
