@@ -70,7 +70,7 @@ def reason_seg_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dataset")
     base = root / "reason_seg" / "ReasonSeg"
     export_reason_seg(ShapesDataset("val", SMALL), base / "val",
-                      keyword_file=base / "explanatory_key" / "keyword_outputs.json")
+                      keyword_file=root / "reason_seg" / "explanatory_key" / "keyword_outputs.json")
     return root
 
 

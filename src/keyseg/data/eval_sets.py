@@ -90,36 +90,34 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 def resolve_eval_set(spec: str, dataset_dir: str | Path | None = None,
-                     **reader_kwargs: Any) -> EvalSet:
+                     data_config: Any | None = None) -> EvalSet:
     """Resolve ``NAME:SPLIT`` to an :class:`EvalSet`.
+
+    The readers are built by :func:`keyseg.data.datasets.build_dataset` (the training code's
+    builder), so evaluation reads a dataset exactly as validation during training does
+    (keyword file, REFER keyword mode, shapes world settings from ``data_config``).
 
     Args:
         spec: e.g. ``"reason_seg:val"``, ``"refcocog:test"``, ``"shapes:test"``.
         dataset_dir: dataset root (the ``--dataset-dir``: holds ``reason_seg/`` and
-            ``refer_seg/``); not needed for ``shapes``.
-        reader_kwargs: passed to the reader (e.g. ``keyword_file`` for ReasonSeg,
-            ``keyword_mode`` for REFER, ``config`` (a ``ShapesConfig``) for shapes).
+            ``refer_seg/``); overrides ``data_config.dataset_dir``; not needed for ``shapes``.
+        data_config: a :class:`keyseg.config.DataConfig` (default: the reference one).
 
     Raises:
-        KeySegConfigError: bad spec, or no ``dataset_dir`` for a file-based dataset.
+        KeySegConfigError: bad spec.
         KeySegDataError: the reader cannot open the split (folder or files missing).
     """
+    from dataclasses import replace
+
+    from keyseg.config import DataConfig
+    from keyseg.data.datasets import build_dataset
+
     name, split = parse_spec(spec)
-    if name == "shapes":
-        from keyseg.data.shapes import ShapesDataset
-
-        return EvalSet(name, split, ShapesDataset(split, reader_kwargs.get("config")))
-    if dataset_dir is None:
-        raise KeySegConfigError(f"dataset spec {spec!r} needs a dataset directory (--dataset-dir)")
-    if name == "reason_seg":
-        from keyseg.data.reason_seg import ReasonSegDataset
-
-        dataset = ReasonSegDataset(dataset_dir, split, **reader_kwargs)
-    else:
-        from keyseg.data.refer import ReferDataset
-
-        dataset = ReferDataset(dataset_dir, name, split, **reader_kwargs)
-    return EvalSet(name, split, dataset, dataset.report)
+    cfg = data_config if data_config is not None else DataConfig()
+    if dataset_dir is not None:
+        cfg = replace(cfg, dataset_dir=str(dataset_dir))
+    records = build_dataset(name, cfg, split)
+    return EvalSet(name, split, records, getattr(records, "report", None))
 
 
 __all__ = ["EVAL_SPLITS", "EvalSet", "parse_spec", "resolve_eval_set"]
