@@ -72,13 +72,15 @@ def run(args: argparse.Namespace) -> int:
     from keyseg.io import atomic_write_json
 
     for spec in args.dataset:
-        parse_spec(spec)  # fail fast on a typo, before loading a model
+        parse_spec(spec)  # fail fast on a typo, before opening anything
     if args.limit is not None and args.limit < 0:
         raise KeySegConfigError(f"--limit must be >= 0, got {args.limit}")
     if args.save_overlays < 0:
         raise KeySegConfigError(f"--save-overlays must be >= 0, got {args.save_overlays}")
 
     started = time.perf_counter()
+    # Open every split before loading the model: a missing folder fails in seconds.
+    eval_sets = [resolve_eval_set(spec, args.dataset_dir) for spec in args.dataset]
     accelerator = _accelerator()
     device = accelerator.device if accelerator is not None else _device(args.device)
     dtype = _dtype(args.dtype, device)
@@ -87,8 +89,7 @@ def run(args: argparse.Namespace) -> int:
     is_main = accelerator is None or accelerator.is_main_process
 
     results: dict[str, dict[str, Any]] = {}
-    for spec in args.dataset:
-        eval_set = resolve_eval_set(spec, args.dataset_dir)
+    for eval_set in eval_sets:
         results[eval_set.spec] = {}
         for mode in args.mode:
             stem = f"{eval_set.name}_{eval_set.split}_{mode}".replace("+", "plus")
