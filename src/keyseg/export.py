@@ -1,0 +1,154 @@
+"""Export a trained model as one self-contained directory.
+
+``export_model(SRC, DST, merge_lora=True)`` reads a KeySeg model directory or a training run
+directory (its ``final/`` model, optionally with the ``best/`` or latest checkpoint's
+trainable weights laid over it), optionally folds the LoRA adapters into the language model
+(PEFT ``merge_and_unload``: ``W + alpha/r * B @ A``, so no PEFT is needed to run it), and
+writes with :meth:`KeySegModel.save_pretrained`::
+
+    DST/config.json                        KeySeg config + VLM config + SAM config
+    DST/model-0000i-of-0000n.safetensors   weight shards
+    DST/model.safetensors.index.json       tensor -> shard
+    DST/tokenizer*.json, special_tokens_map.json, preprocessor_config.json,
+    DST/keyseg_processor.json              tokenizer, image processor, KeySeg processor
+    DST/export.json                        where it came from, whether LoRA was merged
+
+``KeySegModel.from_pretrained(DST)`` needs nothing else. Nothing is uploaded anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from keyseg.errors import KeySegCheckpointError
+from keyseg.io import atomic_write_json
+
+EXPORT_FILE = "export.json"
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    source: Path
+    merged_lora: int  # number of LoRA-wrapped layers folded into their base weights
+    num_parameters: int
+    shards: int
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "keyseg_processor.json").is_file()
+
+
+def resolve_source(src: str | os.PathLike, weights: str | None = None) -> tuple[Path, Path | None]:
+    """``(model_dir, trainable_weights_file or None)`` for a model or run directory.
+
+    Args:
+        src: a KeySeg model directory, or a run directory holding ``final/``.
+        weights: for a run directory: ``"best"`` (``best/trainable.safetensors``),
+            ``"latest"`` (the newest ``checkpoints/step-*``), or a path to a
+            ``trainable.safetensors``; None uses ``final/`` as saved.
+    """
+    src = Path(src)
+    if is_model_dir(src):
+        model_dir = src
+    elif is_model_dir(src / "final"):
+        model_dir = src / "final"
+    else:
+        raise KeySegCheckpointError(
+            f"{src}: neither a KeySeg model directory (config.json + keyseg_processor.json) "
+            "nor a run directory with final/ (finish training, or point at a model directory)")
+    if weights is None:
+        return model_dir, None
+    if weights == "best":
+        file = src / "best" / "trainable.safetensors"
+    elif weights == "latest":
+        steps = sorted((src / "checkpoints").glob("step-*/trainable.safetensors"))
+        if not steps:
+            raise KeySegCheckpointError(f"{src / 'checkpoints'}: no step checkpoint")
+        file = steps[-1]
+    else:
+        file = Path(weights)
+    if not file.is_file():
+        raise KeySegCheckpointError(f"{file}: trainable weights not found")
+    return model_dir, file
+
+
+def load_for_export(src: str | os.PathLike, weights: str | None = None,
+                    dtype: torch.dtype | None = None):
+    """The model to export (with any trainable weights laid over it)."""
+    from safetensors.torch import load_file
+
+    from keyseg.model.keyseg import KeySegModel
+
+    model_dir, file = resolve_source(src, weights)
+    model = KeySegModel.from_pretrained(model_dir)
+    if file is not None:
+        try:
+            state = load_file(str(file))
+        except Exception as error:
+            raise KeySegCheckpointError(f"{file}: cannot read ({error})") from error
+        model.load_checkpoint_state(state, source=str(file), strict=False)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model, model_dir
+
+
+def merge_lora(model) -> int:
+    """Fold the LoRA adapters into the base weights (PEFT ``merge_and_unload``) in place.
+
+    Returns the number of merged layers (0 when the model has no adapters)."""
+    vlm = model.backbone.vlm
+    if not hasattr(vlm, "peft_config"):
+        return 0
+    from peft.tuners.lora import LoraLayer
+
+    count = sum(1 for m in vlm.modules() if isinstance(m, LoraLayer))
+    model.backbone.vlm = vlm.merge_and_unload()
+    return count
+
+
+def export_model(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    merge: bool = False,
+    weights: str | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int | None = None,
+) -> ExportResult:
+    """Write a self-contained model directory (see the module docstring).
+
+    Args:
+        src: model directory or run directory.
+        dst: output directory (replaced atomically).
+        merge: fold LoRA into the language model (the result needs no PEFT).
+        weights: ``best`` / ``latest`` / a ``trainable.safetensors`` path (run directories).
+        dtype: cast before writing (after merging, which runs in the loaded dtype).
+        max_shard_bytes: shard size (default 2 GiB).
+    """
+    from keyseg.convert.checkpoint_io import SAFETENSORS_INDEX
+
+    model, model_dir = load_for_export(src, weights)
+    merged = merge_lora(model) if merge else 0
+    if dtype is not None:
+        model = model.to(dtype)
+    dst = Path(dst)
+    if dst.resolve() == model_dir.resolve():
+        raise KeySegCheckpointError(f"{dst}: export destination is the source directory")
+    model.save_pretrained(dst, max_shard_bytes=max_shard_bytes)
+    atomic_write_json(dst / EXPORT_FILE, {
+        "source": str(Path(src).resolve()),
+        "weights": weights,
+        "merged_lora_layers": merged,
+        "lora_in_weights": hasattr(model.backbone.vlm, "peft_config"),
+        "dtype": str(model.dtype).removeprefix("torch."),
+    })
+    import json
+
+    index = json.loads((dst / SAFETENSORS_INDEX).read_text(encoding="utf-8"))
+    return ExportResult(dst, Path(src), merged, sum(p.numel() for p in model.parameters()),
+                        len(set(index["weight_map"].values())))

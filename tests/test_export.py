@@ -1,0 +1,104 @@
+"""``keyseg export``: LoRA merge round trip and self-contained directories."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from keyseg.cli import main as cli_main
+from keyseg.errors import KeySegCheckpointError
+from keyseg.export import export_model
+from keyseg.model.keyseg import KeySegModel
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny LoRA model after a few AdamW steps, saved as a run's final/ model."""
+    from keyseg.model.tiny import build_tiny_model
+
+    model = build_tiny_model(seed=3, lora=True)
+    return model, tmp_path_factory.mktemp("run")
+
+
+def _outputs(model, batch):
+    model.eval()
+    with torch.no_grad():
+        out = model.backbone(batch.input_ids, batch.attention_mask, batch.vision_inputs)
+        masks = model.predict(batch)
+    return out.logits, masks
+
+
+@pytest.mark.slow
+def test_merged_export_reproduces_the_unmerged_model(trained, make_batch):
+    model, run_dir = trained
+    batch = make_batch(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(batch).loss.backward()
+        optimizer.step()
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(float(p.abs().max()) > 0 for p in lora_b)  # LoRA really trained
+    logits, masks = _outputs(model, batch)
+    model.save_pretrained(run_dir / "final")
+
+    dst = run_dir.parent / "exported"
+    assert cli_main(["export", str(run_dir), str(dst), "--merge-lora",
+                     "--max-shard-size", "0.0005"]) == 0
+    # self-contained: move it away from the run and load it with nothing else around
+    moved = run_dir.parent / "elsewhere" / "model"
+    shutil.copytree(dst, moved)
+    shutil.rmtree(dst)
+    index = json.loads((moved / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded
+    meta = json.loads((moved / "config.json").read_text())
+    assert meta["lora_applied"] is False
+    assert json.loads((moved / "export.json").read_text())["merged_lora_layers"] == 4
+
+    loaded = KeySegModel.from_pretrained(moved)
+    assert not hasattr(loaded.backbone.vlm, "peft_config")
+    assert not any("lora_" in n for n in loaded.state_dict())
+    logits2, masks2 = _outputs(loaded, batch)
+    torch.testing.assert_close(logits2, logits, atol=1e-5, rtol=0)
+    for a, b in zip(masks2, masks, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_unmerged_export_keeps_adapters_and_loads(trained, make_batch, tmp_path):
+    model, _ = trained
+    model.save_pretrained(tmp_path / "m")
+    result = export_model(tmp_path / "m", tmp_path / "out")
+    assert result.merged_lora == 0 and result.shards == 1
+    loaded = KeySegModel.from_pretrained(tmp_path / "out")
+    assert hasattr(loaded.backbone.vlm, "peft_config")
+    batch = make_batch(model)
+    for a, b in zip(_outputs(loaded, batch)[1], _outputs(model, batch)[1], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_export_of_a_directory_that_is_no_model_is_a_clear_error(tmp_path):
+    with pytest.raises(KeySegCheckpointError, match="neither a KeySeg model directory"):
+        export_model(tmp_path, tmp_path / "out")
+
+
+def test_single_file_model_directory_still_loads(trained, make_batch, tmp_path):
+    """Directories written before sharding (one model.safetensors) keep loading."""
+    from safetensors.torch import load_file, save_file
+
+    model, _ = trained
+    model.save_pretrained(tmp_path / "m")
+    shards = sorted((tmp_path / "m").glob("model-*.safetensors"))
+    state = {}
+    for shard in shards:
+        state.update(load_file(str(shard)))
+        shard.unlink()
+    (tmp_path / "m" / "model.safetensors.index.json").unlink()
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    loaded = KeySegModel.from_pretrained(tmp_path / "m")
+    batch = make_batch(model)
+    for a, b in zip(_outputs(loaded, batch)[1], _outputs(model, batch)[1], strict=True):
+        torch.testing.assert_close(a, b)
