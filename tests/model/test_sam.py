@@ -141,3 +141,18 @@ def test_postprocess_uses_the_model_image_size(tiny: SamSegmenter) -> None:
 def test_postprocess_empty(tiny: SamSegmenter) -> None:
     out = tiny.postprocess_masks(torch.zeros(0, 64, 64), (256, 171), (300, 200))
     assert out.shape == (0, 300, 200)
+
+
+def test_decode_many_equals_per_image_decode(tiny: SamSegmenter) -> None:
+    torch.manual_seed(3)
+    with torch.no_grad():
+        images = tiny.encode_images(torch.randn(2, 3, tiny.image_size, tiny.image_size))
+        prompts = torch.randn(5, tiny.prompt_dim)
+        index = torch.tensor([0, 1, 1, 0, 1])
+        low, iou = tiny.decode_many(images, index, prompts)
+        for i in range(5):
+            one_low, one_iou = tiny.decode(images[int(index[i])], prompts[i : i + 1])
+            torch.testing.assert_close(low[i], one_low[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(iou[i], one_iou[0], rtol=1e-4, atol=1e-4)
+        empty_low, _ = tiny.decode_many(images, index[:0], prompts[:0])
+        assert empty_low.shape == (0, 4 * tiny.embedding_size, 4 * tiny.embedding_size)

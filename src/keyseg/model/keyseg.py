@@ -248,11 +248,49 @@ class KeySegModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Masks for one row: ``(n_seg, H, W)`` logits, ``(n_seg,)`` IoU scores, and the
         ``(n_key, d)`` ``[KEY]`` embeddings. A row without ``[SEG]`` gives ``n_seg = 0``."""
-        seg, key = self.special_embeddings(input_ids, last_hidden)
-        prompts = self.keyword_fusion(seg, key)
-        low_res, scores = self.sam.decode(image_embedding, prompts)
-        masks = self.sam.postprocess_masks(low_res, resized_size, original_size)
-        return masks, scores, key
+        (result,) = self.decode_rows(
+            input_ids[None], last_hidden[None], image_embedding[None],
+            torch.zeros(1, dtype=torch.long), [resized_size], [original_size],
+        )
+        return result
+
+    def decode_rows(
+        self,
+        input_ids: torch.Tensor,
+        last_hidden: torch.Tensor,
+        image_embeddings: torch.Tensor,
+        image_index: torch.Tensor,
+        resized_sizes: list[tuple[int, int]],
+        original_sizes: list[tuple[int, int]],
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Masks for every row of a batch, with one batched SAM decoder call.
+
+        Args:
+            input_ids: ``(B, L)``; last_hidden: ``(B, L, H)``.
+            image_embeddings: ``(N_img, C, h, w)``; image_index: ``(B,)`` row -> image.
+            resized_sizes, original_sizes: per image.
+
+        Returns:
+            Per row ``(masks (n_seg, H, W) logits, scores (n_seg,), key (n_key, d))``.
+        """
+        prompts, keys = [], []
+        for row in range(input_ids.shape[0]):
+            seg, key = self.special_embeddings(input_ids[row], last_hidden[row])
+            prompts.append(self.keyword_fusion(seg, key))
+            keys.append(key)
+        counts = [p.shape[0] for p in prompts]
+        prompt_image = torch.repeat_interleave(
+            image_index.to(image_embeddings.device),
+            torch.tensor(counts, device=image_embeddings.device),
+        )
+        low_res, scores = self.sam.decode_many(image_embeddings, prompt_image, torch.cat(prompts))
+        results = []
+        for row, (low, score) in enumerate(zip(low_res.split(counts), scores.split(counts),
+                                               strict=True)):
+            image = int(image_index[row])
+            masks = self.sam.postprocess_masks(low, resized_sizes[image], original_sizes[image])
+            results.append((masks, score, keys[row]))
+        return results
 
     def projected_table(self) -> torch.Tensor:
         """The LM input-embedding table ``(V, H)`` through the keyword projection ->
@@ -279,13 +317,10 @@ class KeySegModel(nn.Module):
         pred_masks, key_rows, keyword_ids = [], [], []
         bce = dice = out.logits.new_zeros((), dtype=torch.float32)
         num_masks = sum(int(m.shape[0]) for m in batch.target_masks)
-        for row in range(len(batch)):
+        decoded = self.decode_rows(batch.input_ids, out.last_hidden, image_embeddings,
+                                   batch.image_index, batch.resized_sizes, batch.original_sizes)
+        for row, (masks, _, key) in enumerate(decoded):
             ids = batch.input_ids[row]
-            image = int(batch.image_index[row])
-            masks, _, key = self.masks_from_hidden(
-                ids, out.last_hidden[row], image_embeddings[image],
-                batch.resized_sizes[image], batch.original_sizes[image],
-            )
             target = batch.target_masks[row].to(masks.device)
             if masks.shape[0] != target.shape[0]:
                 raise KeySegInputError(
@@ -328,15 +363,9 @@ class KeySegModel(nn.Module):
         gets an empty ``(0, H, W)`` tensor, not an error."""
         image_embeddings = self.encode_images(batch.sam_pixel_values)
         out = self.backbone(batch.input_ids, batch.attention_mask, batch.vision_inputs)
-        results = []
-        for row in range(len(batch)):
-            image = int(batch.image_index[row])
-            masks, _, _ = self.masks_from_hidden(
-                batch.input_ids[row], out.last_hidden[row], image_embeddings[image],
-                batch.resized_sizes[image], batch.original_sizes[image],
-            )
-            results.append(masks)
-        return results
+        decoded = self.decode_rows(batch.input_ids, out.last_hidden, image_embeddings,
+                                   batch.image_index, batch.resized_sizes, batch.original_sizes)
+        return [masks for masks, _, _ in decoded]
 
     @staticmethod
     def _row_name(batch: Batch, row: int) -> str:
