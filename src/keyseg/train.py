@@ -379,8 +379,11 @@ class MicroBatches(IterableDataset):
         ga = self.cfg.train.grad_accumulation
         self.start, self.stop = start_step * ga, stop_step * ga
         workers = self.cfg.data.num_workers
+        # Own generator: the loader draws a base seed, which must not move the global RNG
+        # (dropout) - otherwise a resumed run diverges from an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.cfg.train.seed)
         return iter(DataLoader(self, batch_size=None, num_workers=workers, collate_fn=_identity,
-                               persistent_workers=False))
+                               generator=generator))
 
 
 # =========================================================================================
@@ -734,8 +737,13 @@ class RunLogger:
 
     def __enter__(self) -> RunLogger:
         if self.main:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))

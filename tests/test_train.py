@@ -1,0 +1,262 @@
+"""keyseg.train on the tiny config and the shapes data (CPU, fp32, seconds per run)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import make_record
+from keyseg.config import load_config
+from keyseg.data.mixture import MixtureSampler
+from keyseg.data.sample import Referent
+from keyseg.errors import KeySegConfigError, KeySegDataError, KeySegError
+from keyseg.train import (
+    WEIGHTS,
+    Hooks,
+    MicroBatches,
+    build_model,
+    list_checkpoints,
+    lr_factor,
+    main,
+    trainable_parameters,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny-test.yaml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP spinning costs ~3x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(output_dir: Path, *overrides: str):
+    return load_config(TINY, [f"train.output_dir={output_dir}", *overrides])
+
+
+# Run A: 2 epochs x 3 steps, a checkpoint every 3 steps, validation each epoch.
+RUN_A = ("train.epochs=2", "train.steps_per_epoch=3", "train.save_every=3", "train.val_limit=2")
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("train") / "a", *RUN_A)
+    return main(cfg)
+
+
+def test_tiny_run_lowers_loss_and_ends_with_checkpoint(run_a):
+    losses = [h["loss"] for h in run_a.history]
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2
+    assert run_a.stopped == "finished" and run_a.state.step == 6
+    last = run_a.last_checkpoint
+    assert last.name == "step-0000006" and list_checkpoints(run_a.run_dir)[-1] == last
+    for name in (WEIGHTS, "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"):
+        assert (last / name).is_file(), name
+    state = json.loads((last / "state.json").read_text())
+    assert state["state"]["step"] == 6 and state["data"]["next_step"] == 6
+    # Run directory: resolved config, environment, logs, validation, export.
+    run_dir = run_a.run_dir
+    assert load_config(run_dir / "config.yaml") == tiny_config(run_dir, *RUN_A)
+    assert json.loads((run_dir / "environment.json").read_text())["device"] == "cpu"
+    assert list((run_dir / "tensorboard").iterdir())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum("val" in r for r in rows) == 2 and sum("loss" in r for r in rows) == 6
+    assert run_a.state.best_giou is not None and (run_dir / "best" / WEIGHTS).is_file()
+    assert (run_dir / "final" / "config.json").is_file()
+
+
+def test_checkpoint_pickles_load_with_weights_only(run_a):
+    last = run_a.last_checkpoint
+    rng = torch.load(last / "rng.pt", weights_only=True)
+    assert isinstance(rng[0]["torch"], torch.Tensor) and "numpy" in rng[0]
+    optimizer = torch.load(last / "optimizer.pt", weights_only=True)
+    assert optimizer["state"]  # AdamW moments exist
+
+
+@pytest.mark.slow  # a fresh interpreter + two partial runs: ~25 s on a loaded 2-core machine
+def test_resume_after_sigkill_matches_uninterrupted_run(run_a, tmp_path):
+    """Run B is SIGKILLed right after its step-3 checkpoint, then resumed to step 6."""
+    script = tmp_path / "killed_run.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys
+        from keyseg.config import load_config
+        from keyseg.train import Hooks, main
+
+        def kill(path, state):
+            if state.step == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        main(load_config(sys.argv[1], sys.argv[2:]), hooks=Hooks(after_checkpoint=kill))
+    """))
+    out = tmp_path / "b"
+    args = [f"train.output_dir={out}", *RUN_A]
+    proc = subprocess.run([sys.executable, str(script), str(TINY), *args],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(out)] == ["step-0000003"]
+
+    resumed = main(tiny_config(out, *RUN_A), resume="latest")
+    assert resumed.state.step == 6 and len(resumed.history) == 3
+    a = load_file(str(run_a.last_checkpoint / WEIGHTS))
+    b = load_file(str(resumed.last_checkpoint / WEIGHTS))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-6
+    assert [h["loss"] for h in resumed.history] == pytest.approx(
+        [h["loss"] for h in run_a.history[3:]], abs=1e-6)
+    assert resumed.state.best_giou == pytest.approx(run_a.state.best_giou)
+
+
+def test_existing_run_needs_resume_flag(run_a):
+    cfg = tiny_config(run_a.run_dir, *RUN_A)
+    with pytest.raises(KeySegConfigError, match="--resume latest"):
+        main(cfg)
+
+
+def test_trainable_set_receives_gradients(tmp_path):
+    from accelerate import Accelerator
+
+    from keyseg.model.trainable import parameter_components
+
+    cfg = tiny_config(tmp_path, "train.gradient_checkpointing=true")
+    model = build_model(cfg, Accelerator(cpu=True))
+    model.train()
+    batches = MicroBatches(_mixture(cfg), model.processor, cfg)
+    model(batches.build(0).batch).loss.backward()
+    owners = parameter_components(model)
+    got: dict[str, bool] = {}
+    for name, param in model.named_parameters():
+        has_grad = param.grad is not None and bool(param.grad.abs().sum() > 0)
+        got[owners[name]] = got.get(owners[name], False) or has_grad
+    learning = ("fusion", "table_projection", "text_hidden_fcs", "sam_mask_decoder", "lora",
+                "lm_head", "embed_tokens")
+    frozen = ("sam_image_encoder", "sam_prompt_encoder", "vision_tower", "mm_projector",
+              "language_model")
+    assert all(got[c] for c in learning), got
+    assert not any(got[c] for c in frozen), got
+    assert {n for n, _ in trainable_parameters(model)} == {
+        n for n, c in owners.items() if c in learning}
+
+
+def _mixture(cfg, datasets=None):
+    from keyseg.data.datasets import build_mixture
+
+    if datasets is None:
+        return build_mixture(cfg.data, seed=cfg.train.seed)
+    return MixtureSampler(datasets, dict.fromkeys(datasets, 1.0), seed=0, max_referents=None)
+
+
+class _Flaky(list):
+    """Records; index 1 fails to load (as an unreadable image would)."""
+
+    def __getitem__(self, index):
+        if index == 1:
+            raise KeySegDataError("broken.jpg: cannot decode image")
+        return super().__getitem__(index)
+
+
+def test_bad_samples_are_skipped_and_counted(tiny_model):
+    good = make_record(seed=1)
+    bad = make_record(seed=2)  # answer with two [SEG] for one mask -> collate error
+    bad.referents = [Referent("x", False, bad.referents[0].masks, keyword="x",
+                              answer="[SEG] and [SEG].")]
+    cfg = tiny_config(Path("unused"), "train.batch_size=4")
+    batches = MicroBatches(_mixture(cfg, {"d": _Flaky([good, bad, good])}),
+                           tiny_model.processor, cfg)
+    seen_bad = seen_rows = 0
+    for index in range(6):
+        micro = batches.build(index)
+        seen_bad += micro.bad_samples
+        seen_rows += len(micro.batch)
+        assert all(sid.startswith("fixture/img1") for sid in micro.batch.sample_ids)
+    assert seen_bad > 0 and seen_rows + seen_bad >= 6 * 4
+
+
+def test_micro_batches_are_a_pure_function_of_position(tmp_path):
+    from keyseg.model.tiny import build_tiny_model
+
+    cfg = tiny_config(tmp_path)
+    model = build_tiny_model(0)
+    first = MicroBatches(_mixture(cfg), model.processor, cfg)
+    again = MicroBatches(_mixture(cfg), model.processor, cfg)
+    a, b = first.build(5).batch, again.build(5).batch
+    assert torch.equal(a.input_ids, b.input_ids) and a.sample_ids == b.sample_ids
+    other = MicroBatches(_mixture(cfg), model.processor, cfg, rank=1, world=2)
+    assert other.build(5).batch.sample_ids != a.sample_ids
+
+
+def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path, monkeypatch):
+    from keyseg.model.keyseg import KeySegModel
+
+    original = KeySegModel.forward
+    calls = {"n": 0}
+
+    def forward(self, batch):
+        out = original(self, batch)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            return dataclasses.replace(out, loss=out.loss * float("nan"))
+        return out
+
+    monkeypatch.setattr(KeySegModel, "forward", forward)
+    stepped = []
+    cfg = tiny_config(tmp_path / "run", "train.epochs=1", "train.steps_per_epoch=3",
+                      "train.validate_every_epoch=false")
+    result = main(cfg, hooks=Hooks(before_optimizer_step=lambda m, s: stepped.append(s.step)))
+    assert result.state.nonfinite_skipped == 1 and result.state.consecutive_nonfinite == 0
+    assert [h["skipped"] for h in result.history] == [0.0, 1.0, 0.0]
+    assert stepped == [0, 2]  # no optimizer step for the second step
+    assert result.state.step == 3
+
+
+def test_consecutive_nonfinite_losses_abort_with_clear_message(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "model.loss.ce_weight=nan",
+                      "train.max_consecutive_nonfinite=2", "train.validate_every_epoch=false")
+    with pytest.raises(KeySegError, match="2 consecutive steps with a non-finite loss"):
+        main(cfg)
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    assert lr_factor(0, 4, 20, "linear") == pytest.approx(0.25)
+    assert lr_factor(3, 4, 20, "linear") == pytest.approx(1.0)
+    assert lr_factor(12, 4, 20, "linear") == pytest.approx(0.5)
+    assert lr_factor(20, 4, 20, "linear") == 0.0
+    assert lr_factor(12, 4, 20, "cosine") == pytest.approx(0.5)
+    assert lr_factor(19, 4, 20, "constant") == 1.0
+
+
+def test_unknown_validation_dataset_is_a_config_error(tmp_path):
+    from keyseg.data.datasets import build_val_records
+
+    cfg = tiny_config(tmp_path, "data.val_dataset=coco:val")
+    with pytest.raises(KeySegConfigError, match=r"data\.val_dataset"):
+        build_val_records(cfg.data)
+    assert build_val_records(tiny_config(tmp_path, "data.val_dataset=none").data) is None
+
+
+def test_cli_train_runs_tiny_config(tmp_path, capsys):
+    from keyseg.cli import main as cli_main
+
+    out = tmp_path / "cli"
+    code = cli_main(["train", "--config", str(TINY), f"train.output_dir={out}",
+                     "train.epochs=1", "train.steps_per_epoch=1",
+                     "train.validate_every_epoch=false"])
+    assert code == 0
+    assert "finished at step 1" in capsys.readouterr().out
+    assert [p.name for p in list_checkpoints(out)] == ["step-0000001"]
