@@ -260,3 +260,14 @@ def test_cli_train_runs_tiny_config(tmp_path, capsys):
     assert code == 0
     assert "finished at step 1" in capsys.readouterr().out
     assert [p.name for p in list_checkpoints(out)] == ["step-0000001"]
+
+
+def test_training_starts_from_a_saved_model_directory(run_a, tmp_path):
+    cfg = tiny_config(tmp_path / "run", f"train.init_from={run_a.run_dir / 'final'}",
+                      "train.lr=0", "train.epochs=1", "train.steps_per_epoch=1",
+                      "train.validate_every_epoch=false")
+    result = main(cfg)
+    start = load_file(str(run_a.last_checkpoint / WEIGHTS))
+    after = load_file(str(result.last_checkpoint / WEIGHTS))
+    assert start.keys() == after.keys()
+    assert all(torch.equal(start[k], after[k]) for k in start)  # lr 0: the loaded weights

@@ -169,6 +169,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     output_dir: str = "runs/keyseg"
+    # A KeySeg model directory (save_pretrained / `keyseg convert lisa`) to start from; its
+    # architecture wins, while model.lora / model.loss / model.trainable come from this config.
+    init_from: str | None = None
     seed: int = 42
     epochs: int = 20
     steps_per_epoch: int = 200

@@ -202,7 +202,13 @@ def build_model(cfg: KeySegConfig, accelerator, run_dir: Path | None = None):
     from keyseg.model.keyseg import KeySegModel
     from keyseg.model.trainable import apply_lora, configure_trainable, format_trainable_table
 
-    model = KeySegModel.from_config(cfg.model)
+    if cfg.train.init_from:
+        model = KeySegModel.from_pretrained(cfg.train.init_from)
+        # Architecture from the directory; what and how to train from this run's config.
+        model.config = dataclasses.replace(model.config, lora=cfg.model.lora,
+                                           loss=cfg.model.loss, trainable=cfg.model.trainable)
+    else:
+        model = KeySegModel.from_config(cfg.model)
     apply_lora(model, cfg.model.lora)
     counts = configure_trainable(model, cfg.model.trainable)  # raises on an empty component
     if accelerator.is_main_process:
