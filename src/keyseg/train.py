@@ -467,12 +467,14 @@ def train_step(accelerator, model, optimizer, scheduler, micro_batches: Iterator
     else:
         grad_norm = torch.linalg.vector_norm(
             torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None]))
+    # DeepSpeed clips inside its engine and returns no norm here.
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    engine_clips = _is_deepspeed(accelerator)
     counts = torch.tensor([nonfinite, rows, tokens, bad], device=accelerator.device)
     counts = accelerator.reduce(counts, "sum") if accelerator.num_processes > 1 else counts
     nonfinite, rows, tokens, bad = (int(v) for v in counts.tolist())
     # fp16: an inf gradient is the GradScaler's business (it skips and lowers the scale).
-    finite_grad = math.isfinite(grad_norm) or train.precision == "fp16"
+    finite_grad = math.isfinite(grad_norm) or train.precision == "fp16" or engine_clips
     if nonfinite or not finite_grad:
         optimizer.zero_grad(set_to_none=True)
         state.nonfinite_skipped += 1
@@ -642,6 +644,11 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
 
     path = Path(run_dir) / CHECKPOINTS / f"{STEP_PREFIX}{state.step:07d}"
     rngs = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
+    sharded = path.parent / f".deepspeed-{path.name}"
+    if _is_deepspeed(accelerator):
+        # ZeRO partitions the optimizer over processes: every process writes its shard.
+        accelerator.save_state(str(sharded))
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         weights = _trainable_state(accelerator.unwrap_model(model))
         mixture = batches.mixture.state_dict()
@@ -656,7 +663,10 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
         }
         with atomic_directory(path) as tmp:
             save_file(weights, str(tmp / WEIGHTS))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if _is_deepspeed(accelerator):
+                shutil.move(str(sharded), tmp / "deepspeed")
+            else:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             if accelerator.scaler is not None:
                 torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
@@ -666,6 +676,10 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return path
+
+
+def _is_deepspeed(accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
 
 
 def _load_torch(path: Path) -> Any:
@@ -708,7 +722,10 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler,
                 raise KeySegCheckpointError(f"{path / WEIGHTS}: {name}: shape "
                                             f"{tuple(tensor.shape)} != {tuple(own[name].shape)}")
             own[name].copy_(tensor)
-    optimizer.load_state_dict(_load_torch(path / "optimizer.pt"))
+    if (path / "deepspeed").is_dir():
+        accelerator.load_state(str(path / "deepspeed"))  # model + sharded optimizer
+    else:
+        optimizer.load_state_dict(_load_torch(path / "optimizer.pt"))
     scheduler.load_state_dict(_load_torch(path / "scheduler.pt"))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(_load_torch(path / "scaler.pt"))
