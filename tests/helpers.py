@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+import torch
 from PIL import Image
 
 from keyseg.data.sample import Referent, SegRecord
+
+if TYPE_CHECKING:
+    from transformers import LogitsProcessorList
+
+    from keyseg.processor import KeySegProcessor
 
 
 def make_record(height: int = 40, width: int = 60, seed: int = 0) -> SegRecord:
@@ -27,3 +35,50 @@ def make_record(height: int = 40, width: int = 60, seed: int = 0) -> SegRecord:
             Referent("both circles", False, second, keyword="circle"),
         ],
     )
+
+
+class ForceScript:
+    """A logits processor forcing the first generated tokens to ``script`` (token ids), so a
+    random tiny model 'answers' what a test wants (e.g. with [SEG]/[KEY]); later tokens are
+    left to the model.
+
+    ``prompt_length`` fixes where the answer starts; when ``None`` it is read at the first step
+    of each ``generate`` call (a call starts when the length is not the previous one plus one),
+    so one instance can be reused across calls. A plain callable (HF only calls it), so that
+    importing ``helpers`` does not import transformers.
+    """
+
+    def __init__(self, script: list[int], prompt_length: int | None = None) -> None:
+        self.script = list(script)
+        self.fixed = prompt_length is not None
+        self.prompt_length = -1 if prompt_length is None else prompt_length
+        self.last = -1
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, L), scores (B, V) -> scores with only the scripted token allowed."""
+        length = input_ids.shape[1]
+        if not self.fixed and length != self.last + 1:
+            self.prompt_length = length
+        self.last = length
+        step = length - self.prompt_length
+        if 0 <= step < len(self.script):
+            scores = torch.full_like(scores, -1e9)
+            scores[:, self.script[step]] = 0.0
+        return scores
+
+
+def forced(script: list[int], prompt_length: int | None = None) -> LogitsProcessorList:
+    """``generate(..., logits_processor=forced(script))``: see :class:`ForceScript`."""
+    from transformers import LogitsProcessorList
+
+    return LogitsProcessorList([ForceScript(script, prompt_length)])
+
+
+def answer_ids(processor: KeySegProcessor, text: str, segs: int = 0,
+               keyword: str | None = None) -> list[int]:
+    """Token ids of ``text`` + ``segs`` x [SEG] (+ [KEY] `` keyword``) + EOS."""
+    ids, tokenizer = processor.ids, processor.tokenizer
+    out = [*tokenizer(text, add_special_tokens=False)["input_ids"], *[ids.seg] * segs]
+    if keyword:
+        out += [ids.key, *tokenizer(f" {keyword}", add_special_tokens=False)["input_ids"]]
+    return [*out, ids.eos]

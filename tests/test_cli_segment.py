@@ -13,36 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList
 
+from helpers import answer_ids, forced
 from keyseg import cli
 from keyseg.pipeline import KeySegPipeline
-
-
-class Script(LogitsProcessor):
-    def __init__(self, script: list[int]) -> None:
-        self.script, self.start = script, None
-
-    def __call__(self, input_ids, scores):
-        if self.start is None:
-            self.start = input_ids.shape[1]
-        step = input_ids.shape[1] - self.start
-        if step < len(self.script):
-            scores = torch.full_like(scores, -1e9)
-            scores[:, self.script[step]] = 0.0
-        return scores
 
 
 class ScriptedPipeline(KeySegPipeline):
     """Answers 'Sure, [SEG] [SEG]. [KEY] spoon' whatever the random weights say."""
 
     def __call__(self, *args, **kwargs):
-        ids, tok = self.processor.ids, self.processor.tokenizer
-        script = [*tok(" Sure,", add_special_tokens=False)["input_ids"], ids.seg, ids.seg,
-                  ids.key, *tok(" spoon", add_special_tokens=False)["input_ids"], ids.eos]
-        kwargs["logits_processor"] = LogitsProcessorList([Script(script)])
+        script = answer_ids(self.processor, " Sure,", segs=2, keyword="spoon")
+        kwargs["logits_processor"] = forced(script)
         return super().__call__(*args, **kwargs)
 
 

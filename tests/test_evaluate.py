@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
-from helpers import make_record
+from helpers import answer_ids, forced, make_record
 from keyseg.cli import main as cli_main
 from keyseg.data.collate import Collator, Conversation, ImageExample
 from keyseg.data.eval_sets import parse_spec, resolve_eval_set
@@ -32,36 +31,6 @@ from keyseg.evaluate import (
 from keyseg.tokens import Turn
 
 SMALL = ShapesConfig(image_size=64, val_size=4, test_size=5)
-
-
-class ForceScript(LogitsProcessor):
-    """Force a fixed answer (token ids) so a random tiny model 'answers' what the test wants."""
-
-    def __init__(self, script: list[int], prompt_length: int) -> None:
-        self.script, self.prompt_length = script, prompt_length
-
-    def __call__(self, input_ids, scores):
-        step = input_ids.shape[1] - self.prompt_length
-        if step < len(self.script):
-            scores = torch.full_like(scores, -1e9)
-            scores[:, self.script[step]] = 0.0
-        return scores
-
-
-class ForceFromPrompt(ForceScript):
-    """Like :class:`ForceScript`; the prompt length is read at the first step of each
-    ``generate`` call (a call starts when the length is not the previous one plus one)."""
-
-    def __init__(self, script: list[int]) -> None:
-        super().__init__(script, prompt_length=-1)
-        self.last = -1
-
-    def __call__(self, input_ids, scores):
-        length = input_ids.shape[1]
-        if length != self.last + 1:
-            self.prompt_length = length
-        self.last = length
-        return super().__call__(input_ids, scores)
 
 
 @pytest.fixture(scope="module")
@@ -198,13 +167,12 @@ def test_corrupt_image_is_skipped_counted_and_the_run_completes(reason_seg_root,
 def test_generated_answer_without_seg_scores_empty_predictions_and_counts_no_seg(
         tiny_model_factory):
     model = tiny_model_factory(seed=2).train()
-    tok, ids = model.processor.tokenizer, model.processor.ids
     record = make_record()  # referents: 1 mask (with an ignore region), 2 masks
-    script = [*tok(" No.", add_special_tokens=False)["input_ids"], ids.eos]
+    script = answer_ids(model.processor, " No.")
     result = run_evaluation(
         model, [record], mode="generate", max_new_tokens=8, progress=False,
         keep_per_sample=True, batch_size=2,
-        generate_kwargs={"logits_processor": LogitsProcessorList([ForceFromPrompt(script)])})
+        generate_kwargs={"logits_processor": forced(script)})
     m = result.metrics
     assert m["no_seg"] == m["samples"] == 2 and m["n"] == 3
     for row, ref in zip(result.per_sample, record.referents, strict=True):
@@ -218,14 +186,14 @@ def test_generated_answer_without_seg_scores_empty_predictions_and_counts_no_seg
 def test_generated_seg_count_mismatch_is_counted_and_missing_targets_score_empty(
         tiny_model_factory):
     model = tiny_model_factory(seed=2)
-    tok, ids = model.processor.tokenizer, model.processor.ids
+    ids = model.processor.ids
     record = make_record()
     second = record.referents[1].masks  # two targets, one [SEG] generated
-    script = [*tok(" It is", add_special_tokens=False)["input_ids"], ids.seg, ids.eos]
+    script = answer_ids(model.processor, " It is", segs=1)
     result = run_evaluation(
         model, [record], mode="generate", max_new_tokens=8, progress=False,
         keep_per_sample=True, batch_size=2,
-        generate_kwargs={"logits_processor": LogitsProcessorList([ForceFromPrompt(script)])})
+        generate_kwargs={"logits_processor": forced(script)})
     assert result.metrics["fewer_seg"] == 1 and result.metrics["no_seg"] == 0
     row = result.per_sample[1]
     assert row["n_pred"] == 1 and row["I"][1] == 0 and row["U"][1] == int(second[1].sum())
@@ -233,7 +201,7 @@ def test_generated_seg_count_mismatch_is_counted_and_missing_targets_score_empty
     script = [ids.seg, ids.seg, ids.seg, ids.eos]
     result = run_evaluation(
         model, [record], mode="generate", max_new_tokens=8, progress=False, batch_size=2,
-        generate_kwargs={"logits_processor": LogitsProcessorList([ForceFromPrompt(script)])})
+        generate_kwargs={"logits_processor": forced(script)})
     assert result.metrics["extra_seg"] == 2 and result.metrics["n"] == 3
 
 

@@ -5,26 +5,11 @@ from __future__ import annotations
 import random
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
-from helpers import make_record
+from helpers import answer_ids, forced, make_record
 from keyseg.batch import Batch
 from keyseg.data.collate import Collator, record_to_example
 from keyseg.generation import generate
-
-
-class ForceScript(LogitsProcessor):
-    """Force a fixed answer (as token ids) so a random tiny model 'answers' with [SEG]/[KEY]."""
-
-    def __init__(self, script: list[int], prompt_length: int) -> None:
-        self.script, self.prompt_length = script, prompt_length
-
-    def __call__(self, input_ids, scores):
-        step = input_ids.shape[1] - self.prompt_length
-        if step < len(self.script):
-            scores = torch.full_like(scores, -1e9)
-            scores[:, self.script[step]] = 0.0
-        return scores
 
 
 def test_generated_masks_equal_teacher_forced_masks(tiny_model_factory):
@@ -33,13 +18,9 @@ def test_generated_masks_equal_teacher_forced_masks(tiny_model_factory):
     example = record_to_example(make_record(height=30, width=50), random.Random(0))
     example.conversations = example.conversations[:1]
     batch = Collator(processor, mode="prompt")([example])
-    ids = processor.ids
-    word = processor.tokenizer(" spoon", add_special_tokens=False)["input_ids"]
-    script = [*processor.tokenizer(" It is", add_special_tokens=False)["input_ids"], ids.seg,
-              ids.key, *word, ids.eos]
+    script = answer_ids(processor, " It is", segs=1, keyword="spoon")
     results = generate(model, batch, max_new_tokens=20,
-                       logits_processor=LogitsProcessorList([ForceScript(script,
-                                                            batch.input_ids.shape[1])]))
+                       logits_processor=forced(script, batch.input_ids.shape[1]))
     (result,) = results
     assert result.output_ids.tolist() == script
     assert "[SEG]" in result.answer and result.keyword == "spoon"
@@ -61,11 +42,9 @@ def test_answer_without_seg_gives_no_masks_and_stops_at_eos(tiny_model_factory):
     processor = model.processor
     example = record_to_example(make_record(), random.Random(0))
     batch = Collator(processor, mode="prompt")([example])
-    script = [*processor.tokenizer(" No.", add_special_tokens=False)["input_ids"],
-              processor.ids.eos]
+    script = answer_ids(processor, " No.")
     results = generate(model, batch, max_new_tokens=10,
-                       logits_processor=LogitsProcessorList([ForceScript(script,
-                                                            batch.input_ids.shape[1])]))
+                       logits_processor=forced(script, batch.input_ids.shape[1]))
     assert len(results) == 2  # two conversations about one image, left-padded together
     for result in results:
         assert result.output_ids.tolist() == script

@@ -6,29 +6,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList
 
+from helpers import answer_ids, forced
 from keyseg import pipeline as pipeline_module
 from keyseg.errors import KeySegError
 from keyseg.pipeline import NO_SEG_MESSAGE, KeySegPipeline, Result
 from keyseg.tokens import Turn
-
-
-class Script(LogitsProcessor):
-    """Force the first generated tokens to ``script`` (prompt length read on the first call),
-    so a random model 'answers' with [SEG]/[KEY]; later tokens are left to greedy."""
-
-    def __init__(self, script: list[int]) -> None:
-        self.script, self.start = script, None
-
-    def __call__(self, input_ids, scores):
-        if self.start is None:
-            self.start = input_ids.shape[1]
-        step = input_ids.shape[1] - self.start
-        if step < len(self.script):
-            scores = torch.full_like(scores, -1e9)
-            scores[:, self.script[step]] = 0.0
-        return scores
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +26,8 @@ def pipe(model):
     return KeySegPipeline(model, max_new_tokens=12)
 
 
-def script_ids(pipe: KeySegPipeline, text: str, segs: int, keyword: str | None) -> list[int]:
-    ids = pipe.processor.ids
-    encode = pipe.processor.tokenizer
-    out = list(encode(text, add_special_tokens=False)["input_ids"]) + [ids.seg] * segs
-    if keyword:
-        out += [ids.key, *encode(f" {keyword}", add_special_tokens=False)["input_ids"]]
-    return [*out, ids.eos]
-
-
-def forced(pipe, text="Sure, they are", segs=1, keyword="spoon"):
-    return LogitsProcessorList([Script(script_ids(pipe, text, segs, keyword))])
+def scripted(pipe, text="Sure, they are", segs=1, keyword="spoon"):
+    return forced(answer_ids(pipe.processor, text, segs, keyword))
 
 
 def image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -62,7 +36,7 @@ def image(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 def test_result_types_and_shapes_with_two_seg_answer(pipe):
     result = pipe(image(30, 50), "What would you use to eat soup?",
-                  logits_processor=forced(pipe, segs=2), return_logits=True)
+                  logits_processor=scripted(pipe, segs=2), return_logits=True)
     assert isinstance(result, Result)
     assert result.answer.count("[SEG]") == 2 and result.keyword == "spoon"
     assert result.masks.dtype == np.bool_ and result.masks.shape == (2, 30, 50)
@@ -82,13 +56,13 @@ def test_masks_have_original_size_for_non_square_inputs_of_every_form(pipe, tmp_
     path = tmp_path / "tall.png"
     Image.fromarray(image(90, 20, seed=1)).save(path)
     inputs = [image(37, 91), Image.fromarray(image(64, 48, seed=2)), str(path)]
-    results = pipe(inputs, ["a", "b", "c"], logits_processor=forced(pipe))
+    results = pipe(inputs, ["a", "b", "c"], logits_processor=scripted(pipe))
     assert [r.masks.shape for r in results] == [(1, 37, 91), (1, 64, 48), (1, 90, 20)]
 
 
 def test_answer_without_seg_gives_empty_mask_list_and_message(pipe):
     result = pipe(image(30, 50), "Is there a dog?",
-                  logits_processor=forced(pipe, text=" No.", segs=0, keyword=None))
+                  logits_processor=scripted(pipe, text=" No.", segs=0, keyword=None))
     assert result.masks.shape == (0, 30, 50) and len(result.masks) == 0
     assert result.scores.shape == (0,) and result.keyword is None
     assert result.keyword_neighbours == [] and result.message == NO_SEG_MESSAGE
@@ -105,8 +79,8 @@ def test_sam_embedding_computed_once_for_two_queries_on_one_image(pipe, model, m
     monkeypatch.setattr(model, "encode_images", counting)
     picture = image(40, 60)
     pipe.set_image(picture)
-    pipe.ask("first question", logits_processor=forced(pipe))
-    pipe.ask("second question", logits_processor=forced(pipe))
+    pipe.ask("first question", logits_processor=scripted(pipe))
+    pipe.ask("second question", logits_processor=scripted(pipe))
     pipe(picture.copy(), "same pixels, new array")  # cache is keyed by content
     assert calls == [1]
     pipe(image(40, 60, seed=9), "another image")
@@ -119,10 +93,10 @@ def test_generation_with_kv_cache_gives_same_tokens_and_masks_as_without(pipe):
     runs = []
     for use_cache in (True, False):
         ids = pipe.processor.ids
-        prefix = [*script_ids(pipe, "It is", 1, None)[:-1], ids.key]
+        prefix = [*answer_ids(pipe.processor, "It is", 1)[:-1], ids.key]
         runs.append(pipe(picture, "what is it", max_new_tokens=10, use_cache=use_cache,
                          return_logits=True,
-                         logits_processor=LogitsProcessorList([Script(prefix)])))
+                         logits_processor=forced(prefix)))
     cached, naive = runs
     assert cached.answer == naive.answer
     assert cached.masks.shape == naive.masks.shape == (1, 30, 50)
@@ -131,8 +105,8 @@ def test_generation_with_kv_cache_gives_same_tokens_and_masks_as_without(pipe):
 
 def test_chat_history_masks_come_from_the_new_answer_only(pipe):
     pipe.set_image(image(30, 50))
-    first = pipe.ask("all the circles", logits_processor=forced(pipe, segs=2))
-    second = pipe.ask("and the largest one?", logits_processor=forced(pipe, segs=1))
+    first = pipe.ask("all the circles", logits_processor=scripted(pipe, segs=2))
+    second = pipe.ask("and the largest one?", logits_processor=scripted(pipe, segs=1))
     assert first.masks.shape[0] == 2 and second.masks.shape[0] == 1
     assert [t.answer for t in pipe.history] == [first.answer, second.answer]
     pipe.set_image(image(30, 50, seed=5))
@@ -142,10 +116,10 @@ def test_chat_history_masks_come_from_the_new_answer_only(pipe):
 def test_history_changes_the_prompt(pipe):
     picture = image(30, 50)
     plain = pipe(picture, "what now?", return_logits=True,
-                 logits_processor=forced(pipe, segs=1, keyword=None))
+                 logits_processor=scripted(pipe, segs=1, keyword=None))
     history = [Turn("Where is the cup? Please output segmentation mask.", "It is [SEG].")]
     follow = pipe(picture, "what now?", history=history, return_logits=True,
-                  logits_processor=forced(pipe, segs=1, keyword=None))
+                  logits_processor=scripted(pipe, segs=1, keyword=None))
     assert not torch.allclose(plain.mask_logits, follow.mask_logits)
 
 
@@ -169,8 +143,8 @@ def test_from_pretrained_without_default_builds_random_model_with_warning(monkey
     loaded = KeySegPipeline.from_pretrained(tmp_path / "ckpt", device="cpu")
     assert capsys.readouterr().err == ""
     picture = image(30, 50)
-    a = KeySegPipeline(model)(picture, "q", return_logits=True, logits_processor=forced(pipe))
-    b = loaded(picture, "q", return_logits=True, logits_processor=forced(loaded))
+    a = KeySegPipeline(model)(picture, "q", return_logits=True, logits_processor=scripted(pipe))
+    b = loaded(picture, "q", return_logits=True, logits_processor=scripted(loaded))
     assert a.answer == b.answer
     torch.testing.assert_close(a.mask_logits, b.mask_logits)
 
