@@ -60,18 +60,21 @@ class Checkpoint:
 
 
 def _weights_only_reason(error: Exception) -> str:
+    """The informative part of torch's long weights-only error, as one line."""
     text = str(error)
     _, found, reason = text.partition("WeightsUnpickler error:")
     reason = " ".join(reason.split()) if found else (text.splitlines() or [""])[0]
-    return reason.split(" Please use ")[0] or "unreadable pickle"
+    reason = reason.split(" Please use ")[0].split(" Check the documentation")[0]
+    return reason or "unreadable pickle"
 
 
-def read_tensor_file(path: Path) -> dict[str, Tensor]:
+def read_tensor_file(path: Path, unwrap: bool = True) -> dict[str, Tensor]:
     """One ``.safetensors`` or pickle file -> ``{name: tensor}`` (CPU).
 
     A pickle is loaded with ``weights_only=True`` (and ``mmap`` when the file is in torch's
-    zip format, so a 7B shard is not copied into memory twice). A ``{"module": state}`` or
-    ``{"state_dict": state}`` wrapper (DeepSpeed / Lightning) is unwrapped.
+    zip format, so a 7B shard is not copied into memory twice). With ``unwrap``, a
+    ``{"module": state}``, ``{"state_dict": state}`` or ``{"model": state}`` wrapper
+    (DeepSpeed / Lightning) is unwrapped; without, such a file is refused (naming the key).
     """
     if not path.is_file():
         raise KeySegCheckpointError(f"{path}: no such checkpoint file")
@@ -99,7 +102,7 @@ def read_tensor_file(path: Path) -> dict[str, Tensor]:
         raise KeySegCheckpointError(
             f"{path}: cannot read checkpoint ({type(error).__name__}: {error})".splitlines()[0]
         ) from error
-    if isinstance(state, Mapping):
+    if unwrap and isinstance(state, Mapping):
         for wrapper in ("module", "state_dict", "model"):
             inner = state.get(wrapper)
             if isinstance(inner, Mapping) and len(state) <= 3:
@@ -112,7 +115,8 @@ def read_tensor_file(path: Path) -> dict[str, Tensor]:
     for name, value in state.items():
         if not isinstance(value, Tensor):
             raise KeySegCheckpointError(
-                f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor"
+                f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor "
+                "(expected a plain name -> tensor state dict)"
             )
     return dict(state)
 

@@ -15,7 +15,6 @@ build a model from an incomplete conversion: no silent ``strict=False``.
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import tempfile
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from keyseg.convert.checkpoint_io import read_tensor_file
 from keyseg.errors import KeySegCheckpointError
 from keyseg.model.sam import SAM_PRESETS, SamSegmenter, sam_config
 
@@ -273,49 +273,6 @@ def convert_sam_state_dict(
     return converted, report
 
 
-def _weights_only_reason(error: Exception) -> str:
-    """The informative part of torch's long weights-only error, as one line."""
-    text = str(error)
-    _, found, reason = text.partition("WeightsUnpickler error:")
-    reason = " ".join(reason.split()) if found else text.splitlines()[0]
-    reason = reason.split(" Please use ")[0].split(" Check the documentation")[0]
-    return reason or "unreadable pickle"
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Read a ``.pth``/``.pt``/``.bin`` (pickle, ``weights_only=True``) or ``.safetensors`` file."""
-    if not path.is_file():
-        raise KeySegCheckpointError(f"{path}: no such checkpoint file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            # weights_only: a checkpoint from the internet must not be able to run code.
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise KeySegCheckpointError(
-            f"{path}: not a plain tensor state dict; torch.load(weights_only=True) refused it "
-            f"({_weights_only_reason(error)})"
-        ) from error
-    except Exception as error:  # torch/safetensors raise many types for a bad file
-        raise KeySegCheckpointError(
-            f"{path}: cannot read checkpoint ({type(error).__name__}: {error})".splitlines()[0]
-        ) from error
-    if not isinstance(state, Mapping):
-        raise KeySegCheckpointError(
-            f"{path}: expected a state dict (name -> tensor), found {type(state).__name__}"
-        )
-    for name, value in state.items():
-        if not isinstance(value, Tensor):
-            raise KeySegCheckpointError(
-                f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor "
-                "(expected a plain segment-anything state dict)"
-            )
-    return dict(state)
-
-
 def infer_sam_preset(src: Mapping[str, Tensor]) -> str | None:
     """The preset whose image-encoder width and depth match an official state dict, if any."""
     patch = src.get("image_encoder.patch_embed.proj.weight")
@@ -345,7 +302,9 @@ def load_official_sam(path: str | os.PathLike[str], preset: str | None = "vit_h"
             match the preset exactly (names the file and the first offending tensor).
     """
     path = Path(path)
-    src = _read_state_dict(path)
+    # weights_only: a checkpoint from the internet must not be able to run code. The official
+    # file is a plain state dict; a wrapped one is refused rather than guessed at.
+    src = read_tensor_file(path, unwrap=False)
     if preset is None:
         preset = infer_sam_preset(src)
         if preset is None:
