@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -141,7 +142,8 @@ def test_convert_writes_json_atomically_and_reader_uses_it(refer_root, monkeypat
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(json, "dump", boom)
+    # Fail after the data went into the temp file: nothing but the inputs may be left.
+    monkeypatch.setattr(os, "fsync", boom)
     with pytest.raises(RuntimeError):
         _converted(refer_root)
     assert sorted(p.name for p in folder.iterdir()) == ["instances.json", "refs(unc).p"]

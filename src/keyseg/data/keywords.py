@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keyseg.data.reason_seg import read_json_text
-from keyseg.data.refer import atomic_write_json
 from keyseg.errors import KeySegDataError
+from keyseg.io import atomic_write_json
 
 if TYPE_CHECKING:  # heavy imports stay inside functions
     import torch
@@ -122,7 +122,7 @@ def load_keyword_file(path: str | Path, require_keyword: bool = True) -> list[Ke
 def save_keyword_file(entries: Iterable[KeywordEntry], path: str | Path) -> Path:
     """Write entries as a keyword file atomically (temp file + ``os.replace``)."""
     path = Path(path)
-    atomic_write_json([asdict(e) for e in entries], path)
+    atomic_write_json(path, [asdict(e) for e in entries], indent=None)
     return path
 
 

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
@@ -41,6 +39,7 @@ import numpy as np
 
 from keyseg.data.sample import Referent, SegRecord
 from keyseg.errors import KeySegDataError
+from keyseg.io import atomic_write_json
 
 #: dataset name -> its splitBy (the refs file used by LISA and KeySeg).
 REFER_DATASETS: dict[str, str] = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
@@ -99,22 +98,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def atomic_write_json(obj: Any, dst: str | Path) -> None:
-    """Write ``obj`` as JSON to ``dst`` via a temp file in the same folder + ``os.replace``."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, ensure_ascii=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def convert_refs_pickle_to_json(src: str | Path, dst: str | Path | None = None) -> Path:
     """Convert a trusted ``refs(<splitBy>).p`` to ``refs(<splitBy>).json`` (atomic write).
 
@@ -125,7 +108,7 @@ def convert_refs_pickle_to_json(src: str | Path, dst: str | Path | None = None) 
     if not src.is_file():
         raise KeySegDataError(f"{src}: refs pickle not found")
     dst = Path(dst) if dst is not None else src.with_suffix(".json")
-    atomic_write_json(_jsonable(_load_refs_pickle(src)), dst)
+    atomic_write_json(dst, _jsonable(_load_refs_pickle(src)), indent=None)
     return dst
 
 
@@ -458,7 +441,6 @@ __all__ = [
     "ReferDataset",
     "ReferReport",
     "annotation_to_mask",
-    "atomic_write_json",
     "convert_refs_pickle_to_json",
     "head_noun",
     "load_refs",

@@ -38,7 +38,6 @@ keyword file, so the real readers can be exercised on it.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from PIL import Image, ImageDraw
 
 from keyseg.data.sample import Referent, SegRecord
 from keyseg.errors import KeySegConfigError
+from keyseg.io import atomic_write_json
 
 Split = Literal["train", "val", "test"]
 SPLIT_CODES: dict[str, int] = {"train": 1, "val": 2, "test": 3}
@@ -1160,7 +1160,7 @@ def export_reason_seg(
             ]
             record.image.convert("RGB").save(out / f"{name}.jpg", quality=95)
             doc = {"shapes": shapes, "text": [ref.text], "is_sentence": ref.is_sentence}
-            _atomic_write_json(out / f"{name}.json", doc)
+            atomic_write_json(out / f"{name}.json", doc, indent=1)
             entries.append(
                 {
                     "query": ref.text,
@@ -1171,15 +1171,7 @@ def export_reason_seg(
                 }
             )
             names.append(name)
-    _atomic_write_json(
-        Path(keyword_file) if keyword_file else out / "keyword_outputs.json", entries
+    atomic_write_json(
+        Path(keyword_file) if keyword_file else out / "keyword_outputs.json", entries, indent=1
     )
     return names
-
-
-def _atomic_write_json(path: Path, obj: object) -> None:
-    """Write JSON via a temporary file and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
