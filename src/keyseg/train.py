@@ -52,6 +52,7 @@ from keyseg.errors import (
     KeySegError,
     KeySegInputError,
 )
+from keyseg.evaluate import run_evaluation
 from keyseg.io import atomic_directory, atomic_write_json
 
 CHECKPOINTS = "checkpoints"
@@ -507,53 +508,16 @@ def train_step(accelerator, model, optimizer, scheduler, micro_batches: Iterator
 
 
 def validate(accelerator, model, records: Sequence[SegRecord], cfg: KeySegConfig) -> dict:
-    """Teacher-forced gIoU / cIoU on ``records`` (``keyseg.evaluate`` when present)."""
+    """Teacher-forced gIoU / cIoU on ``records`` (:func:`keyseg.evaluate.run_evaluation`)."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     try:
-        try:
-            from keyseg.evaluate import run_evaluation
-        except ModuleNotFoundError as error:
-            if error.name != "keyseg.evaluate":
-                raise
-            run_evaluation = _teacher_forced_evaluation
         with accelerator.autocast():
             report = run_evaluation(unwrapped, records, mode="teacher",
                                     limit=cfg.train.val_limit, accelerator=accelerator)
     finally:
         model.train()
     return dict(report.metrics)
-
-
-@dataclass
-class _EvalReport:
-    metrics: dict[str, float]
-
-
-def _teacher_forced_evaluation(model, records: Sequence[SegRecord], mode: str = "teacher",
-                               limit: int | None = None, accelerator=None) -> _EvalReport:
-    """Minimal stand-in for ``keyseg.evaluate.run_evaluation``: masks of the ``[SEG]`` tokens
-    of template answers (teacher-forced), scored with :class:`keyseg.metrics.SegMetrics`."""
-    from keyseg.metrics import SegMetrics
-
-    if mode != "teacher":
-        raise KeySegConfigError(f"fallback evaluation supports mode='teacher' only, not {mode}")
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
-    collator = Collator(model.processor, mode="train")
-    metrics = SegMetrics()
-    count = len(records) if limit is None else min(limit, len(records))
-    for index in range(rank, count, world):
-        try:
-            example = record_to_example(records[index], random.Random(index),
-                                        use_keyword=model.config.use_keyword)
-            batch = collator([example]).to(model.device)
-        except (KeySegDataError, KeySegInputError):
-            continue
-        for logits, target in zip(model.predict(batch), batch.target_masks, strict=True):
-            metrics.update(logits, target)
-    metrics.all_reduce(accelerator)
-    return _EvalReport(metrics=metrics.compute())
 
 
 def track_best(accelerator, model, state: TrainState, scores: dict, run_dir: Path) -> bool:
