@@ -14,7 +14,7 @@ Format (SPEC §1, llava_v1)::
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -187,22 +187,12 @@ def render_conversation(
         ``(text, spans)``: the string and the ``[start, end)`` character spans of every
         assistant answer including its end-of-sequence token (the supervised text).
     """
-    text = system_prompt + " "
-    spans: list[tuple[int, int]] = []
-    for index, turn in enumerate(turns):
-        question = turn.question
-        if index == 0:
-            question = f"{image_token}\n{question}"
-        text += f"USER: {question} ASSISTANT:"
-        if turn.answer is None:
-            if index != len(turns) - 1:
-                raise KeySegInputError("only the last turn of a conversation may lack an answer")
-            break
-        text += " "
-        start = len(text)
-        text += turn.answer + eos_token
-        spans.append((start, len(text)))
-    return text, spans
+    return _render_turns(
+        system_prompt + " ", turns, eos_token,
+        first_question=lambda q: f"{image_token}\n{q}",
+        user=lambda q: f"USER: {q} ASSISTANT:",
+        before_answer=" ",
+    )
 
 
 def render_chatml_conversation(
@@ -220,21 +210,41 @@ def render_chatml_conversation(
     A final turn without an answer ends with ``<|im_start|>assistant\n`` (generation
     prompt). The supervised span of an answer includes its ``eos_token`` (``<|im_end|>``).
     """
-    text = f"<|im_start|>system\n{system_prompt}{eos_token}\n"
+    return _render_turns(
+        f"<|im_start|>system\n{system_prompt}{eos_token}\n", turns, eos_token,
+        first_question=lambda q: f"<|vision_start|>{image_token}<|vision_end|>{q}",
+        user=lambda q: f"<|im_start|>user\n{q}{eos_token}\n<|im_start|>assistant\n",
+        after_answer="\n",
+    )
+
+
+def _render_turns(
+    text: str,
+    turns: Sequence[Turn],
+    eos_token: str,
+    first_question: Callable[[str], str],
+    user: Callable[[str], str],
+    before_answer: str = "",
+    after_answer: str = "",
+) -> tuple[str, list[tuple[int, int]]]:
+    """Append ``turns`` to the header ``text`` (the loop both templates share).
+
+    ``first_question`` adds the image placeholder to the first question, ``user`` renders a
+    question up to the generation prompt; an answer is ``before_answer`` + the supervised
+    span (answer + ``eos_token``) + ``after_answer``. Returns ``(text, spans)``.
+    """
     spans: list[tuple[int, int]] = []
     for index, turn in enumerate(turns):
-        question = turn.question
-        if index == 0:
-            question = f"<|vision_start|>{image_token}<|vision_end|>{question}"
-        text += f"<|im_start|>user\n{question}{eos_token}\n<|im_start|>assistant\n"
+        text += user(first_question(turn.question) if index == 0 else turn.question)
         if turn.answer is None:
             if index != len(turns) - 1:
                 raise KeySegInputError("only the last turn of a conversation may lack an answer")
             break
+        text += before_answer
         start = len(text)
         text += turn.answer + eos_token
         spans.append((start, len(text)))
-        text += "\n"
+        text += after_answer
     return text, spans
 
 
