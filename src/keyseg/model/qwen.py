@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLImageProcessorPil
 
 from keyseg import tokens
@@ -48,18 +47,9 @@ QWEN_PRESETS: dict[str, dict[str, int]] = {
 def build_tiny_qwen_tokenizer(corpus: Iterable[str] | None = None,
                               vocab_size: int = 600) -> PreTrainedTokenizerFast:
     """A byte-level BPE with Qwen's special tokens (no BOS, ``<|im_end|>`` ends a turn)."""
-    from keyseg.model.tiny import _DEFAULT_CORPUS
+    from keyseg.model.tiny import train_byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(QWEN_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(corpus or _DEFAULT_CORPUS), trainer=trainer)
+    tok = train_byte_level_bpe(corpus, vocab_size, QWEN_SPECIAL_TOKENS)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
     )

@@ -36,6 +36,23 @@ _DEFAULT_CORPUS = (
 )
 
 
+def train_byte_level_bpe(corpus: Iterable[str] | None, vocab_size: int,
+                         special_tokens: Iterable[str], unk_token: str | None = None) -> Tokenizer:
+    """A byte-level BPE trained on ``corpus`` (a default one if None): deterministic, offline.
+    Shared by the tiny LLaMA-style and Qwen-style tokenizers."""
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus or _DEFAULT_CORPUS), trainer=trainer)
+    return tok
+
+
 def build_tiny_tokenizer(
     corpus: Iterable[str] | None = None, vocab_size: int = 600
 ) -> PreTrainedTokenizerFast:
@@ -44,16 +61,7 @@ def build_tiny_tokenizer(
     Byte-level BPE decodes exactly, gives character offsets for label masking, and knows
     the LLaMA-style specials ``<s>``, ``</s>``, ``<unk>``, ``<pad>``.
     """
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(BASE_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(corpus or _DEFAULT_CORPUS), trainer=trainer)
+    tok = train_byte_level_bpe(corpus, vocab_size, BASE_SPECIAL_TOKENS, unk_token="<unk>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
