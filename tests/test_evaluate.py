@@ -65,6 +65,11 @@ def test_teacher_answer_feeds_seg_per_target_and_key_even_without_keyword():
     assert teacher_answer(1, None, use_keyword=False) == "[SEG]."
     assert teacher_answer(3, "circle", use_keyword=False) == "[SEG], [SEG] and [SEG]."
     assert teacher_answer(2, "") == "[SEG] and [SEG]. [KEY]"
+    # the dataset's own [SEG] answer is fed when it matches the target count
+    assert teacher_answer(1, "ring", reference="Sure, [SEG].") == "Sure, [SEG]. [KEY] ring"
+    assert teacher_answer(2, None, use_keyword=False, reference="Sure, [SEG].") == (
+        "[SEG] and [SEG].")
+    assert teacher_answer(1, None, use_keyword=False, reference="A spoon.") == "[SEG]."
 
 
 def test_questions_are_lisa_validation_templates_without_randomness():

@@ -77,11 +77,19 @@ def eval_question(referent: Referent) -> str:
     return PHRASE_QUESTION.format(class_name=referent.text.strip().lower())
 
 
-def teacher_answer(num_masks: int, keyword: str | None = None, use_keyword: bool = True) -> str:
+def teacher_answer(num_masks: int, keyword: str | None = None, use_keyword: bool = True,
+                   reference: str | None = None) -> str:
     """The fed answer: ``"[SEG]."`` or ``"[SEG], [SEG] and [SEG]."`` for ``num_masks``
     targets, then ``" [KEY] {keyword}"`` (``" [KEY]"`` when the keyword is unknown) if
-    ``use_keyword``."""
-    if num_masks <= 1:
+    ``use_keyword``.
+
+    ``reference`` is the dataset's own answer: when it holds exactly ``num_masks`` ``[SEG]``
+    (the procedural world's answers do) it is fed instead of the template, since that is the
+    wording the model was trained on; ReasonSeg/refCOCO have no such answer (LISA's protocol).
+    """
+    if reference and reference.count(tokens.SEG_TOKEN) == num_masks:
+        answer = reference
+    elif num_masks <= 1:
         answer = f"{tokens.SEG_TOKEN}."
     else:
         answer = ", ".join([tokens.SEG_TOKEN] * (num_masks - 1)) + f" and {tokens.SEG_TOKEN}."
@@ -383,7 +391,8 @@ def _batches(
             continue
         counts["records"] += 1
         for ref_index, ref in eval_referents(record, all_texts):
-            answer = teacher_answer(int(ref.masks.shape[0]), ref.keyword, use_keyword)
+            answer = teacher_answer(int(ref.masks.shape[0]), ref.keyword, use_keyword,
+                                    reference=ref.answer)
             conv = Conversation(
                 turns=[tokens.Turn(eval_question(ref), answer)],
                 target_masks=ref.masks,
