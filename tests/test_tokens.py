@@ -48,6 +48,18 @@ def test_multi_turn_supervises_every_answer_and_no_question(tokenizer, ids):
     assert "first" not in text and "second" not in text and "USER" not in text
 
 
+def test_first_answer_token_after_the_prompt_is_supervised(tokenizer, ids):
+    """Whatever token follows "ASSISTANT:" (a lone space piece in byte-level BPE) is what
+    generation must produce first, so it must carry a label."""
+    turns = [tokens.Turn("q?", "Sure, [SEG].")]
+    full = tokens.encode_conversation(tokenizer, turns, ids, 4, SYSTEM)
+    prompt = tokens.encode_conversation(tokenizer, [tokens.Turn("q?")], ids, 4, SYSTEM)
+    first = len(prompt.input_ids)
+    assert torch.equal(full.input_ids[:first], prompt.input_ids)
+    assert int(full.labels[first]) == int(full.input_ids[first])
+    assert bool((full.labels[:first] == tokens.IGNORE_INDEX).all())
+
+
 def test_generation_prompt_ends_at_assistant(tokenizer, ids):
     enc = tokens.encode_conversation(tokenizer, [tokens.Turn("q?")], ids, 4, SYSTEM)
     assert tokenizer.decode(enc.input_ids).endswith("ASSISTANT:")

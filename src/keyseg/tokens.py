@@ -230,8 +230,8 @@ def _render_turns(
     """Append ``turns`` to the header ``text`` (the loop both templates share).
 
     ``first_question`` adds the image placeholder to the first question, ``user`` renders a
-    question up to the generation prompt; an answer is ``before_answer`` + the supervised
-    span (answer + ``eos_token``) + ``after_answer``. Returns ``(text, spans)``.
+    question up to the generation prompt; the supervised span of an answer is
+    ``before_answer`` + answer + ``eos_token``, then ``after_answer``. Returns ``(text, spans)``.
     """
     spans: list[tuple[int, int]] = []
     for index, turn in enumerate(turns):
@@ -240,9 +240,10 @@ def _render_turns(
             if index != len(turns) - 1:
                 raise KeySegInputError("only the last turn of a conversation may lack an answer")
             break
-        text += before_answer
+        # The separator before the answer is supervised too: after the generation prompt
+        # the model must produce it (a byte-level BPE may emit it as a token of its own).
         start = len(text)
-        text += turn.answer + eos_token
+        text += before_answer + turn.answer + eos_token
         spans.append((start, len(text)))
         text += after_answer
     return text, spans
