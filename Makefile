@@ -23,14 +23,14 @@ browser:
 
 demo: install
 	$(BIN)/keyseg segment src/keyseg/assets/examples/example.png \
-	  "Which shape could you wear on a finger?" --out outputs/demo
+	  "Which shape is the colour of a lime?" --out outputs/demo
 
 test: install browser
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache outputs
