@@ -52,3 +52,15 @@ def test_wrong_types_are_rejected(override, fragment):
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(KeySegConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_shapes_settings_defaults_match_the_generator():
+    """config.ShapesSettings mirrors keyseg.data.shapes.ShapesConfig; keep them in step."""
+    import dataclasses
+
+    from keyseg.config import ShapesSettings
+    from keyseg.data.shapes import ShapesConfig
+
+    generator = ShapesConfig()
+    for field in dataclasses.fields(ShapesSettings):
+        assert getattr(ShapesSettings(), field.name) == getattr(generator, field.name), field.name

@@ -320,8 +320,7 @@ def load_official_sam(path: str | os.PathLike[str], preset: str | None = "vit_h"
         raise KeySegCheckpointError(f"{path}: {report.first_problem()} [preset {preset!r}]")
     segmenter.sam.load_state_dict(converted, strict=True, assign=True)
     # assign=True installs two Parameters for the tied pair; restore the single shared one.
-    shared = segmenter.sam.shared_image_embedding.positional_embedding
-    segmenter.sam.prompt_encoder.shared_embedding.positional_embedding = shared
+    segmenter.tie_positional_encoding()
     return segmenter
 
 

@@ -178,6 +178,7 @@ class KeySegModel(nn.Module):
                 apply_lora(model, config.lora)
         weights = load_weights_dir(directory)
         model.load_checkpoint_state(weights.tensors, source=str(weights.source))
+        model.sam.tie_positional_encoding()
         return model.to(dtype) if dtype is not None else model
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor], source: str,

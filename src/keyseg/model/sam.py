@@ -238,6 +238,15 @@ class SamSegmenter(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return self.sam.mask_decoder.iou_token.weight.dtype
 
+    def tie_positional_encoding(self) -> None:
+        """Make the prompt encoder share the image-wide random-Fourier matrix again.
+
+        ``SamModel`` ties the two; loaders that build without init (meta device, ``assign``)
+        end up with two separate copies, which would then train apart.
+        """
+        shared = self.sam.shared_image_embedding.positional_embedding
+        self.sam.prompt_encoder.shared_embedding.positional_embedding = shared
+
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """Run the image encoder.
 
