@@ -156,7 +156,8 @@ class DataConfig:
     sample_rates: tuple[float, ...] = (9.0, 3.0)
     refer_seg_data: str = "refcoco||refcoco+||refcocog"
     reason_seg_split: str = "train"
-    keyword_file: str | None = "reason_seg/explanatory_key/keyword_outputs.json"
+    # "auto": the first keyword_outputs.json found in the usual places; null: none.
+    keyword_file: str | None = "auto"
     refer_keyword: Literal["sentence", "head-noun"] = "sentence"
     max_referents_per_image: int = 3
     explanatory: float = 1.0

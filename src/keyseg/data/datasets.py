@@ -68,10 +68,13 @@ def shapes_config(cfg: DataConfig):
 
 
 def _keyword_file(cfg: DataConfig) -> Path | bool | None:
-    """The configured keyword file (relative to ``dataset_dir``); ``None`` lets the reader
-    search its usual places when the configured one is absent."""
+    """What the ReasonSeg reader gets: ``False`` (no keywords) for ``keyword_file: null``,
+    ``None`` (the reader searches its usual places) for ``"auto"`` or a configured file that
+    is absent (with a warning), else the configured path (relative to ``dataset_dir``)."""
     if cfg.keyword_file is None:
         return False
+    if cfg.keyword_file == "auto":
+        return None
     path = Path(cfg.keyword_file)
     if not path.is_absolute():
         path = Path(cfg.dataset_dir) / path
