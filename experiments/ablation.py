@@ -6,8 +6,11 @@ train the tiny-shapes model for a fixed budget, then score it on the shapes *tes
 to ``--out/results.json`` as each run finishes (re-running skips finished runs), and
 ``--report`` renders the table (``docs/RESULTS.md``) and a validation-curve plot.
 
-    OMP_NUM_THREADS=1 python experiments/ablation.py --steps 250 --seeds 0 1 2 \
+    OMP_NUM_THREADS=1 python experiments/ablation.py --steps 800 --seeds 0 1 2 \
         --out runs/ablation --report docs/RESULTS.md
+
+Several processes may share one ``--out`` (e.g. ``--seeds 0 1`` and ``--seeds 2`` on two
+cores); results are merged under a file lock, and ``--report`` alone re-renders the table.
 
 Budget note: every run here is short (a few thousand samples on one CPU core); the numbers
 compare variants under equal budgets, they are not the shipped model's.
@@ -16,6 +19,8 @@ compare variants under equal budgets, they are not the shipped model's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import fcntl
 import json
 import math
 import statistics
@@ -56,7 +61,11 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
     cfg = load_config(args.config, overrides)
     train_main(cfg)
     model = KeySegModel.from_pretrained(run_dir / "final").eval()
-    test = resolve_eval_set("shapes:test", cfg.data.dataset_dir, cfg.data).records
+    # The standard test split (one query per image, as `keyseg eval` reads it), whatever the
+    # training config asks of the training data.
+    test_data = dataclasses.replace(
+        cfg.data, shapes=dataclasses.replace(cfg.data.shapes, queries_per_image=1))
+    test = resolve_eval_set("shapes:test", cfg.data.dataset_dir, test_data).records
     result = {"variant": variant, "seed": seed, "steps": steps_per_epoch * args.validations}
     for mode in MODES:
         report = run_evaluation(model, test, mode=mode, limit=args.test_limit, progress=False)
@@ -68,6 +77,23 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
             curve.append((row["step"], row["val"]["giou"]))
     result["val_curve"] = curve
     return result
+
+
+def read_results(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def add_result(path: Path, result: dict) -> list[dict]:
+    """Append ``result`` to the results file under a lock, so that several processes (e.g.
+    one per seed, one per CPU core) can share one ``--out``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = [r for r in read_results(path)
+                   if (r["variant"], r["seed"]) != (result["variant"], result["seed"])]
+        results.append(result)
+        atomic_write_json(path, results)
+    return results
 
 
 def mean_std(values: list[float]) -> str:
@@ -149,16 +175,16 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     results_file = out / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else []
+    results = read_results(results_file)
     done = {(r["variant"], r["seed"]) for r in results}
     for seed in args.seeds:
         for variant in args.variants:
             if (variant, seed) in done:
                 continue
-            results.append(run_one(variant, seed, args))
-            atomic_write_json(results_file, results)
-            print(json.dumps({k: results[-1][k] for k in ("variant", "seed", "steps")}),
-                  {m: round(results[-1][m]["giou"], 3) for m in MODES}, flush=True)
+            result = run_one(variant, seed, args)
+            results = add_result(results_file, result)
+            print(json.dumps({k: result[k] for k in ("variant", "seed", "steps")}),
+                  {m: round(result[m]["giou"], 3) for m in MODES}, flush=True)
     if args.report:
         report = Path(args.report)
         render_report(results, report, report.parent / "results_val_giou.png")
