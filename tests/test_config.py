@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from keyseg.config import KeySegConfig, load_config, save_config, to_dict
@@ -64,3 +66,19 @@ def test_shapes_settings_defaults_match_the_generator():
     generator = ShapesConfig()
     for field in dataclasses.fields(ShapesSettings):
         assert getattr(ShapesSettings(), field.name) == getattr(generator, field.name), field.name
+
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load_strictly(path, tmp_path):
+    """Every config in configs/ parses with unknown keys rejected and survives a round trip."""
+    cfg = load_config(path)
+    save_config(cfg, tmp_path / "again.yaml")
+    assert load_config(tmp_path / "again.yaml") == cfg
+
+
+def test_shipped_configs_exist():
+    assert {"keyseg-7b.yaml", "tiny-shapes.yaml", "tiny-test.yaml"} <= {p.name for p in CONFIGS}
