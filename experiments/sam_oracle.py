@@ -75,12 +75,20 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=12000)
     parser.add_argument("--val-samples", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--positional-std", type=float, default=None,
+                        help="re-draw SAM's random-Fourier positional matrix with this std "
+                             "(segment-anything: 1.0; transformers' init: encoder width / 2)")
     parser.add_argument("--out", default=None, help="JSON result file")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     vocab = {keyword: i for i, keyword in enumerate(sorted(KEYWORD_VOCAB))}
     sam = SamSegmenter.from_preset(args.preset, prompt_dim=args.prompt_dim)
+    if args.positional_std is not None:
+        torch.nn.init.normal_(sam.sam.shared_image_embedding.positional_embedding,
+                              std=args.positional_std)
+        sam.tie_positional_encoding()
+    positional_std = float(sam.sam.shared_image_embedding.positional_embedding.std())
     concepts = torch.nn.Embedding(len(vocab), sam.prompt_dim)
     train = concept_samples("train", args.train_samples, sam.image_size, vocab)
     val = concept_samples("val", args.val_samples, sam.image_size, vocab)
@@ -119,6 +127,7 @@ def main() -> None:
     result = {
         "preset": args.preset, "sam_image_size": sam.image_size, "steps": args.steps,
         "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        "positional_std": positional_std,
         "val": overall.compute(),
         "by_difficulty": {d: m.compute() for d, m in sorted(by_difficulty.items())},
         "seconds_per_step": train_seconds / args.steps,
