@@ -210,6 +210,23 @@ def test_generated_seg_count_mismatch_is_counted_and_missing_targets_score_empty
     assert result.metrics["extra_seg"] == 2 and result.metrics["n"] == 3
 
 
+def test_keyword_accuracy_counts_decoded_keywords_equal_to_the_referents(tiny_model_factory):
+    """The record's referents have keywords "spoon" and "circle": an answer whose [KEY] decodes
+    to " Spoon " is right for the first only; teacher mode reports no keyword accuracy."""
+    model = tiny_model_factory(seed=2)
+    record = make_record()
+    script = answer_ids(model.processor, " It is", segs=1, keyword="Spoon")
+    result = run_evaluation(
+        model, [record], mode="generate", max_new_tokens=12, progress=False,
+        keep_per_sample=True, batch_size=2,
+        generate_kwargs={"logits_processor": forced(script)})
+    assert [row["keyword"].strip().lower() for row in result.per_sample] == ["spoon", "spoon"]
+    assert result.metrics["keyword_scored"] == 2
+    assert result.metrics["keyword_accuracy"] == 0.5
+    teacher = run_evaluation(model, [record], progress=False, batch_size=2)
+    assert "keyword_accuracy" not in teacher.metrics
+
+
 def test_per_difficulty_breakdown_sums_to_the_whole(tiny_model_factory):
     result = run_evaluation(tiny_model_factory(seed=0), ShapesDataset("test", SMALL), limit=2,
                             progress=False, batch_size=2)

@@ -158,7 +158,9 @@ class EvalResult:
             ``extra_seg`` (generated answers with no / too few / too many ``[SEG]``),
             ``intersection`` / ``union`` / ``sum_iou`` (the exact totals), and
             ``by_difficulty`` ``{label: {giou, ciou, n}}`` when records carry
-            ``Referent.difficulty``.
+            ``Referent.difficulty``; in ``generate`` mode, when referents have keywords,
+            ``keyword_accuracy`` (decoded ``[KEY]`` keyword equals the referent's, up to case
+            and white space) over ``keyword_scored`` conversations.
         per_sample: the JSONL lines as dicts when ``keep_per_sample`` (this process only).
         skipped_messages: the first error messages of skipped records.
         overlays: ``worst`` and ``best`` :class:`OverlayCandidate` lists (``keep_overlays``).
@@ -338,6 +340,10 @@ def run_evaluation(
         "extra_seg": counts["extra_seg"],
         **{k: v for k, v in metrics.state_dict().items() if k != "n"},
     })
+    if counts["keyword_scored"]:
+        # Generate mode only: how often the decoded [KEY] keyword is the referent's keyword.
+        result["keyword_scored"] = counts["keyword_scored"]
+        result["keyword_accuracy"] = counts["keyword_correct"] / counts["keyword_scored"]
     if by_difficulty:
         result["by_difficulty"] = {k: by_difficulty[k].compute() for k in sorted(by_difficulty)}
     return EvalResult(metrics=result, per_sample=per_sample, skipped_messages=skipped_messages,
@@ -477,6 +483,10 @@ def _score(
             counts["fewer_seg"] += 1
         elif n_pred > k:
             counts["extra_seg"] += 1
+        target_keyword = item.referent.keyword
+        if target_keyword and target_keyword.strip():
+            counts["keyword_scored"] += 1
+            counts["keyword_correct"] += int(same_keyword(keyword, target_keyword))
     score = sum(iou_score(i, u) for i, u in pairs) / len(pairs)
     if heaps.wants(score):
         heaps.push(OverlayCandidate(
@@ -509,7 +519,14 @@ def _score(
 # --------------------------------------------------------------------------- reduction
 
 
-_COUNT_KEYS = ("samples", "records", "skipped", "no_seg", "fewer_seg", "extra_seg")
+_COUNT_KEYS = ("samples", "records", "skipped", "no_seg", "fewer_seg", "extra_seg",
+               "keyword_scored", "keyword_correct")
+
+
+def same_keyword(decoded: str | None, target: str) -> bool:
+    """A generated keyword matches its target up to case and white space."""
+    return decoded is not None and " ".join(decoded.lower().split()) == " ".join(
+        target.lower().split())
 
 
 def _reduce_counts(counts: Counter, accelerator: Any | None) -> Counter:
@@ -639,11 +656,15 @@ def _erode(mask: np.ndarray) -> np.ndarray:
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-    """One line: ``gIoU 0.4123  cIoU 0.3981  (n=200 masks, 200 samples, 0 skipped, 3 no [SEG])``."""
+    """One line: ``gIoU 0.4123  cIoU 0.3981  (n=200 masks, 200 samples, 0 skipped, 3 no [SEG])``,
+    plus ``keyword acc 0.812`` when the metrics have it (generate mode)."""
     giou, ciou = metrics.get("giou", math.nan), metrics.get("ciou", math.nan)
-    return (f"gIoU {giou:.4f}  cIoU {ciou:.4f}  (n={metrics.get('n', 0)} masks, "
+    line = (f"gIoU {giou:.4f}  cIoU {ciou:.4f}  (n={metrics.get('n', 0)} masks, "
             f"{metrics.get('samples', 0)} samples, {metrics.get('skipped', 0)} skipped, "
             f"{metrics.get('no_seg', 0)} no [SEG])")
+    if "keyword_accuracy" in metrics:
+        line += f"  keyword acc {metrics['keyword_accuracy']:.3f}"
+    return line
 
 
 __all__ = [
