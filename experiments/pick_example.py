@@ -7,6 +7,7 @@ call, and writes the first sample it segments with IoU >= ``--min-iou`` to
 ``tests/test_default_model.py`` re-checks that IoU on every CI run.
 
     python experiments/pick_example.py --checkpoint src/keyseg/assets/default_model
+    python experiments/pick_example.py --checkpoint ... --index 68   # re-measure the current one
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ def main() -> None:
     parser.add_argument("--min-iou", type=float, default=0.8)
     parser.add_argument("--difficulty", default="indirect")
     parser.add_argument("--search", type=int, default=200, help="test records to try")
+    parser.add_argument("--index", type=int, default=None,
+                        help="re-measure this test record only (keeps README's query when a "
+                             "new model is shipped)")
     args = parser.parse_args()
     pipe = KeySegPipeline.from_pretrained(args.checkpoint)
     test = ShapesDataset("test", ShapesConfig())
-    for index in range(min(args.search, len(test))):
+    indices = [args.index] if args.index is not None else range(min(args.search, len(test)))
+    for index in indices:
         record = test[index]
         ref = record.referents[0]
         if ref.difficulty != args.difficulty or ref.masks.shape[0] != 1 or not ref.masks.any():

@@ -88,7 +88,7 @@ def main() -> None:
         torch.nn.init.normal_(sam.sam.shared_image_embedding.positional_embedding,
                               std=args.positional_std)
         sam.tie_positional_encoding()
-    positional_std = float(sam.sam.shared_image_embedding.positional_embedding.std())
+    positional_std = float(sam.sam.shared_image_embedding.positional_embedding.detach().std())
     concepts = torch.nn.Embedding(len(vocab), sam.prompt_dim)
     train = concept_samples("train", args.train_samples, sam.image_size, vocab)
     val = concept_samples("val", args.val_samples, sam.image_size, vocab)
