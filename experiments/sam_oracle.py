@@ -5,9 +5,9 @@ that means "green"; SAM then has to find the green pixels. This script removes t
 side: every single-target referent of the shapes world is prompted with a learned embedding
 of its keyword (``"green"``, ``"triangle"``, ``"red star"``: one row per entry of
 :data:`keyseg.data.shapes.KEYWORD_VOCAB`), and a SAM preset is trained from scratch with the
-reference BCE + Dice losses. Its validation gIoU is an upper bound on what the full model can
-reach with the same SAM and the same number of mask-supervised steps, so it tells whether a
-slow run is limited by the mask side or by the language side.
+reference BCE + Dice losses. Its validation gIoU is a rough upper bound on what the full model
+reaches with the same SAM and a similar number of masks seen, so it tells whether a slow run
+is limited by the mask side or by the language side.
 
     OMP_NUM_THREADS=1 python experiments/sam_oracle.py --preset shapes --steps 2000 \
         --out runs/sam_oracle/shapes.json

@@ -68,7 +68,6 @@ def test_shapes_settings_defaults_match_the_generator():
         assert getattr(ShapesSettings(), field.name) == getattr(generator, field.name), field.name
 
 
-
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 

@@ -11,7 +11,11 @@ from keyseg.io import atomic_directory, atomic_write_json
 
 
 @pytest.fixture
-def umask_022():
+def umask_022(monkeypatch):
+    """The process umask as 022 (keyseg.io reads it once, at import)."""
+    import keyseg.io
+
+    monkeypatch.setattr(keyseg.io, "_UMASK", 0o022)
     previous = os.umask(0o022)
     yield
     os.umask(previous)

@@ -12,16 +12,21 @@ from pathlib import Path
 from typing import Any
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; done once at import, not per write, because
+    # the brief umask(0) would apply to files other threads (the demo's) create meanwhile.
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def _default_mode(directory: bool) -> int:
     """The mode ``open``/``mkdir`` would give: mkstemp/mkdtemp make private (0600/0700)
     entries, which would hide checkpoints from the other users of a shared cluster."""
-    return (0o777 if directory else 0o666) & ~_umask()
+    return (0o777 if directory else 0o666) & ~_UMASK
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
