@@ -56,9 +56,11 @@ class BackboneConfig:
     # LLaVA's image->text projector: "mlp2x_gelu" (HF LLaVA-1.5) or "linear" (LLaVA-v1 /
     # LISA-7B-v1: one Linear(vision_hidden, text_hidden)).
     projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    # LLaVA's llava_v1 template as LISA and the KeySeg reference run it ("human", not the
+    # "user" of the LLaVA paper's text): imported checkpoints were trained on exactly this.
     system_prompt: str = (
-        "A chat between a curious user and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the user's questions."
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."
     )
 
 

@@ -221,7 +221,7 @@ def test_converted_lisa_reproduces_llava_v1_format_and_saves(tmp_path):
     encoded = model.processor.encode([tokens.Turn("What is it?", "It is [SEG].")])
     text = model.processor.tokenizer.decode(encoded.input_ids)
     assert "USER: <im_start>" + "<image>" * 16 + "<im_end>\nWhat is it? ASSISTANT:" in text
-    assert text.startswith("<s>A chat between a curious user")
+    assert text.startswith("<s>A chat between a curious human")
     record = make_record()
     batch = Collator(model.processor)([record_to_example(record, random.Random(0))])
     masks = model.predict(batch)
