@@ -66,7 +66,6 @@ def build_7b(device: torch.device, dtype: torch.dtype, vlm_layers: int, vision_l
     )
 
     from keyseg.config import ModelConfig
-    from keyseg.model.backbone import VisionLanguageBackbone
     from keyseg.model.keyseg import KeySegModel
     from keyseg.model.sam import SamSegmenter
     from keyseg.model.tiny import build_tiny_tokenizer, tiny_image_processor
@@ -93,7 +92,7 @@ def build_7b(device: torch.device, dtype: torch.dtype, vlm_layers: int, vision_l
             sam = SamSegmenter.from_preset(sam_preset, prompt_dim=config.fusion.dim)
             processor = KeySegProcessor(tokenizer, tiny_image_processor(224), config.backbone,
                                         num_image_tokens=256, sam_image_size=sam.image_size)
-            model = KeySegModel(config, VisionLanguageBackbone(vlm), sam, processor)
+            model = KeySegModel.from_parts(config, vlm, sam, processor)
     finally:
         torch.set_default_dtype(previous)
     return model.to(device=device, dtype=dtype).eval()

@@ -39,7 +39,7 @@ def build_7b(cfg, llm_layers: int, vision_layers: int, sam_preset: str, vocab: i
         LlavaForConditionalGeneration,
     )
 
-    from keyseg.model.backbone import VisionLanguageBackbone, apply_projector, num_image_tokens
+    from keyseg.model.backbone import apply_projector, num_image_tokens
     from keyseg.model.keyseg import KeySegModel
     from keyseg.model.sam import SamSegmenter
     from keyseg.model.tiny import build_tiny_tokenizer
@@ -65,7 +65,7 @@ def build_7b(cfg, llm_layers: int, vision_layers: int, sam_preset: str, vocab: i
         cfg.model.backbone, num_image_tokens=num_image_tokens(vlm.config),
         sam_image_size=sam.image_size)
     # The tiny tokenizer's ids all lie below the 7B vocabulary: no embedding resize needed.
-    return KeySegModel(cfg.model, VisionLanguageBackbone(vlm), sam, processor)
+    return KeySegModel.from_parts(cfg.model, vlm, sam, processor)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -27,7 +27,7 @@ def make_batch():
     def build(model, mode: str = "train", seed: int = 0, records=None):
         records = records or [make_record(seed=seed)]
         examples: list[ImageExample] = [
-            record_to_example(r, random.Random(seed), use_keyword=model.config.use_keyword)
+            record_to_example(r, random.Random(seed), use_keyword=model.settings.use_keyword)
             for r in records
         ]
         return Collator(model.processor, mode=mode)(examples)

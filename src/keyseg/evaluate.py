@@ -278,7 +278,7 @@ def run_evaluation(
     skipped_messages: list[str] = []
     heaps = _BoundedHeaps(keep_overlays)
     per_sample: list[dict] | None = [] if keep_per_sample else None
-    use_keyword = bool(model.config.use_keyword)
+    use_keyword = bool(model.settings.use_keyword)
     collator = Collator(model.processor, mode="train" if mode == "teacher" else "prompt")
 
     jsonl_final = Path(jsonl_path) if jsonl_path is not None else None
@@ -433,7 +433,7 @@ def _infer(model, batch, items: list[_Item], mode: str, max_new_tokens: int,
     """Per row: ``(masks (n, H, W) logits, answer, keyword)``."""
     if mode == "teacher":
         masks = model.predict(batch)
-        return [(m, item.fed_answer, item.referent.keyword if model.config.use_keyword else None)
+        return [(m, item.fed_answer, item.referent.keyword if model.settings.use_keyword else None)
                 for m, item in zip(masks, items, strict=True)]
     from keyseg.generation import generate
 

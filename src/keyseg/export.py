@@ -130,8 +130,6 @@ def export_model(
         dtype: cast before writing (after merging, which runs in the loaded dtype).
         max_shard_bytes: shard size (default 2 GiB).
     """
-    from keyseg.convert.checkpoint_io import SAFETENSORS_INDEX
-
     model, model_dir = load_for_export(src, weights)
     merged = merge_lora(model) if merge else 0
     if dtype is not None:
@@ -147,8 +145,18 @@ def export_model(
         "lora_in_weights": hasattr(model.backbone.vlm, "peft_config"),
         "dtype": str(model.dtype).removeprefix("torch."),
     })
+    return ExportResult(dst, Path(src), merged, sum(p.numel() for p in model.parameters()),
+                        count_shards(dst))
+
+
+def count_shards(directory: Path) -> int:
+    """Weight files of a saved directory: the index's shards, or 1 for one
+    ``model.safetensors`` (what transformers writes when everything fits one shard)."""
     import json
 
-    index = json.loads((dst / SAFETENSORS_INDEX).read_text(encoding="utf-8"))
-    return ExportResult(dst, Path(src), merged, sum(p.numel() for p in model.parameters()),
-                        len(set(index["weight_map"].values())))
+    from keyseg.convert.checkpoint_io import SAFETENSORS_INDEX
+
+    index = directory / SAFETENSORS_INDEX
+    if not index.is_file():
+        return 1
+    return len(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))

@@ -113,7 +113,7 @@ def generate(
         masks, scores, key = model.masks_from_hidden(
             sequence[start:], hidden[start : sequence.shape[0]], image_embeddings[image],
             batch.resized_sizes[image], batch.original_sizes[image],
-            keys=model.config.fusion.generation_keys,
+            keys=model.settings.fusion.generation_keys,
         )
         results.append(
             GenerationResult(
@@ -130,7 +130,7 @@ def generate(
 
 def _needs_last_state(model, sequence: torch.Tensor) -> bool:
     """True when ``hidden_state="at"`` and the last token is ``[SEG]``/``[KEY]``."""
-    if model.config.backbone.hidden_state != "at":
+    if model.settings.backbone.hidden_state != "at":
         return False
     return int(sequence[-1]) in (model.processor.ids.seg, model.processor.ids.key)
 

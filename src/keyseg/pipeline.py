@@ -32,7 +32,7 @@ from PIL import Image
 from keyseg import tokens
 from keyseg.batch import Batch
 from keyseg.data.images import DEFAULT_MAX_PIXELS, as_rgb_image, load_image
-from keyseg.errors import KeySegCheckpointError, KeySegConfigError, KeySegError, KeySegInputError
+from keyseg.errors import KeySegConfigError, KeySegError, KeySegInputError
 from keyseg.processor import PreparedImage
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
@@ -211,10 +211,12 @@ class KeySegPipeline:
         load_in: Literal["4bit", "8bit"] | None = None,
         **pipeline_kwargs: Any,
     ) -> KeySegPipeline:
-        """Load a ``save_pretrained`` directory (no network).
+        """Load a ``save_pretrained`` directory or a Hub id (``org/name``, from the HF cache
+        when offline).
 
         Args:
-            path: the model directory; None or ``"default"`` -> :func:`default_checkpoint`,
+            path: the model directory or Hub id; None or ``"default"`` ->
+                :func:`default_checkpoint`,
                 and while no default is installed, the random tiny model (with a warning).
             device: default CUDA > MPS > CPU.
             dtype: default bf16 on CUDA, fp32 elsewhere.
@@ -235,9 +237,10 @@ class KeySegPipeline:
         else:
             from keyseg.model.keyseg import KeySegModel
 
-            if not Path(path).is_dir():
-                raise KeySegCheckpointError(f"{path}: model directory not found")
-            model = KeySegModel.from_pretrained(path)
+            # Built on the meta device and loaded straight in the target dtype (and onto the
+            # accelerator): host memory stays about the size of the weights.
+            placement = {"device_map": str(target)} if target.type != "cpu" else {}
+            model = KeySegModel.from_pretrained(path, dtype=precision, **placement)
         model = model.to(dtype=precision)
         if load_in is not None:
             _quantize_language_model(model, load_in, precision)

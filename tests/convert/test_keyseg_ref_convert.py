@@ -143,7 +143,7 @@ def test_reference_fusion_with_an_inner_width_other_than_its_width(tmp_path):
     write_weights(src, state, "safetensors", 1)
     model, report = convert_keyseg_ref(src)
     assert report.ok, report.summary()
-    assert model.config.fusion.inner_dim == inner and model.config.fusion.dim == dim
+    assert model.settings.fusion.inner_dim == inner and model.settings.fusion.dim == dim
 
     seg, key = torch.randn(2, dim), torch.randn(1, dim)
 

@@ -72,7 +72,7 @@ def teacher_forced(model: KeySegModel, image, question: str, answer: str) -> dic
                                            fused)
         masks = model.sam.postprocess_masks(low_res, prepared.sam.resized_size,
                                             prepared.sam.original_size)
-    choice = model.config.backbone.hidden_state
+    choice = model.settings.backbone.hidden_state
     return {"encoded": encoded, "logits": out.logits[0], "seg": seg, "key": key,
             "fused": fused, "low_res": low_res, "masks": masks, "prepared": prepared,
             "seg_index": tokens.special_positions(encoded.input_ids, processor.ids.seg, choice),
@@ -113,7 +113,7 @@ def test_converted_lisa_keeps_lisa_ids_and_classes(lisa):
     ids = model.processor.ids
     assert ids.seg == expected["seg_token_id"] == 600
     assert (ids.im_start, ids.im_end) == (601, 602)
-    assert model.config.backbone.convention == "lisa"
+    assert model.settings.backbone.convention == "lisa"
     # [KEY] is added as the KeySeg reference adds it to LISA's tokenizer (603); <image> gets a
     # row for HF LLaVA's splice but is not a class (LISA never had it as a token)
     assert ids.key == 603
@@ -191,11 +191,11 @@ def test_converted_reference_has_the_reference_vocabulary_and_fusion(keyseg_ref)
     model, expected, _, _ = keyseg_ref
     ids = model.processor.ids
     assert (ids.seg, ids.key) == (expected["seg_token_id"], expected["key_token_id"])
-    assert model.config.fusion.variant == "reference" and model.config.fusion.num_queries == 12
-    assert model.config.loss.key_temperature == expected["temperature"]
+    assert model.settings.fusion.variant == "reference" and model.settings.fusion.num_queries == 12
+    assert model.settings.loss.key_temperature == expected["temperature"]
     # 604 reference classes; the extra <image> row is excluded from every softmax
     assert model.non_output_ids == (expected["vocab_size"],)
-    assert model.config.fusion.generation_keys == "all"  # ours; "first" is the switch
+    assert model.settings.fusion.generation_keys == "all"  # ours; "first" is the switch
 
 
 @pytest.mark.parametrize("case", ["A", "B"])
@@ -225,7 +225,7 @@ def test_reference_ids_states_keyword_target_and_tensors(keyseg_ref, case):
     # keyword loss over the reference's 604 classes, as the model computes it
     table = model.projected_table()
     loss = keyword_alignment_loss(got["key"], table, keyword,
-                                  temperature=model.config.loss.key_temperature,
+                                  temperature=model.settings.loss.key_temperature,
                                   ignore_ids=(model.processor.ids.pad,),
                                   exclude_ids=model.non_output_ids)
     assert float(loss) == pytest.approx(record["losses"]["keyword_loss"], rel=1e-4)
@@ -259,7 +259,7 @@ def test_reference_model_forward_reproduces_the_recorded_losses(keyseg_ref):
         out = model(batch)
     want = record["losses"]
     weights = expected["loss_weights"]
-    assert model.config.loss.ce_weight == weights["ce"]
+    assert model.settings.loss.ce_weight == weights["ce"]
     assert float(out.ce) * weights["ce"] == pytest.approx(want["ce_loss"], rel=1e-4)
     assert float(out.bce) == pytest.approx(want["mask_bce_loss"], rel=1e-4)
     assert float(out.dice) == pytest.approx(want["mask_dice_loss"], rel=1e-4)
@@ -273,13 +273,13 @@ def test_reference_generation_from_our_prompt(keyseg_ref, keys):
 
     model, expected, tensors, image = keyseg_ref
     record = expected["cases"]["C"]
-    model.config = dataclasses.replace(
-        model.config, fusion=dataclasses.replace(model.config.fusion, generation_keys=keys))
+    model.settings = dataclasses.replace(
+        model.settings, fusion=dataclasses.replace(model.settings.fusion, generation_keys=keys))
     try:
         prompt, result = generate_from_question(model, image, record["user_input"], 32)
     finally:
-        model.config = dataclasses.replace(
-            model.config, fusion=dataclasses.replace(model.config.fusion,
+        model.settings = dataclasses.replace(
+            model.settings, fusion=dataclasses.replace(model.settings.fusion,
                                                      generation_keys="all"))
     assert prompt.tolist() == expand(record["prompt_ids"], model.processor.ids.image,
                                      expected["num_image_features"])

@@ -74,7 +74,7 @@ def test_seg_embedding_is_read_at_the_expanded_position(tiny_model, make_batch):
     seg, key = model.special_embeddings(ids, out.last_hidden[0])
     expected = model.text_hidden_fcs(out.last_hidden[0, seg_index - 1])  # "before" (reference)
     torch.testing.assert_close(seg[0], expected)
-    assert key.shape == (1, model.config.fusion.dim)
+    assert key.shape == (1, model.settings.fusion.dim)
 
 
 def test_hidden_state_at_choice_reads_the_token_itself(tiny_model_factory, make_batch):

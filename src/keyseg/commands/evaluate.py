@@ -175,6 +175,9 @@ def _load_model(checkpoint: Path | None, dtype) -> tuple[Any, dict[str, Any]]:
     from keyseg.model.keyseg import KeySegModel
 
     if checkpoint is not None:
+        from keyseg.hub import resolve_model_dir
+
+        checkpoint = resolve_model_dir(checkpoint)  # a Hub id -> its cached folder
         model = KeySegModel.from_pretrained(checkpoint, dtype=dtype)
         return model, {"path": str(checkpoint), "default": False, **checkpoint_hash(checkpoint)}
     try:
@@ -217,7 +220,7 @@ def checkpoint_hash(directory: str | os.PathLike) -> dict[str, Any]:
 def _model_config(model) -> dict[str, Any]:
     from keyseg.config import to_dict
 
-    return to_dict(model.config)
+    return to_dict(model.settings)
 
 
 def _versions() -> dict[str, str | None]:

@@ -411,7 +411,7 @@ def convert_lisa(
 
     from keyseg.config import BackboneConfig, SamSettings
     from keyseg.convert.sam import infer_sam_preset
-    from keyseg.model.backbone import VisionLanguageBackbone, apply_projector, num_image_tokens
+    from keyseg.model.backbone import apply_projector, num_image_tokens
     from keyseg.model.keyseg import KeySegModel, skip_init
     from keyseg.model.sam import SamSegmenter
     from keyseg.processor import KeySegProcessor
@@ -512,7 +512,7 @@ def convert_lisa(
     image_processor = clip_image_processor(tower_dir, vision_config.image_size)
     processor = KeySegProcessor(tokenizer, image_processor, backbone_cfg,
                                 num_image_tokens(llava_config), sam.image_size)
-    model = KeySegModel(model_cfg, VisionLanguageBackbone(vlm), sam, processor)
+    model = KeySegModel.from_parts(model_cfg, vlm, sam, processor)
     if dtype is not None:
         model = model.to(dtype)
 

@@ -63,12 +63,12 @@ def reconcile(model, requested: ModelConfig, source: str) -> list[str]:
 
     Returns:
         One human-readable line per key whose run value and directory value differ, saying
-        what happened. ``model.config`` is updated in place.
+        what happened. ``model.settings`` is updated in place.
 
     Raises:
         KeySegConfigError: a key fixed by the weights is asked to change (before training).
     """
-    loaded = model.config
+    loaded = model.settings
     ours = _flatten({k: v for k, v in to_dict(requested).items() if k not in FROM_RUN})
     theirs = _flatten({k: v for k, v in to_dict(loaded).items() if k not in FROM_RUN})
     defaults = _flatten({k: v for k, v in to_dict(ModelConfig()).items() if k not in FROM_RUN})
@@ -96,9 +96,9 @@ def reconcile(model, requested: ModelConfig, source: str) -> list[str]:
 
 
 def _apply(model, config: ModelConfig) -> list[str]:
-    """Rebuild what ``config`` changes on ``model``, set ``model.config``; returns notes on
+    """Rebuild what ``config`` changes on ``model``, set ``model.settings``; returns notes on
     tensors that start fresh."""
-    old = model.config
+    old = model.settings
     notes = []
     if config.fusion != old.fusion:
         fresh = KeywordFusion(config.fusion).to(model.device, model.dtype)
@@ -120,5 +120,5 @@ def _apply(model, config: ModelConfig) -> list[str]:
         tokens.add_special_tokens(processor.tokenizer, config.backbone.image_token,
                                   config.backbone.use_im_start_end,
                                   strip_spaces=config.backbone.convention == "lisa")
-    model.config = config
+    model.settings = config
     return notes

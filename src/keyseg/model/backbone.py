@@ -56,16 +56,21 @@ def apply_projector(vlm, cfg: BackboneConfig):
     return vlm
 
 
-def vlm_from_config_dict(cfg: BackboneConfig, vlm_config: dict):
-    """An untrained VLM of the family ``cfg.family`` built from a saved config dict
-    (``config.to_dict()``), with the configured projector; weights are loaded by the caller."""
+def vlm_from_config(cfg: BackboneConfig, vlm_config):
+    """An untrained VLM of the family ``cfg.family`` built from its transformers config
+    (or a saved ``config.to_dict()``), with the configured projector; weights are loaded by
+    the caller."""
     if cfg.family == "qwen2_vl":
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-        return Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(vlm_config))
+        if isinstance(vlm_config, dict):
+            vlm_config = Qwen2VLConfig.from_dict(vlm_config)
+        return Qwen2VLForConditionalGeneration(vlm_config)
     if cfg.family != "llava":
         raise KeySegConfigError(f"model.backbone.family: unsupported family {cfg.family!r}")
-    return apply_projector(LlavaForConditionalGeneration(LlavaConfig.from_dict(vlm_config)), cfg)
+    if isinstance(vlm_config, dict):
+        vlm_config = LlavaConfig.from_dict(vlm_config)
+    return apply_projector(LlavaForConditionalGeneration(vlm_config), cfg)
 
 
 def num_image_tokens(config) -> int:

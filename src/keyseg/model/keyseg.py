@@ -9,27 +9,27 @@ Data flow for one conversation row (SPEC §2)::
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from keyseg import tokens
 from keyseg.batch import Batch
-from keyseg.config import ModelConfig, from_dict, to_dict
+from keyseg.config import ModelConfig, to_dict
 from keyseg.errors import KeySegCheckpointError, KeySegInputError
 from keyseg.io import atomic_directory
 from keyseg.model.backbone import (
     VisionLanguageBackbone,
     build_vlm,
     num_image_tokens,
-    vlm_from_config_dict,
+    vlm_from_config,
 )
+from keyseg.model.configuration import MODEL_TYPE, KeySegModelConfig
 from keyseg.model.fusion import KeywordFusion
 from keyseg.model.losses import dice_loss, keyword_alignment_loss, sigmoid_ce_loss
 from keyseg.model.sam import SamSegmenter
@@ -37,6 +37,7 @@ from keyseg.processor import KeySegProcessor
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"  # single-file layout, still read; new saves are sharded
+DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 @contextlib.contextmanager
@@ -57,16 +58,6 @@ def skip_init(dtype: torch.dtype | None = None) -> Iterator[None]:
             yield
     finally:
         torch.set_default_dtype(previous)
-
-
-def with_recorded_convention(saved: dict) -> dict:
-    """A saved model config (``to_dict`` of :class:`ModelConfig`) with its tokenisation
-    convention made explicit: directories written before ``backbone.convention`` existed were
-    trained with whitespace kept around the added tokens, so they load as ``"v0"`` and
-    tokenise exactly as they did."""
-    backbone = dict(saved.get("backbone") or {})
-    backbone.setdefault("convention", "v0")
-    return {**saved, "backbone": backbone}
 
 
 @dataclass
@@ -91,38 +82,101 @@ def _projection_head(hidden: int, out: int) -> nn.Sequential:
                          nn.Dropout(0.0))
 
 
-class KeySegModel(nn.Module):
-    """The KeySeg model. Build with :meth:`from_config` or :meth:`from_pretrained`."""
+class KeySegModel(PreTrainedModel):
+    """The KeySeg model, a transformers ``PreTrainedModel``.
+
+    Build with :meth:`from_config` (our :class:`~keyseg.config.ModelConfig`; random or
+    pretrained parts) or load with :meth:`from_pretrained` (a directory or a Hub id;
+    ``dtype``, ``device_map``, ``attn_implementation``, ``quantization_config`` and the
+    other transformers options pass through). ``model.settings`` is the frozen KeySeg config
+    (source of truth for training), ``model.config`` its transformers counterpart, and
+    ``model.processor`` the :class:`KeySegProcessor` (tokenizer, image transforms) that
+    every loader attaches.
+    """
+
+    config_class = KeySegModelConfig
+    base_model_prefix = "keyseg"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # Whole decoder layers / SAM blocks stay on one device under device_map="auto".
+    _no_split_modules = ["LlamaDecoderLayer", "Qwen2VLDecoderLayer", "CLIPEncoderLayer",
+                         "Qwen2VLVisionBlock", "SamVisionLayer", "SamTwoWayAttentionBlock"]
 
     def __init__(
         self,
-        config: ModelConfig,
-        backbone: VisionLanguageBackbone,
-        sam: SamSegmenter,
-        processor: KeySegProcessor,
+        config: KeySegModelConfig,
+        *,
+        vlm: nn.Module | None = None,
+        sam: SamSegmenter | None = None,
+        processor: KeySegProcessor | None = None,
     ) -> None:
-        super().__init__()
-        self.config = config
-        self.backbone = backbone
-        self.sam = sam
+        """Build from ``config`` alone (what ``from_pretrained`` does, weights loaded after),
+        or around already built ``vlm`` / ``sam`` (:meth:`from_config`, converters)."""
+        super().__init__(config)
+        settings = config.settings
+        self._settings = settings
+        if vlm is None:
+            vlm = vlm_from_config(settings.backbone, config.vlm_config)
+        self.backbone = VisionLanguageBackbone(vlm)
+        self.sam = sam if sam is not None else SamSegmenter(config.sam_config)
+        # keep one object: the sub-configs the parts were built from are the saved ones
+        config.vlm_config = self.backbone.base.config
+        config.sam_config = self.sam.config
         self.processor = processor
-        hidden, dim = backbone.hidden_size, config.fusion.dim
-        if sam.prompt_dim != dim:
+        hidden, dim = self.backbone.hidden_size, settings.fusion.dim
+        if self.sam.prompt_dim != dim:
             raise KeySegCheckpointError(
-                f"model.fusion.dim={dim} must equal the SAM prompt width {sam.prompt_dim}"
+                f"model.fusion.dim={dim} must equal the SAM prompt width {self.sam.prompt_dim}"
             )
         self.text_hidden_fcs = _projection_head(hidden, dim)
         self.keyword_text_proj = (
-            _projection_head(hidden, dim) if config.key_projection == "separate" else None
+            _projection_head(hidden, dim) if settings.key_projection == "separate" else None
         )
-        self.keyword_fusion = KeywordFusion(config.fusion)
+        self.keyword_fusion = KeywordFusion(settings.fusion)
         self.embedding_table_proj = nn.Linear(hidden, dim)
+        if config.lora_applied:
+            from keyseg.model.trainable import apply_lora
+
+            apply_lora(self, settings.lora)
+        self.post_init()
+
+    def post_init(self) -> None:
+        super().post_init()
+        # transformers gathers tied weights from direct children only; ours sit one level
+        # deeper (backbone.vlm, sam.sam), so name them with their full prefix.
+        for name, module in self.named_modules():
+            if name and isinstance(module, PreTrainedModel) and not any(
+                name.startswith(f"{other}.") for other, m in self.named_modules()
+                if other and other != name and isinstance(m, PreTrainedModel)
+            ):
+                for target, source in (module.all_tied_weights_keys or {}).items():
+                    self.all_tied_weights_keys[f"{name}.{target}"] = f"{name}.{source}"
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """KeySeg's own heads keep PyTorch's default init (as the reference builds them);
+        the VLM and SAM parts are initialised by their own classes."""
+
+    # --- the frozen KeySeg config -----------------------------------------------------------
+    @property
+    def settings(self) -> ModelConfig:
+        """The frozen KeySeg model config; assigning one also updates ``config.keyseg``."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: ModelConfig) -> None:
+        self._settings = value
+        self.config.keyseg = to_dict(value)
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: ModelConfig, tokenizer=None,
                     dtype: torch.dtype | None = None) -> KeySegModel:
-        """Build from config: pretrained VLM if ``backbone.name_or_path`` is set, else a
+        """Build from our config: pretrained VLM if ``backbone.name_or_path`` is set, else a
         local preset (random); SAM from ``sam.preset`` (+ official checkpoint if given)."""
         vlm, image_processor, tokenizer = build_vlm(config.backbone, tokenizer, dtype)
         if config.sam.checkpoint:
@@ -136,65 +190,78 @@ class KeySegModel(nn.Module):
             num_image_tokens=num_image_tokens(vlm.config), sam_image_size=sam.image_size,
         )
         tokens.resize_embeddings(vlm, tokenizer)
-        model = cls(config, VisionLanguageBackbone(vlm), sam, processor)
+        model = cls.from_parts(config, vlm, sam, processor)
         return model.to(dtype) if dtype is not None else model
 
-    # --- persistence ----------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike,
-                        max_shard_bytes: int | None = None) -> None:
-        """Write config, weights (safetensors shards + ``model.safetensors.index.json``) and
-        processor files, atomically (a crash leaves any previous directory intact)."""
-        from keyseg.convert.checkpoint_io import DEFAULT_SHARD_BYTES, save_sharded_safetensors
+    @classmethod
+    def from_parts(cls, settings: ModelConfig, vlm: nn.Module, sam: SamSegmenter,
+                   processor: KeySegProcessor) -> KeySegModel:
+        """Assemble a model around built parts (the KeySeg heads are created fresh)."""
+        # A new composite config sets its (unset) attention choice on its sub-configs: keep
+        # the one each part was built with.
+        chosen = vlm.config._attn_implementation, sam.config._attn_implementation
+        config = KeySegModelConfig.from_parts(settings, vlm.config, sam.config)
+        vlm.config._attn_implementation, sam.config._attn_implementation = chosen
+        return cls(config, vlm=vlm, sam=sam, processor=processor)
 
-        lora = hasattr(self.backbone.vlm, "peft_config")
-        meta = {
-            "keyseg": to_dict(self.config),
-            "vlm": self.backbone.base.config.to_dict(),
-            "sam": self.sam.config.to_dict(),
-            "lora_applied": lora,
-        }
-        with atomic_directory(directory) as tmp:
-            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
-            save_sharded_safetensors(self.state_dict(), tmp,
-                                     max_shard_bytes or DEFAULT_SHARD_BYTES)
-            self.processor.save_pretrained(tmp)
+    # --- persistence ----------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike,
+                        max_shard_bytes: int | None = None, **kwargs) -> None:
+        """transformers' ``save_pretrained`` (config, safetensors shards + index) plus the
+        processor files, written atomically: a crash leaves any previous directory intact.
+        ``max_shard_bytes`` is ``max_shard_size`` in bytes; other options pass through
+        (``push_to_hub``, ``repo_id``, ...)."""
+        if kwargs.get("push_to_hub"):
+            # push_to_hub saves into a temporary folder through this method, then uploads
+            return super().save_pretrained(save_directory, **kwargs)
+        self.config.lora_applied = hasattr(self.backbone.vlm, "peft_config")
+        self.config.keyseg = to_dict(self.settings)
+        shard = max_shard_bytes or kwargs.pop("max_shard_size", None) or DEFAULT_SHARD_BYTES
+        with atomic_directory(save_directory) as tmp:
+            super().save_pretrained(tmp, max_shard_size=shard, safe_serialization=True,
+                                    **kwargs)
+            if self.processor is not None:
+                self.processor.save_pretrained(tmp)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike,
-                        dtype: torch.dtype | None = None) -> KeySegModel:
-        """Load a directory written by :meth:`save_pretrained` (no network).
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args,
+                        revision: str | None = None, local_files_only: bool | None = None,
+                        **kwargs) -> KeySegModel:
+        """Load a directory or a Hub id (``revision``; the HF cache; offline with
+        ``HF_HUB_OFFLINE=1`` or ``local_files_only``) written by :meth:`save_pretrained`.
 
-        The model is built without random init (directly in ``dtype`` when given) and every
-        tensor is then loaded by exact name.
+        transformers builds the model on the meta device and loads each tensor from the
+        safetensors shards (directly in ``dtype`` when given; ``device_map``,
+        ``attn_implementation``, ``quantization_config`` pass through), so host memory
+        stays about the checkpoint's size. The processor is attached from the same files.
         """
-        from transformers import SamConfig
+        from keyseg.hub import resolve_model_dir
 
-        from keyseg.convert.checkpoint_io import load_weights_dir
-
-        directory = Path(directory)
+        directory = resolve_model_dir(pretrained_model_name_or_path, revision=revision,
+                                      local_files_only=local_files_only)
         config_file = directory / CONFIG_FILE
         if not config_file.is_file():
             raise KeySegCheckpointError(f"{config_file}: missing (not a KeySeg model directory)")
-        meta = json.loads(config_file.read_text(encoding="utf-8"))
-        config = from_dict(ModelConfig, with_recorded_convention(meta["keyseg"]),
-                           source=str(config_file))
-        processor = KeySegProcessor.from_pretrained(directory, config.backbone)
-        with skip_init(dtype):
-            vlm = vlm_from_config_dict(config.backbone, meta["vlm"])
-            sam = SamSegmenter(SamConfig.from_dict(meta["sam"]))
-            model = cls(config, VisionLanguageBackbone(vlm), sam, processor)
-            if meta.get("lora_applied"):
-                from keyseg.model.trainable import apply_lora
-
-                apply_lora(model, config.lora)
-        weights = load_weights_dir(directory)
-        model.load_checkpoint_state(weights.tensors, source=str(weights.source))
+        if "dtype" in kwargs and kwargs["dtype"] is None:
+            kwargs.pop("dtype")
+        config = kwargs.pop("config", None) or KeySegModelConfig.from_pretrained(directory)
+        if config.model_type != MODEL_TYPE:
+            raise KeySegCheckpointError(f"{config_file}: model_type {config.model_type!r} is "
+                                        f"not {MODEL_TYPE!r} (not a KeySeg model directory)")
+        try:
+            model = super().from_pretrained(directory, *args, config=config, **kwargs)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise KeySegCheckpointError(
+                f"{directory}: cannot load the weights ({type(error).__name__}: {error})"
+                .splitlines()[0]) from error
+        model.processor = KeySegProcessor.from_pretrained(directory, model.settings.backbone)
         model.sam.tie_positional_encoding()
-        return model.to(dtype) if dtype is not None else model
+        return model
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor], source: str,
                               strict: bool = True) -> None:
-        """Load tensors by exact name; report the first missing / unexpected / misshapen one."""
+        """Load tensors by exact name (trainable weights laid over a model); report the first
+        missing / unexpected / misshapen one."""
         own = self.state_dict()
         for name, tensor in state.items():
             if name in own and own[name].shape != tensor.shape:
@@ -240,11 +307,11 @@ class KeySegModel(nn.Module):
         Returns:
             ``seg: (n_seg, d)`` and ``key: (n_key, d)``.
         """
-        choice = self.config.backbone.hidden_state
+        choice = self.settings.backbone.hidden_state
         ids = self.processor.ids
         seg_pos = tokens.special_positions(input_ids, ids.seg, choice)
         seg = self.text_hidden_fcs(last_hidden[seg_pos])
-        if not self.config.use_keyword:
+        if not self.settings.use_keyword:
             return seg, seg.new_zeros((0, seg.shape[-1]))
         key_pos = tokens.special_positions(input_ids, ids.key, choice)
         key_head = self.keyword_text_proj or self.text_hidden_fcs
@@ -331,7 +398,7 @@ class KeySegModel(nn.Module):
         """
         if batch.labels is None or batch.target_masks is None:
             raise KeySegInputError("forward() needs labels and target masks; use predict()")
-        loss_cfg = self.config.loss
+        loss_cfg = self.settings.loss
         image_embeddings = self.encode_images(batch.sam_pixel_values)
         out = self.backbone(batch.input_ids, batch.attention_mask, batch.vision_inputs)
         logits = out.logits[:, :-1].float()
@@ -371,7 +438,7 @@ class KeySegModel(nn.Module):
             if key.shape[0]:
                 key_rows.append(key)
                 keyword_ids.extend(tokens.keyword_token_ids(ids, self.processor.ids))
-        if key_rows and self.config.use_keyword:
+        if key_rows and self.settings.use_keyword:
             key_loss = keyword_alignment_loss(
                 torch.cat(key_rows), self.projected_table(), keyword_ids,
                 temperature=loss_cfg.key_temperature, target=loss_cfg.key_target,

@@ -124,7 +124,7 @@ def configure_trainable(model, trainable: Iterable[str]) -> dict[str, ComponentC
             counts[component].trainable += param.numel()
         else:
             counts[component].frozen += param.numel()
-    cfg = model.config
+    cfg = model.settings
     legitimately_empty = set()
     if not cfg.lora.enabled:
         legitimately_empty.add("lora")
