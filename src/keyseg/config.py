@@ -65,6 +65,10 @@ class BackboneConfig:
     # ids; the convention of KeySeg directories written before this field existed, which
     # load as "v0".
     convention: Literal["lisa", "v0"] = "lisa"
+    # The language model's attention kernel: None = transformers' default (sdpa), "eager",
+    # "sdpa", "flash_attention_2" (needs flash-attn), ... Applied when the VLM is built or
+    # loaded (KeySegModel.from_pretrained also takes attn_implementation directly).
+    attn_implementation: str | None = None
     # LLaVA's llava_v1 template as LISA and the KeySeg reference run it ("human", not the
     # "user" of the LLaVA paper's text): imported checkpoints were trained on exactly this.
     system_prompt: str = (

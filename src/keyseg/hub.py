@@ -132,7 +132,8 @@ def write_model_card(
         'result = pipe("image.jpg", "What would you use to eat soup?")',
         "```", "",
         "## Architecture", "",
-        f"- backbone: `{settings.backbone.family}` ({settings.backbone.name_or_path or settings.backbone.preset})",
+        f"- backbone: `{settings.backbone.family}` "
+        f"({settings.backbone.name_or_path or settings.backbone.preset})",
         f"- SAM: `{settings.sam.preset}`; fusion: `{settings.fusion.variant}`; "
         f"[SEG]/[KEY] state: `{settings.backbone.hidden_state}`; "
         f"tokenisation convention: `{settings.backbone.convention}`",

@@ -217,7 +217,8 @@ def test_converted_lisa_reproduces_llava_v1_format_and_saves(tmp_path):
     config = model.backbone.base.config
     assert config.vision_feature_layer == -2
     assert config.vision_feature_select_strategy == "default"  # CLS dropped
-    assert model.settings.backbone.use_im_start_end and model.settings.backbone.projector == "linear"
+    backbone = model.settings.backbone
+    assert backbone.use_im_start_end and backbone.projector == "linear"
     encoded = model.processor.encode([tokens.Turn("What is it?", "It is [SEG].")])
     text = model.processor.tokenizer.decode(encoded.input_ids)
     # LISA's convention: the markers swallow the whitespace around them, "\n" included

@@ -54,7 +54,8 @@ def test_hidden_state_and_separate_key_head_take_effect(loaded):
 def test_convention_change_re_registers_the_tokens(loaded):
     tokenizer = loaded.processor.tokenizer
     seg = tokenizer.convert_tokens_to_ids("[SEG]")
-    requested = replace(loaded.settings, backbone=replace(loaded.settings.backbone, convention="v0"))
+    backbone = replace(loaded.settings.backbone, convention="v0")
+    requested = replace(loaded.settings, backbone=backbone)
     reconcile(loaded, requested, "DIR")
     ids = tokenizer("is [SEG]", add_special_tokens=False)["input_ids"]
     assert ids[-1] == seg and tokenizer.convert_ids_to_tokens(ids[-2]) == "Ġ"  # lone space

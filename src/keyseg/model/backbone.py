@@ -122,6 +122,8 @@ def build_vlm(cfg: BackboneConfig, tokenizer, dtype: torch.dtype | None = None):
             pad_token_id=tokenizer.pad_token_id,
             **preset,
         )
+        if cfg.attn_implementation is not None:
+            config._attn_implementation = cfg.attn_implementation
         vlm = apply_projector(LlavaForConditionalGeneration(config), cfg)
         image_processor = tiny.tiny_image_processor(config.vision_config.image_size)
         return vlm.to(dtype) if dtype is not None else vlm, image_processor, tokenizer
@@ -132,7 +134,8 @@ def build_vlm(cfg: BackboneConfig, tokenizer, dtype: torch.dtype | None = None):
         if cfg.family == "qwen2_vl":
             from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-            vlm = Qwen2VLForConditionalGeneration.from_pretrained(cfg.name_or_path, dtype=dtype)
+            vlm = Qwen2VLForConditionalGeneration.from_pretrained(
+                cfg.name_or_path, dtype=dtype, attn_implementation=cfg.attn_implementation)
             # The PIL variant: works without torchvision.
             image_processor = Qwen2VLImageProcessorPil.from_pretrained(cfg.name_or_path)
         else:
@@ -141,7 +144,8 @@ def build_vlm(cfg: BackboneConfig, tokenizer, dtype: torch.dtype | None = None):
                     f"model.backbone.projector={cfg.projector!r} needs a KeySeg directory "
                     "(keyseg convert lisa ...), not a plain HF LLaVA one"
                 )
-            vlm = LlavaForConditionalGeneration.from_pretrained(cfg.name_or_path, dtype=dtype)
+            vlm = LlavaForConditionalGeneration.from_pretrained(
+                cfg.name_or_path, dtype=dtype, attn_implementation=cfg.attn_implementation)
             image_processor = AutoImageProcessor.from_pretrained(cfg.name_or_path)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.name_or_path)
     except OSError as error:

@@ -14,7 +14,7 @@ no ``model_type``) read the same: ``vlm``/``sam`` are taken as the sub-configs.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import AutoConfig, PreTrainedConfig, SamConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -31,7 +31,7 @@ class KeySegModelConfig(PreTrainedConfig):
     LoRA adapters, so the model is built with them)."""
 
     model_type = MODEL_TYPE
-    sub_configs_defaults = {
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
         "vlm_config": SubConfigSpec(config_class=AutoConfig, model_type="llava"),
         "sam_config": SubConfigSpec(config_class=SamConfig),
     }

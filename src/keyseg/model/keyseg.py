@@ -12,6 +12,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -104,8 +105,10 @@ class KeySegModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     # Whole decoder layers / SAM blocks stay on one device under device_map="auto".
-    _no_split_modules = ["LlamaDecoderLayer", "Qwen2VLDecoderLayer", "CLIPEncoderLayer",
-                         "Qwen2VLVisionBlock", "SamVisionLayer", "SamTwoWayAttentionBlock"]
+    _no_split_modules: ClassVar[list[str]] = [
+        "LlamaDecoderLayer", "Qwen2VLDecoderLayer", "CLIPEncoderLayer", "Qwen2VLVisionBlock",
+        "SamVisionLayer", "SamTwoWayAttentionBlock",
+    ]
 
     def __init__(
         self,
@@ -248,6 +251,9 @@ class KeySegModel(PreTrainedModel):
         if config.model_type != MODEL_TYPE:
             raise KeySegCheckpointError(f"{config_file}: model_type {config.model_type!r} is "
                                         f"not {MODEL_TYPE!r} (not a KeySeg model directory)")
+        chosen = config.settings.backbone.attn_implementation
+        if chosen is not None and "attn_implementation" not in kwargs:
+            kwargs["attn_implementation"] = {"vlm_config": chosen}  # the language side only
         try:
             model = super().from_pretrained(directory, *args, config=config, **kwargs)
         except (OSError, ValueError, RuntimeError) as error:
