@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -14,6 +16,18 @@ if TYPE_CHECKING:
     from transformers import LogitsProcessorList
 
     from keyseg.processor import KeySegProcessor
+
+#: ``shared/`` beside the repository (development machines and CI check it out there).
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def shared_fixture(name: str) -> Path:
+    """``shared/fixtures/<name>``, or skip the calling test (saying why) when it is absent."""
+    path = SHARED / "fixtures" / name
+    if not path.is_dir():
+        pytest.skip(f"{path} not found: the reference fixtures live in shared/ beside the "
+                    "repository")
+    return path
 
 
 def make_record(height: int = 40, width: int = 60, seed: int = 0) -> SegRecord:
