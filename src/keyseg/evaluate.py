@@ -142,6 +142,27 @@ def eval_referents(record: SegRecord, all_texts: bool = False) -> list[tuple[int
     return pairs
 
 
+def eval_conversations(record: SegRecord, *, use_keyword: bool, all_texts: bool = False,
+                       protocol: str = "lisa") -> list[tuple[Referent, Conversation]]:
+    """The conversations scored for ``record``: one per :func:`eval_referents` referent,
+    with :func:`eval_question` and the :func:`teacher_answer` (generate mode drops the answer
+    when collating); targets as the ``protocol`` scores them (:func:`lisa_metric_target`
+    under ``lisa-bugs``). Returns ``(referent, conversation)`` pairs in record order."""
+    pairs = []
+    for ref_index, ref in eval_referents(record, all_texts):
+        answer = teacher_answer(int(ref.masks.shape[0]), ref.keyword, use_keyword,
+                                reference=ref.answer)
+        target = lisa_metric_target(ref.masks) if protocol == "lisa-bugs" else ref.masks
+        pairs.append((ref, Conversation(
+            turns=[tokens.Turn(eval_question(ref, record.source), answer)],
+            target_masks=target,
+            sample_id=f"{record.source}/{record.sample_id}#{ref_index}",
+            keyword=ref.keyword,
+            difficulty=ref.difficulty,
+        )))
+    return pairs
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -440,17 +461,9 @@ def _batches(
         counts["records"] += 1
         for name, value in record.meta.get("issues", {}).items():
             counts[f"issue:{name}"] += int(value)
-        for ref_index, ref in eval_referents(record, all_texts):
-            answer = teacher_answer(int(ref.masks.shape[0]), ref.keyword, use_keyword,
-                                    reference=ref.answer)
-            target = lisa_metric_target(ref.masks) if protocol == "lisa-bugs" else ref.masks
-            conv = Conversation(
-                turns=[tokens.Turn(eval_question(ref, record.source), answer)],
-                target_masks=target,
-                sample_id=f"{record.source}/{record.sample_id}#{ref_index}",
-                keyword=ref.keyword,
-                difficulty=ref.difficulty,
-            )
+        for ref, conv in eval_conversations(record, use_keyword=use_keyword,
+                                            all_texts=all_texts, protocol=protocol):
+            answer = conv.turns[-1].answer or ""
             pending.append(_Item(index, record.sample_id, record.source, image, conv, ref,
                                  answer))
             if len(pending) >= batch_size:
@@ -741,6 +754,7 @@ __all__ = [
     "MODES",
     "EvalResult",
     "OverlayCandidate",
+    "eval_conversations",
     "eval_question",
     "eval_referents",
     "format_issues",
