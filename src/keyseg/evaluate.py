@@ -214,7 +214,8 @@ class EvalResult:
             ``by_difficulty`` ``{label: {giou, ciou, n}}`` when records carry
             ``Referent.difficulty``; in ``generate`` mode, when referents have keywords,
             ``keyword_accuracy`` (decoded ``[KEY]`` keyword equals the referent's, up to case
-            and white space) over ``keyword_scored`` conversations.
+            and white space) over ``keyword_scored`` conversations; ``issues``: the evaluated
+            records' ``meta["issues"]`` summed (dropped or degenerate annotations, by name).
         per_sample: the JSONL lines as dicts when ``keep_per_sample`` (this process only).
         skipped_messages: the first error messages of skipped records.
         overlays: ``worst`` and ``best`` :class:`OverlayCandidate` lists (``keep_overlays``).

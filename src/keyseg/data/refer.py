@@ -429,8 +429,8 @@ class ReferDataset(Sequence[SegRecord]):
                 self.report.skip("missing_annotation",
                                  f"ref {ref['ref_id']}: annotation {ref['ann_id']} not found")
                 continue
-            sentences = [str(s.get("sent", "")).strip() for s in ref.get("sentences", [])
-                         if isinstance(s, dict)]
+            sentences = [s["sent"].strip() if isinstance(s.get("sent"), str) else ""
+                         for s in ref.get("sentences", []) if isinstance(s, dict)]
             blank = sum(1 for s in sentences if not s)
             self.report.empty_sentences += blank
             if not lisa_bugs:
