@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -16,18 +15,6 @@ if TYPE_CHECKING:
     from transformers import LogitsProcessorList
 
     from keyseg.processor import KeySegProcessor
-
-#: ``shared/`` beside the repository (development machines and CI check it out there).
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-def shared_fixture(name: str) -> Path:
-    """``shared/fixtures/<name>``, or skip the calling test (saying why) when it is absent."""
-    path = SHARED / "fixtures" / name
-    if not path.is_dir():
-        pytest.skip(f"{path} not found: the reference fixtures live in shared/ beside the "
-                    "repository")
-    return path
 
 
 def make_record(height: int = 40, width: int = 60, seed: int = 0) -> SegRecord:
@@ -96,3 +83,18 @@ def answer_ids(processor: KeySegProcessor, text: str, segs: int = 0,
     if keyword:
         out += [ids.key, *tokenizer(f" {keyword}", add_special_tokens=False)["input_ids"]]
     return [*out, ids.eos]
+
+
+# The steering repository's shared/ folder (reference fixtures made by other code) sits
+# beside the checkout on the development machines and in CI.
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def shared_path(relative: str) -> Path:
+    """``SHARED / relative``, or skip the calling test when that path is absent."""
+    import pytest
+
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the reference fixtures live in ../shared)")
+    return path

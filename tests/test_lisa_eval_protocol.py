@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import shared_fixture
+from helpers import shared_path
 from keyseg.cli import main as cli_main
 from keyseg.config import BackboneConfig
 from keyseg.data.eval_sets import resolve_eval_set
@@ -42,7 +42,7 @@ TAIL = " in this image? Please output segmentation mask."
 
 @pytest.fixture(scope="module")
 def fixture_dir() -> Path:
-    return shared_fixture("lisa_eval_protocol")
+    return shared_path("fixtures/lisa_eval_protocol")
 
 
 @pytest.fixture(scope="module")

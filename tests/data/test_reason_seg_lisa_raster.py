@@ -12,12 +12,12 @@ import json
 
 import numpy as np
 
-from helpers import shared_fixture
+from helpers import shared_path
 from keyseg.data.reason_seg import RasterStats, rasterize_shapes
 
 
 def test_every_fixture_mask_is_reproduced_exactly():
-    root = shared_fixture("reason_seg_raster")
+    root = shared_path("fixtures/reason_seg_raster")
     expected = np.load(root / "lisa_masks.npz")
     paths = sorted((root / "annotations").glob("*.json"))
     assert len(paths) == len(expected.files) == 60
