@@ -427,12 +427,15 @@ class KeySegPipeline:
             unique.setdefault(id(entry), len(unique))
         images = list({id(e): e for e in entries}.values())
         rows = []
-        for query, history in zip(queries, histories, strict=True):
+        for entry, query, history in zip(entries, queries, histories, strict=True):
             for turn in history:
                 if turn.answer is None:
                     raise KeySegInputError("every history turn needs its answer")
             turns = [*history, tokens.Turn(self.format_question(query), None)]
-            rows.append(self.processor.encode(turns).input_ids)
+            # The image's own token count: fixed for LLaVA, per image for Qwen's dynamic
+            # resolution (the ids must hold exactly as many image tokens as it has features).
+            count = entry.prepared.num_image_tokens
+            rows.append(self.processor.encode(turns, count).input_ids)
         length = max(row.shape[0] for row in rows)
         input_ids = torch.full((len(rows), length), self.processor.ids.pad, dtype=torch.long)
         attention = torch.zeros((len(rows), length), dtype=torch.long)

@@ -79,7 +79,7 @@ class KeySegProcessor:
     @property
     def template(self) -> str:
         """Conversation format of the backbone family (a key of ``tokens.TEMPLATES``)."""
-        return "chatml" if self.backbone.family == "qwen2_vl" else "llava_v1"
+        return "chatml" if self.backbone.family.startswith("qwen") else "llava_v1"
 
     def encode(self, turns: Sequence[tokens.Turn],
                num_image_tokens: int | None = None) -> tokens.EncodedConversation:
@@ -124,7 +124,7 @@ class KeySegProcessor:
             raise KeySegCheckpointError(f"{meta_file}: missing (not a KeySeg model directory?)")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        if backbone.family == "qwen2_vl":
+        if backbone.family.startswith("qwen"):
             from transformers import Qwen2VLImageProcessorPil
 
             # The PIL variant: no torchvision needed.
