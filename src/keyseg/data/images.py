@@ -63,7 +63,8 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
                 if max_pixels is not None and width * height > max_pixels:
                     raise KeySegDataError(
                         f"{path}: image is {width}x{height} = {width * height} pixels, over the "
-                        f"limit of {max_pixels} (raise max_pixels if the file is trusted)"
+                        f"limit of {max_pixels} (raise it with --max-pixels, or "
+                        "data.max_image_pixels in training, if the file is trusted)"
                     )
                 image.load()  # force the full decode: truncation errors surface here
                 image = ImageOps.exif_transpose(image)
