@@ -56,7 +56,6 @@ def apply_lora(model, settings: LoraSettings) -> None:
 def component_modules(model) -> dict[str, list[nn.Module]]:
     """Component name -> the modules it consists of (``lora`` is found by name)."""
     backbone = model.backbone
-    sam = model.sam.sam
     heads = [model.text_hidden_fcs]
     if model.keyword_text_proj is not None:
         heads.append(model.keyword_text_proj)
@@ -66,9 +65,8 @@ def component_modules(model) -> dict[str, list[nn.Module]]:
         "vision_tower": [backbone.vision_tower()],
         "mm_projector": [backbone.projector()],
         "language_model": [backbone.language_model()],
-        "sam_image_encoder": [sam.vision_encoder],
-        "sam_mask_decoder": [sam.mask_decoder],
-        "sam_prompt_encoder": [sam.prompt_encoder, sam.shared_image_embedding],
+        # SAM or SAM 2: sam_image_encoder / sam_prompt_encoder / sam_mask_decoder
+        **model.sam.component_modules(),
         "text_hidden_fcs": heads,
         "fusion": [model.keyword_fusion],
         "table_projection": [model.embedding_table_proj],
