@@ -105,7 +105,8 @@ def configure_trainable(model, trainable: Iterable[str]) -> dict[str, ComponentC
     Raises:
         KeySegConfigError: a name is not a component, or a component marked trainable has
             no parameter in this model (unless the model config makes it legitimately
-            empty: LoRA disabled, fusion variant ``none``).
+            empty: LoRA disabled, fusion variant ``none``, an LM head tied to the input
+            embeddings).
     """
     wanted = set(trainable)
     unknown = wanted - set(COMPONENTS)
@@ -128,6 +129,11 @@ def configure_trainable(model, trainable: Iterable[str]) -> dict[str, ComponentC
         legitimately_empty.add("lora")
     if cfg.fusion.variant == "none":
         legitimately_empty.add("fusion")
+    backbone = model.backbone
+    if backbone.output_embeddings().weight is backbone.input_embeddings().weight:
+        # Tied LM head (Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-2B/4B): the one matrix is
+        # claimed, and trained, as embed_tokens.
+        legitimately_empty.add("lm_head")
     for component in sorted(wanted - legitimately_empty):
         if counts[component].trainable == 0:
             raise KeySegConfigError(
