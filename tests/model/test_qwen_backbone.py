@@ -249,3 +249,17 @@ def test_qwen_at_state_reruns_one_row_with_its_own_patches():
     results = pipe([_image(30, 50, 0), _image(44, 20, 1)], ["a?", "b?"],
                    logits_processor=forced(script), max_new_tokens=len(script))
     assert [r.masks.shape for r in results] == [(1, 30, 50), (1, 44, 20)]
+
+
+def test_empty_system_prompt_leaves_the_system_block_out_as_qwen3_vl_does(qwen_model):
+    from dataclasses import replace
+
+    processor = qwen_model.processor
+    plain = replace(processor.backbone, system_prompt="")
+    original, processor.backbone = processor.backbone, plain
+    try:
+        encoded = processor.encode([tokens.Turn("What is it?", "It is [SEG].")], 3)
+    finally:
+        processor.backbone = original
+    text = processor.tokenizer.decode(encoded.input_ids)
+    assert text.startswith("<|im_start|>user\n<|vision_start|>") and "system" not in text
