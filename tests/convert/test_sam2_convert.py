@@ -210,3 +210,23 @@ def test_cli_convert_sam2_writes_a_loadable_directory(tmp_path, capsys):
     loaded = Sam2Model.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(loaded.mask_decoder.conv_s0.weight,
                                state["sam_mask_decoder.conv_s0.weight"])
+
+
+def test_model_config_sam2_checkpoint_builds_keyseg_on_the_converted_weights(tmp_path):
+    from keyseg.config import BackboneConfig, ModelConfig, SamSettings
+    from keyseg.errors import KeySegConfigError
+    from keyseg.model.keyseg import KeySegModel
+
+    layout = official_sam2_layout("tiny", decoder_mlp=64, iou_hidden=32)
+    state = {name: torch.randn(shape) for name, shape in layout.items()}
+    torch.save({"model": state}, tmp_path / "sam2.pt")
+    config = ModelConfig(backbone=BackboneConfig(preset="tiny"),
+                         sam=SamSettings(family="sam2", preset="tiny",
+                                         checkpoint=str(tmp_path / "sam2.pt")))
+    model = KeySegModel.from_config(config)
+    assert isinstance(model.sam, Sam2Segmenter)
+    torch.testing.assert_close(model.sam.sam.mask_decoder.obj_score_token.weight,
+                               state["sam_mask_decoder.obj_score_token.weight"])
+    with pytest.raises(KeySegConfigError, match=r"model\.sam\.preset: unknown SAM2 preset 'vit_h'"):
+        KeySegModel.from_config(ModelConfig(backbone=BackboneConfig(preset="tiny"),
+                                            sam=SamSettings(family="sam2")))
