@@ -209,11 +209,18 @@ def _image(height, width, seed):
     return np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
 
 
-def test_qwen_pipeline_batches_images_of_different_token_counts_like_single_calls(qwen_model):
+@pytest.mark.parametrize("family", list(QWEN_FAMILY_CLASSES))
+def test_qwen_pipeline_batches_images_of_different_token_counts_like_single_calls(family):
+    """Left-padded rows of different lengths (M-RoPE positions from the attention mask)
+    give the masks each image gets alone."""
     from helpers import answer_ids, forced
     from keyseg.pipeline import KeySegPipeline
 
-    pipe = KeySegPipeline(qwen_model.eval(), max_new_tokens=8)
+    base = qwen_config()
+    config = ModelConfig(backbone=BackboneConfig(**{**base.backbone.__dict__, "family": family}),
+                         sam=base.sam)
+    torch.manual_seed(0)
+    pipe = KeySegPipeline(KeySegModel.from_config(config).eval(), max_new_tokens=8)
     images = [_image(30, 50, 0), _image(44, 20, 1)]
     counts = [pipe.processor.prepare_image(Image.fromarray(i)).num_image_tokens for i in images]
     assert counts[0] != counts[1]
