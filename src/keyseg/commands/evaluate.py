@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=["teacher"],
                         help="protocol(s): teacher = LISA's fed '[SEG].' answer; generate = "
                              "the model answers (default: teacher)")
+    parser.add_argument("--protocol", choices=["lisa", "lisa-bugs"], default="lisa",
+                        help="lisa (default): LISA's validation inputs, LISA's bugs fixed; "
+                             "lisa-bugs: also reproduce them (blank queries, a bare-string "
+                             "text indexed by character, overlapping polygons summed and "
+                             "dropped by the metric); see docs/EVALUATION.md")
     parser.add_argument("--dataset-dir", type=Path, default=Path("./dataset"),
                         help="dataset root holding reason_seg/ and refer_seg/ (default: "
                              "./dataset)")
@@ -62,25 +67,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "float32", "bfloat16", "float16"],
                         help="weights dtype (auto: bfloat16 on CUDA with bf16 support, "
                              "else float32)")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="skip images larger than this (width*height, default 64 MP)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from keyseg.data.eval_sets import parse_spec, resolve_eval_set
     from keyseg.errors import KeySegConfigError
-    from keyseg.evaluate import format_metrics, run_evaluation, save_overlays
+    from keyseg.evaluate import format_issues, format_metrics, run_evaluation, save_overlays
     from keyseg.io import atomic_write_json
 
     for spec in args.dataset:
         parse_spec(spec)  # fail fast on a typo, before opening anything
     if args.limit is not None and args.limit < 0:
         raise KeySegConfigError(f"--limit must be >= 0, got {args.limit}")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise KeySegConfigError(f"--max-pixels must be >= 1, got {args.max_pixels}")
     if args.save_overlays < 0:
         raise KeySegConfigError(f"--save-overlays must be >= 0, got {args.save_overlays}")
 
     started = time.perf_counter()
     # Open every split before loading the model: a missing folder fails in seconds.
-    eval_sets = [resolve_eval_set(spec, args.dataset_dir) for spec in args.dataset]
+    eval_sets = [resolve_eval_set(spec, args.dataset_dir, protocol=args.protocol)
+                 for spec in args.dataset]
     accelerator = _accelerator()
     device = accelerator.device if accelerator is not None else _device(args.device)
     dtype = _dtype(args.dtype, device)
@@ -99,10 +109,12 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size, accelerator=accelerator,
                 all_texts=args.all_texts, max_new_tokens=args.max_new_tokens,
                 jsonl_path=jsonl, progress=not args.no_progress,
-                keep_overlays=args.save_overlays,
+                keep_overlays=args.save_overlays, protocol=args.protocol,
+                max_pixels=args.max_pixels,
             )
             entry = dict(result.metrics)
             entry["reader_skipped"] = eval_set.reader_skipped()
+            entry["reader"] = eval_set.reader_counts()
             entry["skipped_messages"] = result.skipped_messages
             entry["jsonl"] = str(jsonl.relative_to(args.out))
             entry["wall_time_s"] = round(result.wall_time, 3)
@@ -113,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
             results[eval_set.spec][mode] = entry
             if is_main:
                 print(f"{eval_set.spec} [{mode}]: {format_metrics(result.metrics)}")
+                data_line = format_issues(result.metrics["issues"], entry["reader"])
+                if data_line:
+                    print(f"  {data_line}")
 
     if is_main:
         report = {
@@ -121,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             "config": {
                 "model": _model_config(model),
                 "eval": {
-                    "datasets": args.dataset, "modes": args.mode,
+                    "datasets": args.dataset, "modes": args.mode, "protocol": args.protocol,
                     "dataset_dir": str(args.dataset_dir), "limit": args.limit,
                     "all_texts": args.all_texts, "batch_size": args.batch_size,
                     "max_new_tokens": args.max_new_tokens, "dtype": str(dtype),
@@ -149,15 +164,10 @@ def _accelerator():
 
 
 def _device(name: str):
-    import torch
+    """The named device (refused in one line when unavailable), or CUDA > MPS > CPU."""
+    from keyseg.pipeline import resolve_device
 
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return resolve_device(None if name == "auto" else name)
 
 
 def _dtype(name: str, device):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from transformers import AutoConfig, PreTrainedConfig, SamConfig
+from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from keyseg.config import ModelConfig, from_dict, to_dict
@@ -33,7 +33,7 @@ class KeySegModelConfig(PreTrainedConfig):
     model_type = MODEL_TYPE
     sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
         "vlm_config": SubConfigSpec(config_class=AutoConfig, model_type="llava"),
-        "sam_config": SubConfigSpec(config_class=SamConfig),
+        "sam_config": SubConfigSpec(config_class=AutoConfig, model_type="sam"),  # or sam2
     }
 
     vlm_config: dict | PreTrainedConfig | None = None
@@ -57,7 +57,7 @@ class KeySegModelConfig(PreTrainedConfig):
 
     @classmethod
     def from_parts(cls, settings: ModelConfig, vlm_config: PreTrainedConfig,
-                   sam_config: SamConfig, lora_applied: bool = False) -> KeySegModelConfig:
+                   sam_config: PreTrainedConfig, lora_applied: bool = False) -> KeySegModelConfig:
         return cls(keyseg=to_dict(settings), vlm_config=vlm_config, sam_config=sam_config,
                    lora_applied=lora_applied)
 

@@ -33,7 +33,7 @@ from keyseg.model.backbone import (
 from keyseg.model.configuration import MODEL_TYPE, KeySegModelConfig
 from keyseg.model.fusion import KeywordFusion
 from keyseg.model.losses import dice_loss, keyword_alignment_loss, sigmoid_ce_loss
-from keyseg.model.sam import SamSegmenter
+from keyseg.model.sam import SamSegmenter, build_segmenter, segmenter_from_config
 from keyseg.processor import KeySegProcessor
 
 CONFIG_FILE = "config.json"
@@ -126,7 +126,8 @@ class KeySegModel(PreTrainedModel):
         if vlm is None:
             vlm = vlm_from_config(settings.backbone, config.vlm_config)
         self.backbone = VisionLanguageBackbone(vlm)
-        self.sam = sam if sam is not None else SamSegmenter(config.sam_config)
+        self.sam = sam if sam is not None else segmenter_from_config(settings.sam.family,
+                                                                    config.sam_config)
         # keep one object: the sub-configs the parts were built from are the saved ones
         config.vlm_config = self.backbone.base.config
         config.sam_config = self.sam.config
@@ -182,15 +183,12 @@ class KeySegModel(PreTrainedModel):
         """Build from our config: pretrained VLM if ``backbone.name_or_path`` is set, else a
         local preset (random); SAM from ``sam.preset`` (+ official checkpoint if given)."""
         vlm, image_processor, tokenizer = build_vlm(config.backbone, tokenizer, dtype)
-        if config.sam.checkpoint:
-            from keyseg.convert.sam import load_official_sam
-
-            sam = load_official_sam(config.sam.checkpoint, preset=config.sam.preset)
-        else:
-            sam = SamSegmenter.from_preset(config.sam.preset, prompt_dim=config.fusion.dim)
+        sam = build_segmenter(config.sam.family, config.sam.preset, prompt_dim=config.fusion.dim,
+                              checkpoint=config.sam.checkpoint)
         processor = KeySegProcessor(
             tokenizer, image_processor, config.backbone,
             num_image_tokens=num_image_tokens(vlm.config), sam_image_size=sam.image_size,
+            sam_family=sam.family,
         )
         tokens.resize_embeddings(vlm, tokenizer)
         model = cls.from_parts(config, vlm, sam, processor)
