@@ -13,7 +13,10 @@ writes with :meth:`KeySegModel.save_pretrained`::
     DST/keyseg_processor.json              tokenizer, image processor, KeySeg processor
     DST/export.json                        where it came from, whether LoRA was merged
 
-``KeySegModel.from_pretrained(DST)`` needs nothing else. Nothing is uploaded anywhere.
+    DST/README.md                          model card (Hub metadata, eval numbers, config)
+
+``KeySegModel.from_pretrained(DST)`` needs nothing else. ``keyseg export ... --push-to-hub
+REPO`` then uploads the folder (:func:`keyseg.hub.push_folder`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 from keyseg.errors import KeySegCheckpointError
+from keyseg.hub import write_model_card
 from keyseg.io import atomic_write_json
 
 EXPORT_FILE = "export.json"
@@ -119,8 +123,9 @@ def export_model(
     weights: str | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int | None = None,
+    report: str | os.PathLike | None = None,
 ) -> ExportResult:
-    """Write a self-contained model directory (see the module docstring).
+    """Write a self-contained model directory with a model card (see the module docstring).
 
     Args:
         src: model directory or run directory.
@@ -129,6 +134,8 @@ def export_model(
         weights: ``best`` / ``latest`` / a ``trainable.safetensors`` path (run directories).
         dtype: cast before writing (after merging, which runs in the loaded dtype).
         max_shard_bytes: shard size (default 2 GiB).
+        report: a ``keyseg eval`` ``report.json`` whose numbers go into the card (default:
+            the newest one found in the source directory).
     """
     model, model_dir = load_for_export(src, weights)
     merged = merge_lora(model) if merge else 0
@@ -145,6 +152,8 @@ def export_model(
         "lora_in_weights": hasattr(model.backbone.vlm, "peft_config"),
         "dtype": str(model.dtype).removeprefix("torch."),
     })
+    write_model_card(dst, model.settings, report=_report(src, report),
+                     train_config=_train_config(src), title=dst.name)
     return ExportResult(dst, Path(src), merged, sum(p.numel() for p in model.parameters()),
                         count_shards(dst))
 
@@ -160,3 +169,37 @@ def count_shards(directory: Path) -> int:
     if not index.is_file():
         return 1
     return len(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+
+
+def _report(src: str | os.PathLike, report: str | os.PathLike | None) -> dict | None:
+    """The evaluation report for the card: ``report`` if given, else the newest
+    ``report.json`` within two levels of ``src`` (e.g. ``RUN/eval/report.json``)."""
+    import json
+
+    if report is not None:
+        try:
+            return json.loads(Path(report).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise KeySegCheckpointError(f"{report}: cannot read the report ({error})") from None
+    found = [*Path(src).glob("report.json"), *Path(src).glob("*/report.json"),
+             *Path(src).glob("*/*/report.json")]
+    for candidate in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            return json.loads(candidate.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _train_config(src: str | os.PathLike) -> dict | None:
+    """The run's ``config.yaml`` as a dict, when ``src`` is a run directory."""
+    import yaml
+
+    file = Path(src) / "config.yaml"
+    if not file.is_file():
+        return None
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -109,15 +109,23 @@ def write_model_card(
         train_config: the run's config (``to_dict`` of :class:`~keyseg.config.KeySegConfig`).
     """
     import yaml
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     directory = Path(directory)
     results = _metrics(report) if report else []
+    eval_results = [
+        EvalResult(task_type=PIPELINE_TAG, dataset_type=r["split"].split(":")[0],
+                   dataset_name=r["split"], dataset_split=r["split"].partition(":")[2] or None,
+                   metric_type=metric, metric_value=round(r[metric], 4),
+                   metric_name=f"{metric} ({r['mode']})")
+        for r in results for metric in ("giou", "ciou")
+    ]
     data = ModelCardData(
         library_name="keyseg", license=LICENSE, pipeline_tag=PIPELINE_TAG,
         base_model=(base_models if base_models is not None else _base_models(settings)) or None,
         datasets=datasets or None, tags=["reasoning-segmentation", "keyseg", "lisa", "sam"],
         metrics=["giou", "ciou"] if results else None,
+        eval_results=eval_results or None, model_name=title or directory.name,
     )
     lines = [
         "---", data.to_yaml(), "---", "",
@@ -156,11 +164,12 @@ def write_model_card(
 def _metrics(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows ``{split, mode, giou, ciou, count}`` of a ``keyseg eval`` report."""
     rows = []
-    for split, modes in (report.get("splits") or {}).items():
+    for split, modes in (report.get("results") or {}).items():
         for mode, result in (modes or {}).items():
             if isinstance(result, dict) and "giou" in result and "ciou" in result:
                 rows.append({"split": split, "mode": mode, "giou": float(result["giou"]),
-                             "ciou": float(result["ciou"]), "count": result.get("count", "")})
+                             "ciou": float(result["ciou"]),
+                             "count": result.get("samples", result.get("n", ""))})
     return rows
 
 

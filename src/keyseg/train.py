@@ -129,7 +129,7 @@ def main(cfg: KeySegConfig, resume: str | None = None, hooks: Hooks | None = Non
     result = fit(accelerator, model, optimizer, scheduler, batches, val_records, cfg, state,
                  run_dir, hooks)
     if result.stopped != "interrupted":
-        save_final(accelerator, model, run_dir)
+        save_final(accelerator, model, run_dir, cfg)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
@@ -204,8 +204,12 @@ def build_model(cfg: KeySegConfig, accelerator, run_dir: Path | None = None):
     from keyseg.model.keyseg import KeySegModel
     from keyseg.model.trainable import apply_lora, configure_trainable, format_trainable_table
 
+    compute = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
     if cfg.train.init_from:
-        model = KeySegModel.from_pretrained(cfg.train.init_from)
+        # Loaded in the dtype the weights are stored in (a directory or a Hub id): one copy
+        # per process, no fp32 detour for a bf16 checkpoint; what trains is upcast to fp32
+        # below (exactly), the frozen rest cast to the compute dtype.
+        model = KeySegModel.from_pretrained(cfg.train.init_from, dtype="auto")
         # What and how to train from this run's config; architecture keys that differ from
         # the directory's take effect or stop the run (keyseg.model.architecture).
         notes = reconcile(model, cfg.model, cfg.train.init_from)
@@ -220,12 +224,11 @@ def build_model(cfg: KeySegConfig, accelerator, run_dir: Path | None = None):
         _print_trainable(counts)
         if run_dir is not None:
             (run_dir / "trainable.txt").write_text(format_trainable_table(counts) + "\n")
-    compute = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
     if compute is not None:
         # Frozen weights never need fp32 master copies: halves the memory of a 7B base.
+        # Trainable ones are fp32 masters (mixed precision autocasts the compute).
         for param in model.parameters():
-            if not param.requires_grad:
-                param.data = param.data.to(compute)
+            param.data = param.data.to(torch.float32 if param.requires_grad else compute)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
@@ -703,13 +706,26 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler,
     return TrainState(**{k: v for k, v in meta["state"].items() if k in fields})
 
 
-def save_final(accelerator, model, run_dir: Path) -> Path:
-    """The whole model via ``save_pretrained`` into ``run_dir/final`` (for eval/segment)."""
+def save_final(accelerator, model, run_dir: Path, cfg: KeySegConfig | None = None) -> Path:
+    """The whole model via ``save_pretrained`` into ``run_dir/final`` (for eval/segment),
+    with a model card naming the training config."""
+    from keyseg.hub import write_model_card
+
     path = Path(run_dir) / "final"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(path)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(path)
+        write_model_card(path, unwrapped.settings,
+                         train_config=to_dict(cfg) if cfg is not None else None,
+                         datasets=_card_datasets(cfg) if cfg is not None else None)
     return path
+
+
+def _card_datasets(cfg: KeySegConfig) -> list[str]:
+    """Dataset names of the training mixture, for the model card's metadata."""
+    names = {"reason_seg": "ReasonSeg", "refer_seg": "refCOCO", "shapes": "keyseg-shapes"}
+    return [names.get(n, n) for n in cfg.data.datasets.split("||") if n]
 
 
 # =========================================================================================

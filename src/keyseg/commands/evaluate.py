@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     accelerator = _accelerator()
     device = accelerator.device if accelerator is not None else _device(args.device)
     dtype = _dtype(args.dtype, device)
-    model, checkpoint = _load_model(args.checkpoint, dtype)
+    model, checkpoint = _load_model(args.checkpoint, dtype, device)
     model.to(device)
     is_main = accelerator is None or accelerator.is_main_process
 
@@ -180,15 +180,21 @@ def _dtype(name: str, device):
     return torch.float32
 
 
-def _load_model(checkpoint: Path | None, dtype) -> tuple[Any, dict[str, Any]]:
-    """The model and the report's ``checkpoint`` entry (path, sha256 of its weights)."""
+def _load_model(checkpoint: Path | None, dtype, device=None) -> tuple[Any, dict[str, Any]]:
+    """The model and the report's ``checkpoint`` entry (path, sha256 of its weights).
+
+    On an accelerator the weights load straight onto it (``device_map``), so host memory
+    stays about one shard."""
     from keyseg.model.keyseg import KeySegModel
+
+    placement = ({"device_map": str(device)}
+                 if device is not None and device.type != "cpu" else {})
 
     if checkpoint is not None:
         from keyseg.hub import resolve_model_dir
 
         checkpoint = resolve_model_dir(checkpoint)  # a Hub id -> its cached folder
-        model = KeySegModel.from_pretrained(checkpoint, dtype=dtype)
+        model = KeySegModel.from_pretrained(checkpoint, dtype=dtype, **placement)
         return model, {"path": str(checkpoint), "default": False, **checkpoint_hash(checkpoint)}
     try:
         from keyseg.pipeline import default_checkpoint  # written by the pipeline work
@@ -198,7 +204,7 @@ def _load_model(checkpoint: Path | None, dtype) -> tuple[Any, dict[str, Any]]:
         found = default_checkpoint()
         if isinstance(found, (str, os.PathLike)):
             path = Path(found)
-            model = KeySegModel.from_pretrained(path, dtype=dtype)
+            model = KeySegModel.from_pretrained(path, dtype=dtype, **placement)
             return model, {"path": str(path), "default": True, **checkpoint_hash(path)}
         if found is not None:  # a ready model
             return found.to(dtype), {"path": None, "default": True, "sha256": None}

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from keyseg.errors import KeySegConfigError
+
 HELP = "export a run or model as a self-contained directory (optionally merging LoRA)"
-EXAMPLE = "keyseg export runs/keyseg exported/keyseg-7b --merge-lora --weights best"
+EXAMPLE = ("keyseg export runs/keyseg exported/keyseg-7b --merge-lora --weights best "
+           "--push-to-hub my-org/keyseg-7b")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the written weights (auto: as loaded)")
     parser.add_argument("--max-shard-size", type=float, default=2.0, metavar="GIB",
                         help="largest safetensors shard in GiB (default 2)")
+    parser.add_argument("--report", default=None, metavar="REPORT_JSON",
+                        help="`keyseg eval` report whose numbers go into the model card "
+                             "(default: the newest report.json in SRC)")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO",
+                        help="then upload the exported folder to this Hub repository "
+                             "(org/name; needs `hf auth login` or HF_TOKEN)")
+    parser.add_argument("--private", action="store_true",
+                        help="create the Hub repository as private (with --push-to-hub)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,9 +40,17 @@ def run(args: argparse.Namespace) -> int:
 
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16,
              "fp16": torch.float16}[args.dtype]
+    if args.private and not args.push_to_hub:
+        raise KeySegConfigError("--private needs --push-to-hub REPO")
     result = export_model(args.src, args.dst, merge=args.merge_lora, weights=args.weights,
-                          dtype=dtype, max_shard_bytes=int(args.max_shard_size * 1024**3))
+                          dtype=dtype, max_shard_bytes=int(args.max_shard_size * 1024**3),
+                          report=args.report)
     merged = f", merged {result.merged_lora} LoRA layers" if args.merge_lora else ""
     print(f"exported {result.source} -> {result.directory} ({result.num_parameters / 1e6:.1f}M "
           f"parameters in {result.shards} shard(s){merged})")
+    if args.push_to_hub:
+        from keyseg.hub import push_folder
+
+        url = push_folder(result.directory, args.push_to_hub, private=args.private)
+        print(f"pushed to {args.push_to_hub}: {url}")
     return 0

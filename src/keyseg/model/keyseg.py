@@ -123,6 +123,11 @@ class KeySegModel(PreTrainedModel):
         super().__init__(config)
         settings = config.settings
         self._settings = settings
+        for part in (vlm, sam):
+            # Parts handed in are initialised or loaded already (pretrained VLM, official
+            # SAM weights): post_init must not re-initialise them.
+            for module in part.modules() if part is not None else ():
+                module._is_hf_initialized = True
         if vlm is None:
             vlm = vlm_from_config(settings.backbone, config.vlm_config)
         self.backbone = VisionLanguageBackbone(vlm)
