@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -83,19 +82,35 @@ def build_directory(directory: Path, vlm_layers: int, vision_layers: int,
     return total
 
 
+def _status_bytes(field: str) -> int:
+    """``VmHWM`` (peak) or ``VmRSS`` (current) of this process from /proc, in bytes. (Not
+    ``ru_maxrss``: Linux carries it over from the parent across fork + exec.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def load_once(directory: Path, device: str) -> dict:
     """Run in a fresh process: load through the pipeline, report memory and time."""
     import keyseg.model.keyseg  # noqa: F401  (imports counted in the baseline)
     from keyseg.pipeline import KeySegPipeline
 
     # What the process holds before any weight (torch, transformers, keyseg imported).
-    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = _status_bytes("VmHWM")
     started = time.perf_counter()
     pipe = KeySegPipeline.from_pretrained(directory, device=device, dtype="bf16")
     seconds = time.perf_counter() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    record = {"load_s": round(seconds, 2), "peak_rss_bytes": peak_kib * 1024,
-              "baseline_rss_bytes": baseline_kib * 1024,
+    after_load = _status_bytes("VmHWM")
+    # safetensors shards are memory-mapped: a weight is read (and resident) once it is
+    # used. Touch every one, as the first query would, so the peak counts all of them.
+    started = time.perf_counter()
+    with torch.no_grad():
+        checksum = sum(float(p.float().sum()) for p in pipe.model.parameters())
+    touch_seconds = time.perf_counter() - started
+    record = {"load_s": round(seconds, 2), "touch_all_weights_s": round(touch_seconds, 2),
+              "peak_rss_bytes": _status_bytes("VmHWM"), "peak_rss_after_load_bytes": after_load,
+              "baseline_rss_bytes": baseline, "checksum_finite": bool(checksum == checksum),
               "parameters": sum(p.numel() for p in pipe.model.parameters()),
               "dtype": str(pipe.dtype), "device": str(pipe.device)}
     if pipe.device.type == "cuda":
