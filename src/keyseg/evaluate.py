@@ -29,11 +29,20 @@ per-sample lines go to a JSONL file as they are produced, overlay candidates liv
 bounded heaps. With an Accelerate ``accelerator``, records are sharded by process index,
 counts are summed exactly across processes and the per-process JSONL files are merged by the
 main process.
+
+Resume: every row is appended to the process's part file in one write and flushed, so a
+kill loses at most the batch in flight (a torn last line is dropped). With ``resume=True``
+the rows already on disk (part files of any earlier run, whatever its process count, and a
+merged file) are accounted first, in record order, exactly as if they had just been scored;
+only the missing queries are run. The totals, and so the report, equal an uninterrupted
+run's (same process count: bit for bit; the float ``sum_iou`` may differ in its last bits
+when the process count changed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import heapq
 import io
 import itertools
@@ -125,6 +134,9 @@ class OverlayCandidate:
         shape: ``(k, H, W)`` of the masks.
         pred_bits / target_bits: ``np.packbits`` of the ``(k, H, W)`` prediction
             (``logits > 0``) and of the target's foreground; ``ignore_bits`` of its 255 pixels.
+            ``None`` (and ``shape`` ``(0, 0, 0)``) for a row read back on resume until its
+            masks are recomputed at the end (:func:`_complete_pending`).
+        ref_index: index of the referent in the record.
     """
 
     score: float
@@ -133,9 +145,10 @@ class OverlayCandidate:
     query: str
     answer: str
     shape: tuple[int, int, int]
-    pred_bits: np.ndarray
-    target_bits: np.ndarray
-    ignore_bits: np.ndarray
+    pred_bits: np.ndarray | None
+    target_bits: np.ndarray | None
+    ignore_bits: np.ndarray | None
+    ref_index: int = 0
 
     def masks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Unpacked ``(k, H, W)`` bool prediction, target foreground and ignore region."""
@@ -165,6 +178,7 @@ class EvalResult:
         skipped_messages: the first error messages of skipped records.
         overlays: ``worst`` and ``best`` :class:`OverlayCandidate` lists (``keep_overlays``).
         wall_time: seconds.
+        resumed_rows: rows read back from disk instead of scored (``resume``; all processes).
     """
 
     metrics: dict[str, Any]
@@ -172,6 +186,7 @@ class EvalResult:
     skipped_messages: list[str] = field(default_factory=list)
     overlays: dict[str, list[OverlayCandidate]] = field(default_factory=dict)
     wall_time: float = 0.0
+    resumed_rows: int = 0
 
 
 class _BoundedHeaps:
@@ -217,6 +232,8 @@ class _Item:
     conversation: Conversation
     referent: Referent
     fed_answer: str
+    ref_index: int = 0
+    queries: int = 1  # queries scored for this record (a resume knows a record is complete)
 
 
 # --------------------------------------------------------------------------- main loop
@@ -233,6 +250,7 @@ def run_evaluation(
     all_texts: bool = False,
     max_new_tokens: int = 64,
     jsonl_path: str | os.PathLike | None = None,
+    resume: bool = False,
     progress: bool = True,
     keep_per_sample: bool = False,
     keep_overlays: int = 0,
@@ -251,7 +269,12 @@ def run_evaluation(
         accelerator: an ``accelerate.Accelerator``: shard by process, reduce exactly.
         all_texts: score every text of a ReasonSeg record, not just the first.
         max_new_tokens: generation budget (``generate`` mode).
-        jsonl_path: write one JSON line per scored conversation here (streamed, flushed).
+        jsonl_path: write one JSON line per scored conversation here (streamed: appended to
+            a per-process part file, one flushed write per row; merged in record order into
+            ``jsonl_path`` at the end).
+        resume: continue from the rows already on disk for ``jsonl_path`` (part files and a
+            merged file) instead of starting over. The caller makes sure they were written
+            with the same model and arguments (``keyseg eval`` checks its ``run.json``).
         progress: show a progress bar (main process only).
         keep_per_sample: also return the per-sample lines in :attr:`EvalResult.per_sample`.
         keep_overlays: keep the ``n`` worst and ``n`` best samples for overlays.
@@ -260,11 +283,17 @@ def run_evaluation(
 
     Returns:
         an :class:`EvalResult`; its ``metrics`` are the sums over all processes.
+
+    Raises:
+        KeySegDataError: with ``resume``, a row on disk that is not a complete JSON line of
+            this format (other than a torn last line, which is dropped).
     """
     if mode not in MODES:
         raise KeySegConfigError(f"evaluation mode {mode!r}: use one of {', '.join(MODES)}")
     if batch_size < 1:
         raise KeySegConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if resume and jsonl_path is None:
+        raise KeySegConfigError("resume needs a jsonl_path (the rows to continue from)")
     start = time.perf_counter()
     rank, world = _process_layout(accelerator)
     if accelerator is not None:
@@ -282,11 +311,29 @@ def run_evaluation(
     collator = Collator(model.processor, mode="train" if mode == "teacher" else "prompt")
 
     jsonl_final = Path(jsonl_path) if jsonl_path is not None else None
-    part_path = _part_path(jsonl_final, rank) if jsonl_final is not None else None
-    writer = None
-    if part_path is not None:
-        part_path.parent.mkdir(parents=True, exist_ok=True)
-        writer = open(part_path, "w", encoding="utf-8")  # noqa: SIM115 (closed in finally)
+    done: dict[int, set[int]] = {}
+    if jsonl_final is not None:
+        jsonl_final.parent.mkdir(parents=True, exist_ok=True)
+        if resume:
+            # The rows of this shard already on disk count first, in record order: the
+            # accumulation below is then the same sequence of operations as uninterrupted.
+            _trim_torn_line(_part_path(jsonl_final, rank))
+            if world > 1:
+                accelerator.wait_for_everyone()
+            rows = _rows_on_disk(jsonl_final, rank, world, total)
+            done, complete = _done_map(rows)
+            counts["records"] += complete
+            for row in rows:
+                _account(row, mode, metrics, by_difficulty, counts)
+                if heaps.wants(row["iou"]):
+                    heaps.push(_pending_candidate(row))
+                if per_sample is not None:
+                    per_sample.append(row)
+            counts["resumed_rows"] = len(rows)
+            del rows
+        else:
+            _discard_previous(jsonl_final, rank, world, accelerator)
+    writer = _RowWriter(_part_path(jsonl_final, rank)) if jsonl_final is not None else None
 
     was_training = model.training
     model.eval()
@@ -295,18 +342,22 @@ def run_evaluation(
     try:
         with torch.no_grad(), autocast:
             for items in _batches(records, shard, batch_size, mode, use_keyword, all_texts,
-                                  counts, skipped_messages, bar, max_pixels):
+                                  counts, skipped_messages, bar, max_pixels, done):
                 batch = collator(_group_examples(items)).to(model.device, dtype=model.dtype)
                 outputs = _infer(model, batch, items, mode, max_new_tokens,
                                  generate_kwargs or {})
                 for item, (pred, answer, keyword) in zip(items, outputs, strict=True):
-                    line = _score(item, pred, answer, keyword, mode, metrics, by_difficulty,
-                                  counts, heaps)
+                    line = _score(item, pred, answer, keyword, heaps)
+                    _account(line, mode, metrics, by_difficulty, counts)
                     if writer is not None:
-                        writer.write(json.dumps(line, ensure_ascii=False) + "\n")
-                        writer.flush()
+                        writer.write(line)
                     if per_sample is not None:
                         per_sample.append(line)
+                if writer is not None:
+                    writer.sync()
+            if keep_overlays:
+                _complete_pending(heaps, model, collator, records, mode, use_keyword,
+                                  all_texts, max_new_tokens, generate_kwargs or {}, max_pixels)
     finally:
         bar.close()
         if writer is not None:
@@ -348,7 +399,8 @@ def run_evaluation(
         result["by_difficulty"] = {k: by_difficulty[k].compute() for k in sorted(by_difficulty)}
     return EvalResult(metrics=result, per_sample=per_sample, skipped_messages=skipped_messages,
                       overlays=overlays if keep_overlays else {},
-                      wall_time=time.perf_counter() - start)
+                      wall_time=time.perf_counter() - start,
+                      resumed_rows=counts["resumed_rows"])
 
 
 def _process_layout(accelerator: Any | None) -> tuple[int, int]:
@@ -374,21 +426,24 @@ def _batches(
     skipped_messages: list[str],
     bar,
     max_pixels: int | None,
+    done: dict[int, set[int]] | None = None,
 ) -> Iterator[list[_Item]]:
     """Load records of the shard lazily and yield lists of ``batch_size`` conversations.
 
     A record that fails to load (:class:`KeySegDataError`: truncated image, bad annotation)
-    is counted in ``counts["skipped"]`` and left out.
+    is counted in ``counts["skipped"]`` and left out. ``done`` maps a record index to the
+    referent indices already scored (resume): those are left out, and a record whose every
+    query is done (``done[index]`` holds ``-1``) is not even loaded.
     """
-    from keyseg.data.images import DEFAULT_MAX_PIXELS, load_image
-
+    done = done or {}
     pending: list[_Item] = []
     for index in shard:
+        finished = done.get(index, set())
+        if -1 in finished:
+            bar.update(1)
+            continue
         try:
-            record = records[index]
-            image = record.image if record.image is not None else load_image(
-                record.image_path, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-            image = image.convert("RGB")
+            record, image = _load_record(records, index, max_pixels)
         except KeySegDataError as error:
             counts["skipped"] += 1
             if len(skipped_messages) < _MAX_SKIP_MESSAGES:
@@ -396,24 +451,45 @@ def _batches(
             bar.update(1)
             continue
         counts["records"] += 1
-        for ref_index, ref in eval_referents(record, all_texts):
-            answer = teacher_answer(int(ref.masks.shape[0]), ref.keyword, use_keyword,
-                                    reference=ref.answer)
-            conv = Conversation(
-                turns=[tokens.Turn(eval_question(ref), answer)],
-                target_masks=ref.masks,
-                sample_id=f"{record.source}/{record.sample_id}#{ref_index}",
-                keyword=ref.keyword,
-                difficulty=ref.difficulty,
-            )
-            pending.append(_Item(index, record.sample_id, record.source, image, conv, ref,
-                                 answer))
+        pairs = eval_referents(record, all_texts)
+        for ref_index, ref in pairs:
+            if ref_index in finished:
+                continue
+            pending.append(_make_item(record, index, image, ref_index, ref, len(pairs),
+                                      use_keyword))
             if len(pending) >= batch_size:
                 yield pending
                 pending = []
         bar.update(1)
     if pending:
         yield pending
+
+
+def _load_record(records: Sequence[SegRecord], index: int,
+                 max_pixels: int | None) -> tuple[SegRecord, Any]:
+    """``records[index]`` and its decoded RGB image (:class:`KeySegDataError` if bad)."""
+    from keyseg.data.images import DEFAULT_MAX_PIXELS, load_image
+
+    record = records[index]
+    image = record.image if record.image is not None else load_image(
+        record.image_path, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    return record, image.convert("RGB")
+
+
+def _make_item(record: SegRecord, index: int, image: Any, ref_index: int, ref: Referent,
+               queries: int, use_keyword: bool) -> _Item:
+    """The conversation scored for referent ``ref_index`` of ``record``."""
+    answer = teacher_answer(int(ref.masks.shape[0]), ref.keyword, use_keyword,
+                            reference=ref.answer)
+    conv = Conversation(
+        turns=[tokens.Turn(eval_question(ref), answer)],
+        target_masks=ref.masks,
+        sample_id=f"{record.source}/{record.sample_id}#{ref_index}",
+        keyword=ref.keyword,
+        difficulty=ref.difficulty,
+    )
+    return _Item(index, record.sample_id, record.source, image, conv, ref, answer,
+                 ref_index=ref_index, queries=queries)
 
 
 def _group_examples(items: list[_Item]) -> list[ImageExample]:
@@ -441,72 +517,59 @@ def _infer(model, batch, items: list[_Item], mode: str, max_new_tokens: int,
     return [(r.masks, r.answer, r.keyword) for r in results]
 
 
+def _used_prediction(pred: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` predictions scored against ``k`` targets: prediction ``i`` for target ``i``;
+    missing predictions are empty (all-negative logits), extra ones dropped."""
+    n_pred = int(pred.shape[0])
+    if n_pred >= k:
+        return pred[:k]
+    filler = torch.full((k - n_pred, *pred.shape[1:]), -1.0, dtype=pred.dtype,
+                        device=pred.device)
+    return torch.cat([pred, filler]) if n_pred else filler
+
+
 def _score(
     item: _Item,
     pred: torch.Tensor,
     answer: str,
     keyword: str | None,
-    mode: str,
-    metrics: SegMetrics,
-    by_difficulty: dict[str, SegMetrics],
-    counts: Counter,
     heaps: _BoundedHeaps,
 ) -> dict:
-    """Score one conversation; returns its JSONL line.
+    """Score one conversation; returns its JSONL line (added to the totals by
+    :func:`_account`, the one place rows are counted, live or read back on resume).
 
     ``pred``: ``(n_pred, H, W)`` logits; ``target``: ``(k, H, W)``. Prediction ``i`` is matched
     with target ``i``; missing predictions are empty (all-zero) masks, extra ones ignored.
     """
     target = np.asarray(item.conversation.target_masks)
     k, n_pred = int(target.shape[0]), int(pred.shape[0])
-    if n_pred < k:
-        filler = torch.full((k - n_pred, *pred.shape[1:]), -1.0, dtype=pred.dtype,
-                            device=pred.device)
-        used = torch.cat([pred, filler]) if n_pred else filler
-    else:
-        used = pred[:k]
+    used = _used_prediction(pred, k)
     if tuple(used.shape[1:]) != tuple(target.shape[1:]):
         raise KeySegDataError(
             f"{item.conversation.sample_id}: predicted masks {tuple(used.shape[1:])} do not "
             f"match the target size {tuple(target.shape[1:])}"
         )
-    pairs = metrics.update(used, target)
-    difficulty = item.referent.difficulty
-    if difficulty is not None:
-        by_difficulty.setdefault(difficulty, SegMetrics()).update_counts(
-            [i for i, _ in pairs], [u for _, u in pairs])
-    counts["samples"] += 1
-    if mode == "generate":
-        if n_pred == 0:
-            counts["no_seg"] += 1
-        elif n_pred < k:
-            counts["fewer_seg"] += 1
-        elif n_pred > k:
-            counts["extra_seg"] += 1
-        target_keyword = item.referent.keyword
-        if target_keyword and target_keyword.strip():
-            counts["keyword_scored"] += 1
-            counts["keyword_correct"] += int(same_keyword(keyword, target_keyword))
+    pairs = SegMetrics().update(used, target)
     score = sum(iou_score(i, u) for i, u in pairs) / len(pairs)
     if heaps.wants(score):
-        heaps.push(OverlayCandidate(
-            score=score, sample_id=item.conversation.sample_id,
-            record_index=item.record_index, query=item.referent.text, answer=answer,
-            shape=tuple(int(s) for s in target.shape),
-            pred_bits=np.packbits((used > 0).cpu().numpy().reshape(-1)),
-            target_bits=np.packbits(((target != 0) & (target != 255)).reshape(-1)),
-            ignore_bits=np.packbits((target == 255).reshape(-1)),
-        ))
+        candidate = _pending_candidate({"iou": score, "id": item.conversation.sample_id,
+                                        "index": item.record_index, "ref": item.ref_index,
+                                        "query": item.referent.text, "answer": answer})
+        _fill_bits(candidate, used, target)
+        heaps.push(candidate)
     return {
         "id": item.conversation.sample_id,
         "record": item.record_id,
         "source": item.source,
+        "index": item.record_index,
+        "ref": item.ref_index,
+        "queries": item.queries,
         "query": item.referent.text,
         "question": item.conversation.turns[-1].question,
         "answer": answer,
         "keyword": keyword,
         "target_keyword": item.referent.keyword,
-        "difficulty": difficulty,
+        "difficulty": item.referent.difficulty,
         "n_target": k,
         "n_pred": n_pred,
         "no_seg": n_pred == 0,
@@ -516,11 +579,69 @@ def _score(
     }
 
 
+def _account(row: dict, mode: str, metrics: SegMetrics, by_difficulty: dict[str, SegMetrics],
+             counts: Counter) -> None:
+    """Add one JSONL row to the totals (a scored row and a row read back count alike)."""
+    metrics.update_counts(row["I"], row["U"])
+    difficulty = row.get("difficulty")
+    if difficulty is not None:
+        by_difficulty.setdefault(difficulty, SegMetrics()).update_counts(row["I"], row["U"])
+    counts["samples"] += 1
+    if mode == "generate":
+        k, n_pred = int(row["n_target"]), int(row["n_pred"])
+        if n_pred == 0:
+            counts["no_seg"] += 1
+        elif n_pred < k:
+            counts["fewer_seg"] += 1
+        elif n_pred > k:
+            counts["extra_seg"] += 1
+        target_keyword = row.get("target_keyword")
+        if target_keyword and target_keyword.strip():
+            counts["keyword_scored"] += 1
+            counts["keyword_correct"] += int(same_keyword(row.get("keyword"), target_keyword))
+
+
+def _pending_candidate(row: dict) -> OverlayCandidate:
+    """An overlay candidate for ``row`` without masks (filled by :func:`_fill_bits`)."""
+    return OverlayCandidate(score=float(row["iou"]), sample_id=row["id"],
+                            record_index=int(row["index"]), query=row["query"],
+                            answer=row["answer"], shape=(0, 0, 0), pred_bits=None,
+                            target_bits=None, ignore_bits=None, ref_index=int(row["ref"]))
+
+
+def _fill_bits(candidate: OverlayCandidate, used: torch.Tensor, target: np.ndarray) -> None:
+    """Store the bit-packed ``(k, H, W)`` prediction, target and ignore region."""
+    candidate.shape = tuple(int(s) for s in target.shape)
+    candidate.pred_bits = np.packbits((used > 0).cpu().numpy().reshape(-1))
+    candidate.target_bits = np.packbits(((target != 0) & (target != 255)).reshape(-1))
+    candidate.ignore_bits = np.packbits((target == 255).reshape(-1))
+
+
+def _complete_pending(heaps: _BoundedHeaps, model, collator: Collator,
+                      records: Sequence[SegRecord], mode: str, use_keyword: bool,
+                      all_texts: bool, max_new_tokens: int, generate_kwargs: dict,
+                      max_pixels: int | None) -> None:
+    """Recompute the masks of kept candidates that were read back from disk (resume): at
+    most ``2 n`` samples per process, one at a time."""
+    for _, _, candidate in heaps.worst + heaps.best:
+        if candidate.pred_bits is not None:
+            continue
+        record, image = _load_record(records, candidate.record_index, max_pixels)
+        pairs = eval_referents(record, all_texts)
+        ref = dict(pairs)[candidate.ref_index]
+        item = _make_item(record, candidate.record_index, image, candidate.ref_index, ref,
+                          len(pairs), use_keyword)
+        batch = collator(_group_examples([item])).to(model.device, dtype=model.dtype)
+        pred = _infer(model, batch, [item], mode, max_new_tokens, generate_kwargs)[0][0]
+        target = np.asarray(item.conversation.target_masks)
+        _fill_bits(candidate, _used_prediction(pred, int(target.shape[0])), target)
+
+
 # --------------------------------------------------------------------------- reduction
 
 
 _COUNT_KEYS = ("samples", "records", "skipped", "no_seg", "fewer_seg", "extra_seg",
-               "keyword_scored", "keyword_correct")
+               "keyword_scored", "keyword_correct", "resumed_rows")
 
 
 def same_keyword(decoded: str | None, target: str) -> bool:
@@ -554,27 +675,167 @@ def _reduce_difficulty(by_difficulty: dict[str, SegMetrics], accelerator: Any | 
     return merged
 
 
+# --------------------------------------------------------------------------- rows on disk
+
+
 def _part_path(final: Path, rank: int) -> Path:
     return final.with_name(f".{final.name}.part{rank}")
 
 
+def _part_files(final: Path) -> list[Path]:
+    """Every part file of ``final`` on disk (any process count), in rank order."""
+    prefix = f".{final.name}.part"
+    found = [p for p in final.parent.glob(f"{glob.escape(prefix)}*")
+             if p.name[len(prefix):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(prefix):]))
+
+
+class _RowWriter:
+    """Appends JSONL rows to a part file: each row one ``write`` of a whole line, flushed
+    (a kill leaves at most a torn last line, dropped on resume); :meth:`sync` fsyncs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 (closed by close())
+
+    def write(self, row: dict) -> None:
+        data = memoryview((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+        while data:
+            written = self._file.write(data)
+            data = data[written:]
+
+    def sync(self) -> None:
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _trim_torn_line(path: Path) -> None:
+    """Cut a partially written last line (no trailing newline) off ``path``, if any."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        # Walk back to the last newline (rows are small: read the tail in chunks).
+        end = size
+        while end > 0:
+            begin = max(0, end - (1 << 16))
+            handle.seek(begin)
+            chunk = handle.read(end - begin)
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                handle.truncate(begin + cut + 1)
+                return
+            end = begin
+        handle.truncate(0)
+
+
+def _iter_rows(path: Path) -> Iterator[tuple[int, int, dict, int, int]]:
+    """``(index, ref, row, offset, length)`` of every complete row of a JSONL file; a torn
+    last line (no newline: a kill mid-write) is skipped.
+
+    Raises:
+        KeySegDataError: a complete line that is not a row of this format (names the file
+            and line).
+    """
+    offset = 0
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            start, offset = offset, offset + len(line)
+            if not line.endswith(b"\n"):
+                return  # torn last line
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                key = (int(row["index"]), int(row["ref"]))
+                int(row["queries"])
+            except (ValueError, KeyError, TypeError) as error:
+                raise KeySegDataError(
+                    f"{path}:{number}: not an evaluation row of this keyseg version ({error}); "
+                    "start over with --overwrite (or another --out)"
+                ) from error
+            yield key[0], key[1], row, start, len(line)
+
+
+def _rows_on_disk(final: Path, rank: int, world: int, total: int) -> list[dict]:
+    """The rows of this process's shard (``index % world == rank``, ``index < total``)
+    found in the merged file and every part file, each ``(index, ref)`` once, in record
+    order."""
+    found: dict[tuple[int, int], dict] = {}
+    sources = ([final] if final.is_file() else []) + _part_files(final)
+    for path in sources:
+        for index, ref, row, _, _ in _iter_rows(path):
+            if index < total and index % world == rank:
+                found.setdefault((index, ref), row)
+    return [found[key] for key in sorted(found)]
+
+
+def _done_map(rows: list[dict]) -> tuple[dict[int, set[int]], int]:
+    """``{record index: referent indices done}`` (``-1`` added once all the record's
+    queries are done) and the number of complete records."""
+    done: dict[int, set[int]] = {}
+    queries: dict[int, int] = {}
+    for row in rows:
+        done.setdefault(int(row["index"]), set()).add(int(row["ref"]))
+        queries[int(row["index"])] = int(row["queries"])
+    complete = 0
+    for index, refs in done.items():
+        if len(refs) >= queries[index]:
+            refs.add(-1)
+            complete += 1
+    return done, complete
+
+
+def _discard_previous(final: Path, rank: int, world: int, accelerator: Any | None) -> None:
+    """Start over: empty this process's part; the main process also removes the merged
+    file and parts of ranks this run does not have."""
+    _part_path(final, rank).unlink(missing_ok=True)
+    if rank == 0:
+        final.unlink(missing_ok=True)
+        for path in _part_files(final):
+            if int(path.name.rsplit("part", 1)[1]) >= world:
+                path.unlink(missing_ok=True)
+    if world > 1:
+        accelerator.wait_for_everyone()
+
+
 def _merge_jsonl(final: Path, rank: int, world: int, accelerator: Any | None) -> None:
-    """Concatenate the per-process parts (rank order) into ``final`` on the main process."""
+    """Merge the previous merged file and every part into ``final`` on the main process:
+    rows in record order (``index``, ``ref``), each once; then remove the parts.
+
+    Only ``(index, ref)`` keys and file offsets are held in memory, not the rows.
+    """
     if world > 1:
         accelerator.wait_for_everyone()
     if rank == 0:
+        sources = ([final] if final.is_file() else []) + _part_files(final)
+        where: dict[tuple[int, int], tuple[int, int, int]] = {}
+        for number, path in enumerate(sources):
+            for index, ref, _, offset, length in _iter_rows(path):
+                where.setdefault((index, ref), (number, offset, length))
         tmp = final.with_name(f".{final.name}.tmp")
-        with open(tmp, "wb") as out:
-            for r in range(world):
-                part = _part_path(final, r)
-                with open(part, "rb") as handle:
-                    while chunk := handle.read(1 << 20):
-                        out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+        handles = [open(path, "rb") for path in sources]  # noqa: SIM115 (closed below)
+        try:
+            with open(tmp, "wb") as out:
+                for key in sorted(where):
+                    number, offset, length = where[key]
+                    handles[number].seek(offset)
+                    out.write(handles[number].read(length))
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            for handle in handles:
+                handle.close()
         os.replace(tmp, final)
-        for r in range(world):
-            _part_path(final, r).unlink(missing_ok=True)
+        for path in _part_files(final):
+            path.unlink(missing_ok=True)
     if world > 1:
         accelerator.wait_for_everyone()
 
