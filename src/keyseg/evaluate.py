@@ -30,13 +30,14 @@ bounded heaps. With an Accelerate ``accelerator``, records are sharded by proces
 counts are summed exactly across processes and the per-process JSONL files are merged by the
 main process.
 
-Resume: every row is appended to the process's part file in one write and flushed, so a
-kill loses at most the batch in flight (a torn last line is dropped). With ``resume=True``
-the rows already on disk (part files of any earlier run, whatever its process count, and a
-merged file) are accounted first, in record order, exactly as if they had just been scored;
-only the missing queries are run. The totals, and so the report, equal an uninterrupted
-run's (same process count: bit for bit; the float ``sum_iou`` may differ in its last bits
-when the process count changed).
+Resume: every row is appended to the process's part file in one write and flushed, and a
+line closes each batch, so a kill loses at most the batch in flight (its rows and a torn
+last line are dropped on resume). With ``resume=True`` the rows already on disk (part files
+of any earlier run, whatever its process count, and a merged file) are accounted first, in
+record order, exactly as if they had just been scored; only the missing queries are run,
+in the batches an uninterrupted run would form. The totals, and so the report, equal an
+uninterrupted run's (same process count: bit for bit; with another process count the
+float ``sum_iou`` may differ in its last bits).
 """
 
 from __future__ import annotations
@@ -311,13 +312,13 @@ def run_evaluation(
     collator = Collator(model.processor, mode="train" if mode == "teacher" else "prompt")
 
     jsonl_final = Path(jsonl_path) if jsonl_path is not None else None
-    done: dict[int, set[int]] = {}
+    done: dict[int, tuple[set[int], int]] = {}
     if jsonl_final is not None:
         jsonl_final.parent.mkdir(parents=True, exist_ok=True)
         if resume:
             # The rows of this shard already on disk count first, in record order: the
             # accumulation below is then the same sequence of operations as uninterrupted.
-            _trim_torn_line(_part_path(jsonl_final, rank))
+            _trim_to_last_batch(_part_path(jsonl_final, rank))
             if world > 1:
                 accelerator.wait_for_everyone()
             rows = _rows_on_disk(jsonl_final, rank, world, total)
@@ -354,7 +355,7 @@ def run_evaluation(
                     if per_sample is not None:
                         per_sample.append(line)
                 if writer is not None:
-                    writer.sync()
+                    writer.end_batch()
             if keep_overlays:
                 _complete_pending(heaps, model, collator, records, mode, use_keyword,
                                   all_texts, max_new_tokens, generate_kwargs or {}, max_pixels)
@@ -426,20 +427,28 @@ def _batches(
     skipped_messages: list[str],
     bar,
     max_pixels: int | None,
-    done: dict[int, set[int]] | None = None,
+    done: dict[int, tuple[set[int], int]] | None = None,
 ) -> Iterator[list[_Item]]:
     """Load records of the shard lazily and yield lists of ``batch_size`` conversations.
 
     A record that fails to load (:class:`KeySegDataError`: truncated image, bad annotation)
     is counted in ``counts["skipped"]`` and left out. ``done`` maps a record index to the
-    referent indices already scored (resume): those are left out, and a record whose every
-    query is done (``done[index]`` holds ``-1``) is not even loaded.
+    referent indices already scored and the record's number of queries (resume): those are
+    left out, and a record whose every query is done is not even loaded. They still take
+    their places in the batches, so the batches of a resumed run hold exactly the
+    conversations they held in an uninterrupted one (same padding, same numbers).
     """
     done = done or {}
     pending: list[_Item] = []
+    slots = 0  # conversations of the current batch, the ones done before included
     for index in shard:
-        finished = done.get(index, set())
-        if -1 in finished:
+        finished, queries = done.get(index, (set(), -1))
+        if len(finished) >= queries >= 0:  # complete on disk
+            slots += queries
+            if slots >= batch_size:  # the current batch ends inside this record
+                if pending:
+                    yield pending
+                pending, slots = [], slots % batch_size
             bar.update(1)
             continue
         try:
@@ -453,13 +462,14 @@ def _batches(
         counts["records"] += 1
         pairs = eval_referents(record, all_texts)
         for ref_index, ref in pairs:
-            if ref_index in finished:
-                continue
-            pending.append(_make_item(record, index, image, ref_index, ref, len(pairs),
-                                      use_keyword))
-            if len(pending) >= batch_size:
-                yield pending
-                pending = []
+            slots += 1
+            if ref_index not in finished:
+                pending.append(_make_item(record, index, image, ref_index, ref, len(pairs),
+                                          use_keyword))
+            if slots >= batch_size:
+                if pending:
+                    yield pending
+                pending, slots = [], 0
         bar.update(1)
     if pending:
         yield pending
@@ -690,66 +700,72 @@ def _part_files(final: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(prefix):]))
 
 
+#: The line that closes a batch in a part file (never in the merged file).
+BATCH_END = b'{"batch_end": true}\n'
+
+
 class _RowWriter:
-    """Appends JSONL rows to a part file: each row one ``write`` of a whole line, flushed
-    (a kill leaves at most a torn last line, dropped on resume); :meth:`sync` fsyncs."""
+    """Appends JSONL rows to a part file: each row one ``write`` of a whole line, flushed;
+    :meth:`end_batch` appends :data:`BATCH_END` and fsyncs. Rows after the last
+    ``BATCH_END`` (the batch a kill interrupted) are dropped on resume, so a resumed run
+    batches exactly the conversations an uninterrupted one does."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file = open(path, "ab", buffering=0)  # noqa: SIM115 (closed by close())
 
-    def write(self, row: dict) -> None:
-        data = memoryview((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-        while data:
-            written = self._file.write(data)
-            data = data[written:]
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view):]
 
-    def sync(self) -> None:
+    def write(self, row: dict) -> None:
+        self._write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def end_batch(self) -> None:
+        self._write(BATCH_END)
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()
 
 
-def _trim_torn_line(path: Path) -> None:
-    """Cut a partially written last line (no trailing newline) off ``path``, if any."""
+def _trim_to_last_batch(path: Path) -> None:
+    """Cut ``path`` after its last :data:`BATCH_END` line: the rows of an interrupted batch
+    and a torn last line go."""
     if not path.is_file():
         return
-    with open(path, "rb+") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        handle.seek(size - 1)
-        if handle.read(1) == b"\n":
-            return
-        # Walk back to the last newline (rows are small: read the tail in chunks).
-        end = size
-        while end > 0:
-            begin = max(0, end - (1 << 16))
-            handle.seek(begin)
-            chunk = handle.read(end - begin)
-            cut = chunk.rfind(b"\n")
-            if cut >= 0:
-                handle.truncate(begin + cut + 1)
-                return
-            end = begin
-        handle.truncate(0)
+    keep = 0
+    with open(path, "rb") as handle:
+        offset = 0
+        for line in handle:
+            offset += len(line)
+            if line == BATCH_END:
+                keep = offset
+    if keep != path.stat().st_size:
+        os.truncate(path, keep)
 
 
-def _iter_rows(path: Path) -> Iterator[tuple[int, int, dict, int, int]]:
+def _iter_rows(path: Path, batched: bool = False) -> Iterator[tuple[int, int, dict, int, int]]:
     """``(index, ref, row, offset, length)`` of every complete row of a JSONL file; a torn
-    last line (no newline: a kill mid-write) is skipped.
+    last line (no newline: a kill mid-write) is skipped. ``batched`` (part files): only rows
+    followed by a :data:`BATCH_END` line count.
 
     Raises:
         KeySegDataError: a complete line that is not a row of this format (names the file
             and line).
     """
     offset = 0
+    held: list[tuple[int, int, dict, int, int]] = []
     with open(path, "rb") as handle:
         for number, line in enumerate(handle, start=1):
             start, offset = offset, offset + len(line)
             if not line.endswith(b"\n"):
                 return  # torn last line
+            if line == BATCH_END:
+                yield from held
+                held = []
+                continue
             if not line.strip():
                 continue
             try:
@@ -761,7 +777,10 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, int, dict, int, int]]:
                     f"{path}:{number}: not an evaluation row of this keyseg version ({error}); "
                     "start over with --overwrite (or another --out)"
                 ) from error
-            yield key[0], key[1], row, start, len(line)
+            held.append((key[0], key[1], row, start, len(line)))
+            if not batched:
+                yield from held
+                held = []
 
 
 def _rows_on_disk(final: Path, rank: int, world: int, total: int) -> list[dict]:
@@ -771,25 +790,20 @@ def _rows_on_disk(final: Path, rank: int, world: int, total: int) -> list[dict]:
     found: dict[tuple[int, int], dict] = {}
     sources = ([final] if final.is_file() else []) + _part_files(final)
     for path in sources:
-        for index, ref, row, _, _ in _iter_rows(path):
+        for index, ref, row, _, _ in _iter_rows(path, batched=path != final):
             if index < total and index % world == rank:
                 found.setdefault((index, ref), row)
     return [found[key] for key in sorted(found)]
 
 
-def _done_map(rows: list[dict]) -> tuple[dict[int, set[int]], int]:
-    """``{record index: referent indices done}`` (``-1`` added once all the record's
-    queries are done) and the number of complete records."""
-    done: dict[int, set[int]] = {}
-    queries: dict[int, int] = {}
+def _done_map(rows: list[dict]) -> tuple[dict[int, tuple[set[int], int]], int]:
+    """``{record index: (referent indices done, queries of the record)}`` and the number
+    of records whose every query is done."""
+    done: dict[int, tuple[set[int], int]] = {}
     for row in rows:
-        done.setdefault(int(row["index"]), set()).add(int(row["ref"]))
-        queries[int(row["index"])] = int(row["queries"])
-    complete = 0
-    for index, refs in done.items():
-        if len(refs) >= queries[index]:
-            refs.add(-1)
-            complete += 1
+        refs, _ = done.setdefault(int(row["index"]), (set(), int(row["queries"])))
+        refs.add(int(row["ref"]))
+    complete = sum(1 for refs, queries in done.values() if len(refs) >= queries)
     return done, complete
 
 
@@ -818,7 +832,7 @@ def _merge_jsonl(final: Path, rank: int, world: int, accelerator: Any | None) ->
         sources = ([final] if final.is_file() else []) + _part_files(final)
         where: dict[tuple[int, int], tuple[int, int, int]] = {}
         for number, path in enumerate(sources):
-            for index, ref, _, offset, length in _iter_rows(path):
+            for index, ref, _, offset, length in _iter_rows(path, batched=path != final):
                 where.setdefault((index, ref), (number, offset, length))
         tmp = final.with_name(f".{final.name}.tmp")
         handles = [open(path, "rb") for path in sources]  # noqa: SIM115 (closed below)
