@@ -97,6 +97,7 @@ class DeepCheckReport:
     splits: list[str] = field(default_factory=list)
     _seen: set[tuple[str, str]] = field(default_factory=set, repr=False)
     _images: dict[str, str | None] = field(default_factory=dict, repr=False)
+    _pickles: dict[str, str | None] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -230,8 +231,9 @@ def _open_reader(build: Callable[[], Any], label: str, report: DeepCheckReport) 
         reader = build()
     except KeySegDataError as error:
         message = str(error)
-        report.totals.append(f"{label}: cannot open: {message}")
-        report.reject(_file_of(message, label), message)
+        file = _file_of(message, label)
+        report.totals.append(f"{label}: the reader refuses the split ({file}: see below)")
+        report.reject(file, message)
         return None
     return reader
 
@@ -282,7 +284,7 @@ def _check_reason_seg(root: Path, split: str, report: DeepCheckReport, progress:
     else:
         report.totals.extend(totals_lines(reader))
     for file, message in reader.report.skipped_files:
-        report.reject(file, message)
+        report.reject(_file_of(message, file), message)  # the file the message names
     report.files_read += len(reader.report.skipped_files)
     bar = _progress(len(reader), label, progress)
     for index in range(len(reader)):
@@ -317,13 +319,17 @@ def _check_refer(root: Path, name: str, split: str, report: DeepCheckReport,
         pickle_path = refs_path(folder, split_by, ".p")
         if refs_path(folder, split_by).is_file() or not pickle_path.is_file():
             return
-        # Only the pickle: read it with the plain-data unpickler to say whether converting
-        # it will work, then check the rest as if it were converted.
-        report.files_read += 1
-        try:
-            load_refs(folder, split_by, allow_pickle=True)
-        except KeySegDataError as error:
-            report.reject(pickle_path, str(error))
+        # Only the pickle: read it (once) with the plain-data unpickler to say whether
+        # converting it will work, then check the rest as if it were converted.
+        if str(pickle_path) not in report._pickles:
+            report.files_read += 1
+            try:
+                load_refs(folder, split_by, allow_pickle=True)
+                report._pickles[str(pickle_path)] = None
+            except KeySegDataError as error:
+                report._pickles[str(pickle_path)] = str(error)
+        if report._pickles[str(pickle_path)] is not None:
+            report.reject(pickle_path, report._pickles[str(pickle_path)])
             return
     report.files_read += 2  # refs + instances.json
     # Every image, the missing ones included, and every annotation of the split.
