@@ -76,7 +76,8 @@ def worker(size: int, image_size: int, batch_size: int, overlays: int) -> dict:
         stop.set()
         for thread in threads:
             thread.join()
-        rows_written = sum(1 for _ in open(jsonl, encoding="utf-8"))
+        with open(jsonl, encoding="utf-8") as handle:
+            rows_written = sum(1 for _ in handle)
 
     def rss_at(fraction: float) -> float | None:
         """RSS (MB) at the first moment ``fraction`` of the rows were on disk."""
