@@ -255,3 +255,45 @@ def test_two_processes_resume_their_own_part_files(tmp_path, tiny_model_factory)
         assert metrics[key] == reference.metrics[key]
     assert metrics["giou"] == pytest.approx(reference.metrics["giou"], abs=1e-12)
     assert jsonl.read_bytes() == single.read_bytes()
+
+
+@pytest.mark.slow  # two 2-process runs of the CLI: ~40 s on a loaded 2-core machine
+def test_killed_two_process_cli_run_resumes_per_process(dataset, checkpoint, tmp_path):
+    """Both processes of a 2-process `keyseg eval` are SIGKILLed in their second row; the
+    rerun resumes each process's part file and ends with the single-process numbers."""
+    single = tmp_path / "single"
+    args = ["eval", "--checkpoint", str(checkpoint), "--dataset", "reason_seg:val",
+            "--dataset-dir", str(dataset), "--no-progress"]
+    assert cli_main([*args, "--out", str(single)]) == 0
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    out = tmp_path / "dist"
+    port = 29700 + os.getpid() % 200
+
+    def launch(*prefix: str) -> list[subprocess.Popen]:
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+        return [subprocess.Popen([sys.executable, *prefix, *args, "--out", str(out)],
+                                 env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for r in range(2)]
+
+    killed = launch(str(script), "2")
+    outputs = [p.communicate(timeout=300)[0] for p in killed]
+    assert [p.returncode for p in killed] == [-signal.SIGKILL] * 2, outputs
+    parts = sorted((out / "samples").glob(".*part*"))
+    assert [p.name[-5:] for p in parts] == ["part0", "part1"], outputs  # one per process
+
+    port += 1
+    resumed = launch("-m", "keyseg.cli")
+    outputs = [p.communicate(timeout=300)[0] for p in resumed]
+    assert all(p.returncode == 0 for p in resumed), outputs
+    a, b = _results(single)["reason_seg:val"]["teacher"], _results(out)["reason_seg:val"][
+        "teacher"]
+    for key in ("n", "samples", "records", "skipped", "intersection", "union"):
+        assert a[key] == b[key], key
+    assert b["giou"] == pytest.approx(a["giou"], abs=1e-12)
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_rows"] == {"reason_seg:val": {"teacher": 2}}  # 1 per process
+    jsonl = out / "samples" / "reason_seg_val_teacher.jsonl"
+    assert jsonl.read_bytes() == (single / "samples" / jsonl.name).read_bytes()

@@ -260,11 +260,19 @@ def prepare_out(out: Path, fingerprint: dict[str, Any], overwrite: bool,
 
 def _accelerator():
     """An ``Accelerator`` under ``accelerate launch`` with several processes, else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return None
     from accelerate import Accelerator
 
-    return Accelerator()
+    from keyseg.errors import KeySegConfigError
+
+    accelerator = Accelerator()
+    if accelerator.num_processes != world:  # each process would think it is alone
+        raise KeySegConfigError(
+            f"WORLD_SIZE={world} but Accelerate set up {accelerator.num_processes} process(es) "
+            "(on CPU launch with `accelerate launch --cpu` or set ACCELERATE_USE_CPU=1)")
+    return accelerator
 
 
 def _device(name: str):
