@@ -161,6 +161,10 @@ def test_deep_check_on_split_subset_and_bad_split_names(bad_tree, capsys):
     assert cli_main(["data", "check", "--deep", str(root), "--split", "testC"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "testC" in err
+    empty = root / "empty"
+    empty.mkdir()
+    assert cli_main(["data", "check", "--deep", str(empty)]) == 2  # nothing to check
+    assert "no split to check" in capsys.readouterr().err
 
 
 def test_shapes_export_is_accepted_by_the_reader_and_the_deep_check(exported, capsys):

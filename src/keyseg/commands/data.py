@@ -141,6 +141,9 @@ def _deep_check(root: Path, splits: list[str] | None, progress: bool) -> int:
     if not root.is_dir():
         raise KeySegDataError(f"{root}: dataset folder not found")
     pairs = parse_check_splits(splits, root)
+    if not pairs:
+        raise KeySegDataError(f"{root}: no split to check (no reason_seg/ReasonSeg/<split>/ nor "
+                              "refer_seg/<name>/ folder; see docs/DATA.md for the layout)")
     report = deep_check(root, pairs, progress=progress)
     for line in report.lines():
         print(line)
