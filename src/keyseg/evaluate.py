@@ -218,8 +218,11 @@ class _BoundedHeaps:
             heapq.heapreplace(self.best, (s, -order, candidate))
 
     def result(self) -> dict[str, list[OverlayCandidate]]:
-        return {"worst": sorted((c for _, _, c in self.worst), key=lambda c: c.score),
-                "best": sorted((c for _, _, c in self.best), key=lambda c: -c.score)}
+        """Sorted candidates; any still without masks (unloadable on resume) are left out."""
+        return {"worst": sorted((c for _, _, c in self.worst if c.pred_bits is not None),
+                                key=lambda c: c.score),
+                "best": sorted((c for _, _, c in self.best if c.pred_bits is not None),
+                               key=lambda c: -c.score)}
 
 
 @dataclass
@@ -632,11 +635,15 @@ def _complete_pending(heaps: _BoundedHeaps, model, collator: Collator,
                       all_texts: bool, max_new_tokens: int, generate_kwargs: dict,
                       max_pixels: int | None) -> None:
     """Recompute the masks of kept candidates that were read back from disk (resume): at
-    most ``2 n`` samples per process, one at a time."""
+    most ``2 n`` samples per process, one at a time. A record that no longer loads keeps no
+    masks (and so no overlay); its row still counts."""
     for _, _, candidate in heaps.worst + heaps.best:
         if candidate.pred_bits is not None:
             continue
-        record, image = _load_record(records, candidate.record_index, max_pixels)
+        try:
+            record, image = _load_record(records, candidate.record_index, max_pixels)
+        except KeySegDataError:
+            continue
         pairs = eval_referents(record, all_texts)
         ref = dict(pairs)[candidate.ref_index]
         item = _make_item(record, candidate.record_index, image, candidate.ref_index, ref,
