@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -82,3 +83,18 @@ def answer_ids(processor: KeySegProcessor, text: str, segs: int = 0,
     if keyword:
         out += [ids.key, *tokenizer(f" {keyword}", add_special_tokens=False)["input_ids"]]
     return [*out, ids.eos]
+
+
+# The steering repository's shared/ folder (reference fixtures made by other code) sits
+# beside the checkout on the development machines and in CI.
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def shared_path(relative: str) -> Path:
+    """``SHARED / relative``, or skip the calling test when that path is absent."""
+    import pytest
+
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the reference fixtures live in ../shared)")
+    return path

@@ -73,9 +73,18 @@ def test_teacher_answer_feeds_seg_per_target_and_key_even_without_keyword():
 
 
 def test_questions_are_lisa_validation_templates_without_randomness():
-    sentence = Referent("What could hold soup?", True, np.zeros((1, 2, 2), np.uint8))
-    phrase = Referent("Man In Red", False, np.zeros((1, 2, 2), np.uint8))
-    assert eval_question(sentence) == "What could hold soup? Please output segmentation mask."
+    sentence = Referent(" What could hold soup?", True, np.zeros((1, 2, 2), np.uint8))
+    phrase = Referent("Man In Red ", False, np.zeros((1, 2, 2), np.uint8))
+    # LISA's validation sets: a space after "<image>\n"; refCOCO lower-cased, ReasonSeg not.
+    assert eval_question(sentence, "reason_seg") == (
+        " What could hold soup? Please output segmentation mask.")
+    assert eval_question(phrase, "reason_seg") == (
+        " What is Man In Red in this image? Please output segmentation mask.")
+    assert eval_question(phrase, "refcoco+") == (
+        " What is man in red in this image? Please output segmentation mask.")
+    # Other sources (the procedural world): the training wording.
+    assert eval_question(sentence, "shapes") == (
+        "What could hold soup? Please output segmentation mask.")
     assert eval_question(phrase) == (
         "What is man in red in this image? Please output segmentation mask.")
 

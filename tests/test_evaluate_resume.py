@@ -151,7 +151,11 @@ def test_output_without_run_file_is_refused(dataset, checkpoint, tmp_path, capsy
 
 
 def _two_referent_records(n: int):
-    return [make_record(seed=s) for s in range(n)]  # 2 referents each (1 and 2 masks)
+    """2 referents each (1 and 2 masks); data issues as a reader counts them per record."""
+    records = [make_record(seed=s) for s in range(n)]
+    for s, record in enumerate(records):
+        record.meta["issues"] = {"empty_sentences": s + 1, "degenerate_polygons": s % 2}
+    return records
 
 
 @pytest.mark.parametrize("kept", [0, 3, 4])
@@ -173,7 +177,8 @@ def test_resume_after_a_partial_batch_equals_uninterrupted(tiny_model_factory, t
     part.write_bytes(content if kept else rows[0][:10])
     resumed = run_evaluation(model, records, batch_size=3, jsonl_path=jsonl, resume=True,
                              keep_overlays=1, keep_per_sample=True, progress=False)
-    assert resumed.metrics == reference.metrics
+    assert resumed.metrics == reference.metrics  # issues too: record 0 is not loaded again
+    assert reference.metrics["issues"] == {"degenerate_polygons": 2, "empty_sentences": 10}
     assert resumed.resumed_rows == (3 if kept else 0)  # the half batch is scored again
     assert jsonl.read_bytes() == full.read_bytes()
     assert len(resumed.per_sample) == 8

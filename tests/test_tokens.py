@@ -33,7 +33,7 @@ def test_labels_cover_only_the_assistant_answer(tokenizer, ids, num_image_tokens
     turns = [tokens.Turn("What is red?", tokens.with_keyword("Sure, [SEG].", "apple"))]
     enc = tokens.encode_conversation(tokenizer, turns, ids, num_image_tokens, SYSTEM)
     supervised = enc.labels[enc.labels != tokens.IGNORE_INDEX]
-    assert tokenizer.decode(supervised).strip() == "Sure, [SEG]. [KEY] apple</s>"
+    assert tokens.tidy_spacing(tokenizer.decode(supervised)) == "Sure, [SEG]. [KEY] apple</s>"
     assert int((enc.input_ids == ids.image).sum()) == num_image_tokens
     # label positions hold the input ids themselves (shift happens in the loss)
     mask = enc.labels != tokens.IGNORE_INDEX
@@ -43,7 +43,7 @@ def test_labels_cover_only_the_assistant_answer(tokenizer, ids, num_image_tokens
 def test_multi_turn_supervises_every_answer_and_no_question(tokenizer, ids):
     turns = [tokens.Turn("first?", "It is [SEG]."), tokens.Turn("second?", "Sure, [SEG].")]
     enc = tokens.encode_conversation(tokenizer, turns, ids, 4, SYSTEM)
-    text = tokenizer.decode(enc.labels[enc.labels != tokens.IGNORE_INDEX])
+    text = tokens.tidy_spacing(tokenizer.decode(enc.labels[enc.labels != tokens.IGNORE_INDEX]))
     assert "It is [SEG].</s>" in text and "Sure, [SEG].</s>" in text
     assert "first" not in text and "second" not in text and "USER" not in text
 
@@ -95,3 +95,40 @@ def test_answer_templates_hold_one_seg_per_mask():
             assert tokens.format_answer(k, rng).count(tokens.SEG_TOKEN) == k
     assert tokens.with_keyword("It is [SEG].", None) == "It is [SEG]."
     assert tokens.with_keyword("It is [SEG]. ", "spoon") == "It is [SEG]. [KEY] spoon"
+
+
+def _pieces(tokenizer, ids) -> list[str]:
+    return tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+
+
+@pytest.mark.parametrize("strip", [True, False])
+def test_lisa_convention_leaves_no_lone_space_piece_next_to_added_tokens(strip):
+    """"lisa": [SEG]/[KEY] absorb the spaces around them, so the state before [SEG] is that
+    of the last word and the keyword starts with its own first piece; "v0" keeps the space
+    (a lone piece before each added token), as directories written before the change did."""
+    tokenizer = build_tiny_tokenizer()
+    tokens.add_special_tokens(tokenizer, strip_spaces=strip)
+    ids = tokens.special_token_ids(tokenizer)
+    turns = [tokens.Turn("q?", tokens.with_keyword("Sure, it is [SEG].", "apple"))]
+    enc = tokens.encode_conversation(tokenizer, turns, ids, 4, SYSTEM,
+                                     convention="lisa" if strip else "v0")
+    pieces = _pieces(tokenizer, enc.input_ids)
+    seg, key = pieces.index(tokens.SEG_TOKEN), pieces.index(tokens.KEY_TOKEN)
+    lone = {"Ġ", "▁", " "}
+    standalone = _pieces(tokenizer, tokenizer("apple", add_special_tokens=False)["input_ids"])
+    keyword = _pieces(tokenizer, tokens.keyword_token_ids(enc.input_ids, ids)[0])
+    if strip:
+        assert pieces[seg - 1] not in lone and pieces[key - 1] not in lone
+        assert pieces[seg - 1].lstrip("Ġ") == "is"
+        assert keyword == standalone  # the keyword target is the keyword's own first piece
+    else:
+        assert pieces[seg - 1] in lone and pieces[key - 1] in lone
+        assert keyword != standalone
+
+
+def test_tidy_spacing_gives_readable_text_that_encodes_to_the_same_ids(tokenizer, ids):
+    assert tokens.tidy_spacing("Sure,[SEG].[KEY]apple") == "Sure, [SEG]. [KEY] apple"
+    assert tokens.tidy_spacing("it is [SEG] . [KEY] red cup") == "it is [SEG]. [KEY] red cup"
+    raw = "Sure,[SEG].[KEY]apple"
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert encode(tokens.tidy_spacing(raw)) == encode(raw)

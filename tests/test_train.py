@@ -271,3 +271,26 @@ def test_training_starts_from_a_saved_model_directory(run_a, tmp_path):
     after = load_file(str(result.last_checkpoint / WEIGHTS))
     assert start.keys() == after.keys()
     assert all(torch.equal(start[k], after[k]) for k in start)  # lr 0: the loaded weights
+
+
+def test_init_from_with_a_fixed_key_changed_stops_before_training(run_a, tmp_path, capsys):
+    from keyseg.cli import main as cli_main
+
+    out = tmp_path / "conflict"
+    code = cli_main(["train", "--config", str(TINY), f"train.output_dir={out}",
+                     f"train.init_from={run_a.run_dir / 'final'}", "model.sam.preset=shapes",
+                     "train.epochs=1", "train.steps_per_epoch=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "model.sam.preset" in err[0] and "'shapes'" in err[0]
+    assert not out.exists() or not list_checkpoints(out)
+
+
+def test_init_from_with_an_adjustable_key_builds_the_requested_model(run_a, tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "run", f"train.init_from={run_a.run_dir / 'final'}",
+                      "model.fusion.variant=residual", "train.epochs=1",
+                      "train.steps_per_epoch=1", "train.validate_every_epoch=false")
+    result = main(cfg)
+    assert "model.fusion.variant: 'reference'" in capsys.readouterr().out
+    saved = load_file(str(result.last_checkpoint / WEIGHTS))
+    assert any(name.startswith("keyword_fusion.norm_mlp.") for name in saved)

@@ -56,6 +56,15 @@ class BackboneConfig:
     # LLaVA's image->text projector: "mlp2x_gelu" (HF LLaVA-1.5) or "linear" (LLaVA-v1 /
     # LISA-7B-v1: one Linear(vision_hidden, text_hidden)).
     projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    # How the added tokens ([SEG], [KEY] and LLaVA-v1's <im_start>/<im_end>) meet the text
+    # around them. "lisa": they absorb the whitespace on both sides, as the slow LLaMA
+    # tokenizer (transformers 4.31) did for LISA and the KeySeg reference, so "it is [SEG]."
+    # gives "▁is [SEG] ▁." and the "\n" after <im_end> disappears; <im_start><image><im_end>
+    # is written into the prompt text. "v0": the whitespace is kept (a SentencePiece tokenizer
+    # then emits a lone "▁" before each added token) and the image markers are inserted as
+    # ids; the convention of KeySeg directories written before this field existed, which
+    # load as "v0".
+    convention: Literal["lisa", "v0"] = "lisa"
     # LLaVA's llava_v1 template as LISA and the KeySeg reference run it ("human", not the
     # "user" of the LLaVA paper's text): imported checkpoints were trained on exactly this.
     system_prompt: str = (
@@ -82,6 +91,13 @@ class FusionConfig:
     variant: FusionVariant = "reference"
     mlp_ratio: float = 4.0  # residual variant only
     dropout: float = 0.0
+    # Inner width of the cross-attention (q/k/v: dim -> inner_dim, out: inner_dim -> dim;
+    # scale 1/sqrt(inner_dim)); None = dim. The reference fixes it at 256 whatever its
+    # fusion_dim, so a reference checkpoint at another width converts with inner_dim=256.
+    inner_dim: int | None = None
+    # Which [KEY] rows of a generated answer are fused: "all" (as in training), or "first"
+    # (the reference's evaluate(), which uses only a sample's first [KEY]).
+    generation_keys: Literal["all", "first"] = "all"
 
 
 @dataclass(frozen=True)

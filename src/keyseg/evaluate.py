@@ -18,11 +18,18 @@ Two protocols (``docs/EVALUATION.md`` compares them with LISA / KeySeg / VisionR
     target (``I = 0``, ``U = |T|``; 1.0 when the target is empty too). Such samples are
     counted (``no_seg``, ``fewer_seg``, ``extra_seg``).
 
-Questions are deterministic (LISA's validation wording): sentences
-``"{sent} Please output segmentation mask."``, phrases ``"What is {phrase} in this image?
-Please output segmentation mask."``. ReasonSeg records use their first text unless
-``all_texts``; every other record (refCOCO/+/g: every sentence of every ref; shapes) uses all
-referents.
+Inputs (:func:`eval_question`): ReasonSeg and refCOCO/+/g are fed LISA's validation user
+message, ``"<image>\n {sent} Please output segmentation mask."`` (sentences) or ``"<image>\n
+What is {phrase} in this image? Please output segmentation mask."`` (phrases; refCOCO
+sentences are lower-cased as LISA does, ReasonSeg keeps the case); the procedural world keeps
+its training wording. ReasonSeg records use their first text unless ``all_texts``; every
+other record (refCOCO/+/g: every sentence of every ref; shapes) uses all referents.
+
+Protocols (``protocol``, :data:`keyseg.data.eval_sets.PROTOCOLS`): ``lisa`` scores the
+targets as read; ``lisa-bugs`` (with records read under it) scores them as LISA's metric does,
+where only the value 1 is foreground, so the 2 of LISA's summed overlapping polygons is
+dropped from the target. The records' ``meta["issues"]`` (dropped or degenerate annotations)
+are summed into the result's ``issues``.
 
 Memory does not grow with the split: :class:`~keyseg.metrics.SegMetrics` holds four numbers,
 per-sample lines go to a JSONL file as they are produced, overlay candidates live in two
@@ -62,6 +69,7 @@ import torch
 
 from keyseg import tokens
 from keyseg.data.collate import Collator, Conversation, ImageExample
+from keyseg.data.eval_sets import check_protocol
 from keyseg.data.sample import Referent, SegRecord
 from keyseg.errors import KeySegConfigError, KeySegDataError
 from keyseg.metrics import SegMetrics, iou_score
@@ -74,17 +82,42 @@ SENTENCE_QUESTION = tokens.LONG_QUESTIONS[1]  # "{sent} Please output segmentati
 PHRASE_QUESTION = tokens.SHORT_QUESTIONS[3]  # "What is {class_name} in this image? ..."
 #: Sources whose referents are paraphrases of one query (only the first is used by default).
 PARAPHRASE_SOURCES: frozenset[str] = frozenset({"reason_seg"})
+#: LISA's validation sets: fed LISA's validation user message (:func:`eval_question`).
+LISA_SOURCES: frozenset[str] = frozenset({"reason_seg", "refcoco", "refcoco+", "refcocog"})
+#: Sources whose queries LISA lower-cases (its REFER sentences).
+LOWERCASE_SOURCES: frozenset[str] = frozenset({"refcoco", "refcoco+", "refcocog"})
 _MAX_SKIP_MESSAGES = 20
 
 
 # --------------------------------------------------------------------------- prompts
 
 
-def eval_question(referent: Referent) -> str:
-    """The deterministic question for a referent (LISA's validation wording)."""
+def eval_question(referent: Referent, source: str | None = None) -> str:
+    """The deterministic question for a referent of ``source`` (a record's ``source``).
+
+    For LISA's validation sets (:data:`LISA_SOURCES`) it is exactly what LISA's validation
+    puts after ``"<image>\n"``: a space, then the sentence or phrase template around the
+    stripped text, lower-cased for refCOCO/+/g (:data:`LOWERCASE_SOURCES`), case kept for
+    ReasonSeg. The image placeholder and newline come from the chat template. Other sources
+    (the procedural world, ``None``) get the templates without the space, phrases
+    lower-cased: the wording the embedded model was trained on.
+    """
+    text = referent.text.strip()
+    if source in LISA_SOURCES:
+        text = text.lower() if source in LOWERCASE_SOURCES else text
+        template = SENTENCE_QUESTION if referent.is_sentence else PHRASE_QUESTION
+        return " " + template.format(sent=text, class_name=text)
     if referent.is_sentence:
-        return SENTENCE_QUESTION.format(sent=referent.text.strip())
-    return PHRASE_QUESTION.format(class_name=referent.text.strip().lower())
+        return SENTENCE_QUESTION.format(sent=text)
+    return PHRASE_QUESTION.format(class_name=text.lower())
+
+
+def lisa_metric_target(masks: np.ndarray) -> np.ndarray:
+    """The target as LISA's metric sees it: value 1 is foreground, 255 is ignored, any other
+    value (the 2 where LISA sums overlapping polygons) is background. ``(k, H, W)`` uint8 ->
+    same shape; used under ``protocol="lisa-bugs"``."""
+    masks = np.asarray(masks)
+    return np.where((masks == 1) | (masks == 255), masks, 0).astype(np.uint8)
 
 
 def teacher_answer(num_masks: int, keyword: str | None = None, use_keyword: bool = True,
@@ -116,6 +149,27 @@ def eval_referents(record: SegRecord, all_texts: bool = False) -> list[tuple[int
     pairs = list(enumerate(record.referents))
     if record.source in PARAPHRASE_SOURCES and not all_texts:
         return pairs[:1]
+    return pairs
+
+
+def eval_conversations(record: SegRecord, *, use_keyword: bool, all_texts: bool = False,
+                       protocol: str = "lisa") -> list[tuple[Referent, Conversation]]:
+    """The conversations scored for ``record``: one per :func:`eval_referents` referent,
+    with :func:`eval_question` and the :func:`teacher_answer` (generate mode drops the answer
+    when collating); targets as the ``protocol`` scores them (:func:`lisa_metric_target`
+    under ``lisa-bugs``). Returns ``(referent, conversation)`` pairs in record order."""
+    pairs = []
+    for ref_index, ref in eval_referents(record, all_texts):
+        answer = teacher_answer(int(ref.masks.shape[0]), ref.keyword, use_keyword,
+                                reference=ref.answer)
+        target = lisa_metric_target(ref.masks) if protocol == "lisa-bugs" else ref.masks
+        pairs.append((ref, Conversation(
+            turns=[tokens.Turn(eval_question(ref, record.source), answer)],
+            target_masks=target,
+            sample_id=f"{record.source}/{record.sample_id}#{ref_index}",
+            keyword=ref.keyword,
+            difficulty=ref.difficulty,
+        )))
     return pairs
 
 
@@ -174,7 +228,8 @@ class EvalResult:
             ``by_difficulty`` ``{label: {giou, ciou, n}}`` when records carry
             ``Referent.difficulty``; in ``generate`` mode, when referents have keywords,
             ``keyword_accuracy`` (decoded ``[KEY]`` keyword equals the referent's, up to case
-            and white space) over ``keyword_scored`` conversations.
+            and white space) over ``keyword_scored`` conversations; ``issues``: the evaluated
+            records' ``meta["issues"]`` summed (dropped or degenerate annotations, by name).
         per_sample: the JSONL lines as dicts when ``keep_per_sample`` (this process only).
         skipped_messages: the first error messages of skipped records.
         overlays: ``worst`` and ``best`` :class:`OverlayCandidate` lists (``keep_overlays``).
@@ -238,6 +293,7 @@ class _Item:
     fed_answer: str
     ref_index: int = 0
     queries: int = 1  # queries scored for this record (a resume knows a record is complete)
+    issues: dict[str, int] = field(default_factory=dict)  # the record's meta["issues"]
 
 
 # --------------------------------------------------------------------------- main loop
@@ -260,6 +316,7 @@ def run_evaluation(
     keep_overlays: int = 0,
     generate_kwargs: dict[str, Any] | None = None,
     max_pixels: int | None = None,
+    protocol: str = "lisa",
 ) -> EvalResult:
     """Score ``model`` on ``records`` (see the module docstring for the protocols).
 
@@ -284,6 +341,9 @@ def run_evaluation(
         keep_overlays: keep the ``n`` worst and ``n`` best samples for overlays.
         generate_kwargs: passed to ``generate`` (e.g. a ``logits_processor``).
         max_pixels: image pixel limit for :func:`keyseg.data.images.load_image`.
+        protocol: ``"lisa"`` or ``"lisa-bugs"`` (targets scored as LISA's metric sees them;
+            pair it with records read under the same protocol, see
+            :func:`keyseg.data.eval_sets.resolve_eval_set`).
 
     Returns:
         an :class:`EvalResult`; its ``metrics`` are the sums over all processes.
@@ -296,6 +356,7 @@ def run_evaluation(
         raise KeySegConfigError(f"evaluation mode {mode!r}: use one of {', '.join(MODES)}")
     if batch_size < 1:
         raise KeySegConfigError(f"batch_size must be >= 1, got {batch_size}")
+    check_protocol(protocol)
     if resume and jsonl_path is None:
         raise KeySegConfigError("resume needs a jsonl_path (the rows to continue from)")
     start = time.perf_counter()
@@ -327,7 +388,14 @@ def run_evaluation(
             rows = _rows_on_disk(jsonl_final, rank, world, total)
             done, complete = _done_map(rows)
             counts["records"] += complete
+            counted: set[int] = set()
             for row in rows:
+                index = int(row["index"])
+                refs, queries = done[index]
+                if len(refs) >= queries and index not in counted:  # not loaded again
+                    counted.add(index)
+                    for name, value in row.get("record_issues", {}).items():
+                        counts[f"issue:{name}"] += int(value)
                 _account(row, mode, metrics, by_difficulty, counts)
                 if heaps.wants(row["iou"]):
                     heaps.push(_pending_candidate(row))
@@ -346,7 +414,8 @@ def run_evaluation(
     try:
         with torch.no_grad(), autocast:
             for items in _batches(records, shard, batch_size, mode, use_keyword, all_texts,
-                                  counts, skipped_messages, bar, max_pixels, done):
+                                  counts, skipped_messages, bar, max_pixels, protocol,
+                                  done):
                 batch = collator(_group_examples(items)).to(model.device, dtype=model.dtype)
                 outputs = _infer(model, batch, items, mode, max_new_tokens,
                                  generate_kwargs or {})
@@ -361,7 +430,8 @@ def run_evaluation(
                     writer.end_batch()
             if keep_overlays:
                 _complete_pending(heaps, model, collator, records, mode, use_keyword,
-                                  all_texts, max_new_tokens, generate_kwargs or {}, max_pixels)
+                                  all_texts, max_new_tokens, generate_kwargs or {}, max_pixels,
+                                  protocol)
     finally:
         bar.close()
         if writer is not None:
@@ -370,6 +440,7 @@ def run_evaluation(
 
     # --- exact reduction across processes ---------------------------------------------------
     metrics.all_reduce(accelerator)
+    issues = _reduce_issues(counts, accelerator, world)
     counts = _reduce_counts(counts, accelerator)
     by_difficulty = _reduce_difficulty(by_difficulty, accelerator, world)
     overlays = heaps.result()
@@ -394,6 +465,7 @@ def run_evaluation(
         "fewer_seg": counts["fewer_seg"],
         "extra_seg": counts["extra_seg"],
         **{k: v for k, v in metrics.state_dict().items() if k != "n"},
+        "issues": issues,
     })
     if counts["keyword_scored"]:
         # Generate mode only: how often the decoded [KEY] keyword is the referent's keyword.
@@ -430,16 +502,19 @@ def _batches(
     skipped_messages: list[str],
     bar,
     max_pixels: int | None,
+    protocol: str = "lisa",
     done: dict[int, tuple[set[int], int]] | None = None,
 ) -> Iterator[list[_Item]]:
     """Load records of the shard lazily and yield lists of ``batch_size`` conversations.
 
     A record that fails to load (:class:`KeySegDataError`: truncated image, bad annotation)
-    is counted in ``counts["skipped"]`` and left out. ``done`` maps a record index to the
+    is counted in ``counts["skipped"]`` and left out; a loaded record's ``meta["issues"]``
+    are added to ``counts`` as ``"issue:NAME"``. ``done`` maps a record index to the
     referent indices already scored and the record's number of queries (resume): those are
-    left out, and a record whose every query is done is not even loaded. They still take
-    their places in the batches, so the batches of a resumed run hold exactly the
-    conversations they held in an uninterrupted one (same padding, same numbers).
+    left out, and a record whose every query is done is not even loaded (its issues were
+    counted from its rows). They still take their places in the batches, so the batches of
+    a resumed run hold exactly the conversations they held in an uninterrupted one (same
+    padding, same numbers).
     """
     done = done or {}
     pending: list[_Item] = []
@@ -463,12 +538,14 @@ def _batches(
             bar.update(1)
             continue
         counts["records"] += 1
-        pairs = eval_referents(record, all_texts)
-        for ref_index, ref in pairs:
+        issues = {name: int(value) for name, value in record.meta.get("issues", {}).items()}
+        for name, value in issues.items():
+            counts[f"issue:{name}"] += value
+        items = _record_items(record, index, image, use_keyword, all_texts, protocol, issues)
+        for item in items:
             slots += 1
-            if ref_index not in finished:
-                pending.append(_make_item(record, index, image, ref_index, ref, len(pairs),
-                                          use_keyword))
+            if item.ref_index not in finished:
+                pending.append(item)
             if slots >= batch_size:
                 if pending:
                     yield pending
@@ -489,20 +566,16 @@ def _load_record(records: Sequence[SegRecord], index: int,
     return record, image.convert("RGB")
 
 
-def _make_item(record: SegRecord, index: int, image: Any, ref_index: int, ref: Referent,
-               queries: int, use_keyword: bool) -> _Item:
-    """The conversation scored for referent ``ref_index`` of ``record``."""
-    answer = teacher_answer(int(ref.masks.shape[0]), ref.keyword, use_keyword,
-                            reference=ref.answer)
-    conv = Conversation(
-        turns=[tokens.Turn(eval_question(ref), answer)],
-        target_masks=ref.masks,
-        sample_id=f"{record.source}/{record.sample_id}#{ref_index}",
-        keyword=ref.keyword,
-        difficulty=ref.difficulty,
-    )
-    return _Item(index, record.sample_id, record.source, image, conv, ref, answer,
-                 ref_index=ref_index, queries=queries)
+def _record_items(record: SegRecord, index: int, image: Any, use_keyword: bool,
+                  all_texts: bool, protocol: str, issues: dict[str, int]) -> list[_Item]:
+    """The conversations scored for ``record`` (:func:`eval_conversations`), as items."""
+    refs = eval_referents(record, all_texts)
+    conversations = eval_conversations(record, use_keyword=use_keyword, all_texts=all_texts,
+                                       protocol=protocol)
+    return [_Item(index, record.sample_id, record.source, image, conv, ref,
+                  conv.turns[-1].answer or "", ref_index=ref_index, queries=len(refs),
+                  issues=issues)
+            for (ref_index, _), (ref, conv) in zip(refs, conversations, strict=True)]
 
 
 def _group_examples(items: list[_Item]) -> list[ImageExample]:
@@ -577,6 +650,7 @@ def _score(
         "index": item.record_index,
         "ref": item.ref_index,
         "queries": item.queries,
+        "record_issues": item.issues,
         "query": item.referent.text,
         "question": item.conversation.turns[-1].question,
         "answer": answer,
@@ -633,7 +707,7 @@ def _fill_bits(candidate: OverlayCandidate, used: torch.Tensor, target: np.ndarr
 def _complete_pending(heaps: _BoundedHeaps, model, collator: Collator,
                       records: Sequence[SegRecord], mode: str, use_keyword: bool,
                       all_texts: bool, max_new_tokens: int, generate_kwargs: dict,
-                      max_pixels: int | None) -> None:
+                      max_pixels: int | None, protocol: str) -> None:
     """Recompute the masks of kept candidates that were read back from disk (resume): at
     most ``2 n`` samples per process, one at a time. A record that no longer loads keeps no
     masks (and so no overlay); its row still counts."""
@@ -644,10 +718,9 @@ def _complete_pending(heaps: _BoundedHeaps, model, collator: Collator,
             record, image = _load_record(records, candidate.record_index, max_pixels)
         except KeySegDataError:
             continue
-        pairs = eval_referents(record, all_texts)
-        ref = dict(pairs)[candidate.ref_index]
-        item = _make_item(record, candidate.record_index, image, candidate.ref_index, ref,
-                          len(pairs), use_keyword)
+        items = _record_items(record, candidate.record_index, image, use_keyword, all_texts,
+                              protocol, {})
+        item = next(i for i in items if i.ref_index == candidate.ref_index)
         batch = collator(_group_examples([item])).to(model.device, dtype=model.dtype)
         pred = _infer(model, batch, [item], mode, max_new_tokens, generate_kwargs)[0][0]
         target = np.asarray(item.conversation.target_masks)
@@ -674,6 +747,19 @@ def _reduce_counts(counts: Counter, accelerator: Any | None) -> Counter:
                          device=accelerator.device)
     total = accelerator.reduce(local, "sum").cpu().tolist()
     return Counter(dict(zip(_COUNT_KEYS, (int(v) for v in total), strict=True)))
+
+
+def _reduce_issues(counts: Counter, accelerator: Any | None, world: int) -> dict[str, int]:
+    """The ``"issue:NAME"`` counts as ``{NAME: count}``, summed over processes, sorted."""
+    local = {k.partition(":")[2]: int(v) for k, v in counts.items() if k.startswith("issue:")}
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        merged: Counter = Counter()
+        for part in gather_object([local]):
+            merged.update(part)
+        local = dict(merged)
+    return {k: local[k] for k in sorted(local) if local[k]}
 
 
 def _reduce_difficulty(by_difficulty: dict[str, SegMetrics], accelerator: Any | None,
@@ -949,13 +1035,28 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     return line
 
 
+def format_issues(issues: dict[str, int], reader: dict[str, Any] | None = None) -> str:
+    """One line of data counts, e.g. ``data: 1 empty_sentences, 1 degenerate_polygons;
+    reader skipped 2 (no_sentence 2)``; ``""`` when there is nothing to report."""
+    parts = [", ".join(f"{v} {k}" for k, v in issues.items() if v)]
+    skipped = (reader or {}).get("skipped", {})
+    if skipped:
+        parts.append(f"reader skipped {sum(skipped.values())} ("
+                     + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")")
+    parts = [p for p in parts if p]
+    return "data: " + "; ".join(parts) if parts else ""
+
+
 __all__ = [
     "MODES",
     "EvalResult",
     "OverlayCandidate",
+    "eval_conversations",
     "eval_question",
     "eval_referents",
+    "format_issues",
     "format_metrics",
+    "lisa_metric_target",
     "recompute_from_jsonl",
     "render_overlay",
     "run_evaluation",

@@ -76,7 +76,9 @@ def generate(
     ids = processor.ids
     if image_embeddings is None:
         image_embeddings = model.encode_images(batch.sam_pixel_values)
-    options = {"do_sample": False, "num_beams": 1, "use_cache": True, **generate_kwargs}
+    options = {"do_sample": False, "num_beams": 1, "use_cache": True,
+               # the image placeholder is not a class of the reference vocabulary
+               "suppress_tokens": list(model.non_output_ids), **generate_kwargs}
     out = model.backbone.generate(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -111,6 +113,7 @@ def generate(
         masks, scores, key = model.masks_from_hidden(
             sequence[start:], hidden[start : sequence.shape[0]], image_embeddings[image],
             batch.resized_sizes[image], batch.original_sizes[image],
+            keys=model.config.fusion.generation_keys,
         )
         results.append(
             GenerationResult(

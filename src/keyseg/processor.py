@@ -58,7 +58,8 @@ class KeySegProcessor:
         self.backbone = backbone
         self.num_image_tokens = num_image_tokens
         self.sam_image_size = sam_image_size
-        tokens.add_special_tokens(tokenizer, backbone.image_token, backbone.use_im_start_end)
+        tokens.add_special_tokens(tokenizer, backbone.image_token, backbone.use_im_start_end,
+                                  strip_spaces=backbone.convention == "lisa")
         self.ids = tokens.special_token_ids(
             tokenizer, backbone.image_token, backbone.use_im_start_end
         )
@@ -97,11 +98,12 @@ class KeySegProcessor:
             system_prompt=self.backbone.system_prompt,
             image_token=self.backbone.image_token,
             template=self.template,
+            convention=self.backbone.convention,
         )
 
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         """Text of generated ids, keeping ``[SEG]``/``[KEY]``; drops end-of-sequence/pad."""
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return tokens.tidy_spacing(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     # --- persistence ----------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:

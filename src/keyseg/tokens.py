@@ -14,6 +14,7 @@ Format (SPEC §1, llava_v1)::
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -80,6 +81,16 @@ def with_keyword(answer: str, keyword: str | None) -> str:
     return f"{answer.rstrip()} {KEY_TOKEN} {keyword.strip()}"
 
 
+def tidy_spacing(text: str) -> str:
+    """Readable spacing around ``[SEG]``/``[KEY]`` in decoded text: one space before and
+    after each, none before punctuation. Under the ``"lisa"`` convention the tokens absorb
+    the whitespace around them, so a byte-level tokenizer decodes "is[SEG].[KEY]apple";
+    this gives "is [SEG]. [KEY] apple". Re-encoding the result gives the same ids."""
+    text = re.sub(r"\s*(\[SEG\]|\[KEY\])\s*", r" \1 ", text)
+    text = re.sub(r" +([.,;:!?])", r"\1", text)
+    return re.sub(r" {2,}", " ", text).strip()
+
+
 # --- special tokens ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class SpecialTokenIds:
@@ -93,21 +104,39 @@ class SpecialTokenIds:
 
 
 def add_special_tokens(tokenizer, image_token: str = "<image>",
-                       use_im_start_end: bool = False) -> list[str]:
-    """Add ``[SEG]``, ``[KEY]`` (and the image placeholder if missing) to ``tokenizer``.
+                       use_im_start_end: bool = False, strip_spaces: bool = True) -> list[str]:
+    """Register ``[SEG]``, ``[KEY]`` and the image placeholder(s) with ``tokenizer``.
 
-    Returns the tokens that were actually new; the caller resizes the embeddings
-    (:func:`resize_embeddings`). Idempotent: a tokenizer that already knows a token (e.g. a
-    LISA tokenizer with ``[SEG]``) keeps its id.
+    ``strip_spaces`` (``BackboneConfig.convention == "lisa"``): ``[SEG]``, ``[KEY]``,
+    ``<im_start>`` and ``<im_end>`` absorb the whitespace on both sides, as the added tokens
+    of the slow LLaMA tokenizer LISA trained with did, so no lone space piece ever stands
+    next to them. The image placeholder itself never strips: LISA cuts the prompt at
+    ``<image>`` and tokenises each part on its own, which keeps the whitespace around it.
+    Without ``strip_spaces`` (convention ``"v0"``) the tokens are plain added tokens.
+
+    Tokens the tokenizer already has keep their ids (a LISA tokenizer's ``[SEG]``); their
+    whitespace handling is set as above, except for the tokenizer's own special tokens (such
+    as Qwen's ``<|image_pad|>``), which are left as they are. Returns the tokens that were
+    new; the caller resizes the embeddings (:func:`resize_embeddings`).
     """
+    from tokenizers import AddedToken
+
     vocab = tokenizer.get_vocab()
     wanted = [SEG_TOKEN, KEY_TOKEN, image_token]
     if use_im_start_end:
         wanted += [IM_START_TOKEN, IM_END_TOKEN]
+    own_special = {str(t) for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     new = [t for t in wanted if t not in vocab]
-    if new:
-        # Added (not "special") so that decode() keeps [SEG]/[KEY] in the answer text.
-        tokenizer.add_tokens(new, special_tokens=False)
+    register = [
+        # Added (not "special") so that decode() keeps [SEG]/[KEY] in the answer text;
+        # "v0" tokens were registered normalised, as plain strings are.
+        AddedToken(t, lstrip=strip, rstrip=strip, normalized=not strip_spaces, special=False)
+        for t in wanted
+        if t not in own_special
+        for strip in [strip_spaces and t != image_token]
+    ]
+    if register:
+        tokenizer.add_tokens(register)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return new
@@ -261,15 +290,23 @@ def encode_conversation(
     system_prompt: str,
     image_token: str = "<image>",
     template: str = "llava_v1",
+    convention: str = "lisa",
 ) -> EncodedConversation:
     """Tokenise a conversation, mask non-assistant labels and expand the image placeholder.
 
     ``num_image_tokens`` is what the backbone produces for this image (e.g. 256 for CLIP
     ViT-L/14 at 224 px, 576 at 336 px, any count for dynamic-resolution models).
-    ``template`` is a key of :data:`TEMPLATES`.
+    ``template`` is a key of :data:`TEMPLATES`; ``convention`` is
+    ``BackboneConfig.convention``: under ``"lisa"`` the ``<im_start>``/``<im_end>`` markers
+    (when ``ids`` has them) are written around the placeholder in the text, as LISA's prompt
+    has them, so they strip the whitespace next to them; under ``"v0"`` their ids are
+    inserted after tokenisation.
     """
     render = TEMPLATES[template]
-    text, spans = render(turns, system_prompt, image_token, tokenizer.eos_token)
+    markers = ids.im_start is not None and ids.im_end is not None
+    inline_markers = markers and convention == "lisa"
+    image_text = f"{IM_START_TOKEN}{image_token}{IM_END_TOKEN}" if inline_markers else image_token
+    text, spans = render(turns, system_prompt, image_text, tokenizer.eos_token)
     encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     token_ids: list[int] = encoded["input_ids"]
     offsets: list[tuple[int, int]] = encoded["offset_mapping"]
@@ -286,7 +323,7 @@ def encode_conversation(
         )
     where = token_ids.index(ids.image)
     image_ids = [ids.image] * num_image_tokens
-    if ids.im_start is not None and ids.im_end is not None:
+    if markers and not inline_markers:
         image_ids = [ids.im_start, *image_ids, ids.im_end]
     token_ids = token_ids[:where] + image_ids + token_ids[where + 1 :]
     labels = labels[:where] + [IGNORE_INDEX] * len(image_ids) + labels[where + 1 :]

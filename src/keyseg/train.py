@@ -213,14 +213,18 @@ def environment_info(accelerator) -> dict[str, Any]:
 def build_model(cfg: KeySegConfig, accelerator, run_dir: Path | None = None):
     """KeySegModel with LoRA, the trainable set applied (printed and logged), frozen weights
     in the compute dtype and gradient checkpointing as configured."""
+    from keyseg.model.architecture import reconcile
     from keyseg.model.keyseg import KeySegModel
     from keyseg.model.trainable import apply_lora, configure_trainable, format_trainable_table
 
     if cfg.train.init_from:
         model = KeySegModel.from_pretrained(cfg.train.init_from)
-        # Architecture from the directory; what and how to train from this run's config.
-        model.config = dataclasses.replace(model.config, lora=cfg.model.lora,
-                                           loss=cfg.model.loss, trainable=cfg.model.trainable)
+        # What and how to train from this run's config; architecture keys that differ from
+        # the directory's take effect or stop the run (keyseg.model.architecture).
+        notes = reconcile(model, cfg.model, cfg.train.init_from)
+        if accelerator.is_main_process:
+            for note in notes:
+                print(f"init_from: {note}")
     else:
         model = KeySegModel.from_config(cfg.model)
     apply_lora(model, cfg.model.lora)

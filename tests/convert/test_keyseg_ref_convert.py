@@ -121,3 +121,42 @@ def test_reference_fusion_of_wrong_width_names_the_tensor(tmp_path):
                              r"\[128, 256\]"):
         convert_keyseg_ref(src)
     assert json.loads((src / "config.json").read_text())["hidden_size"] == HIDDEN
+
+
+def test_reference_fusion_with_an_inner_width_other_than_its_width(tmp_path):
+    """The reference's cross-attention is 256 wide inside whatever its fusion width (its
+    q/k/v: dim -> 256, out: 256 -> dim). A checkpoint of that layout converts, and the fused
+    embedding is the reference formula with those weights."""
+    import math
+
+    import torch.nn.functional as F
+
+    src, state = write_reference(tmp_path)
+    dim, inner = 256, 128
+    torch.manual_seed(7)
+    for name in ("query_proj", "key_proj", "value_proj"):
+        state[f"keyword_fusion.{name}.weight"] = torch.randn(inner, dim) / dim ** 0.5
+        state[f"keyword_fusion.{name}.bias"] = torch.randn(inner) * 0.1
+    state["keyword_fusion.out_proj.weight"] = torch.randn(dim, inner) / inner ** 0.5
+    for file in src.glob("model*.safetensors*"):
+        file.unlink()
+    write_weights(src, state, "safetensors", 1)
+    model, report = convert_keyseg_ref(src)
+    assert report.ok, report.summary()
+    assert model.config.fusion.inner_dim == inner and model.config.fusion.dim == dim
+
+    seg, key = torch.randn(2, dim), torch.randn(1, dim)
+
+    def linear(name, x):
+        return F.linear(x, state[f"keyword_fusion.{name}.weight"],
+                        state[f"keyword_fusion.{name}.bias"])
+
+    rows = F.interpolate(seg.t()[None], size=12, mode="linear", align_corners=False)[0].t()
+    q, k, v = linear("query_proj", rows), linear("key_proj", key), linear("value_proj", key)
+    x = linear("out_proj", torch.softmax(q @ k.t() / math.sqrt(inner), -1) @ v)
+    q, k, v = (linear(f"self_attn.{p}_proj", x) for p in "qkv")
+    x = linear("self_attn.out_proj", torch.softmax(q @ k.t() / math.sqrt(dim), -1) @ v)
+    expected = F.interpolate(x.t()[None], size=2, mode="linear", align_corners=False)[0].t()
+    with torch.no_grad():
+        torch.testing.assert_close(model.keyword_fusion(seg, key), expected,
+                                   rtol=1e-4, atol=1e-4)

@@ -220,7 +220,12 @@ def test_converted_lisa_reproduces_llava_v1_format_and_saves(tmp_path):
     assert model.config.backbone.use_im_start_end and model.config.backbone.projector == "linear"
     encoded = model.processor.encode([tokens.Turn("What is it?", "It is [SEG].")])
     text = model.processor.tokenizer.decode(encoded.input_ids)
-    assert "USER: <im_start>" + "<image>" * 16 + "<im_end>\nWhat is it? ASSISTANT:" in text
+    # LISA's convention: the markers swallow the whitespace around them, "\n" included
+    pieces = model.processor.tokenizer.convert_ids_to_tokens(encoded.input_ids)
+    start = pieces.index("<im_start>")
+    assert pieces[start:start + 18] == ["<im_start>", *["<image>"] * 16, "<im_end>"]
+    assert pieces[start - 1] == ":" and pieces[start + 18] == "What"
+    assert "<im_end>What is it? ASSISTANT:" in text
     assert text.startswith("<s>A chat between a curious human")
     record = make_record()
     batch = Collator(model.processor)([record_to_example(record, random.Random(0))])

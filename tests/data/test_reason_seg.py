@@ -1,4 +1,4 @@
-"""ReasonSeg reader: exact rasterisation, keyword/explanation matching, counted skips."""
+"""ReasonSeg reader: LISA's rasterisation, query texts, keyword/explanation matching, skips."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ SHAPES = [
     {"label": "Ignore_big", "points": rect(0, 0, 20, 14)},  # larger: drawn first
     {"label": "ignore", "points": rect(4, 4, 6, 6)},  # smaller, inside the target: drawn last
     {"label": "flag", "points": rect(0, 0, 29, 19)},  # never drawn
-    {"label": "target", "points": [[1, 1], [5, 5]]},  # 2 points: skipped
+    {"label": "target", "points": [[1, 1], [5, 5]]},  # 2 points: a line, drawn last
     {"label": "target", "points": rect(25, 15, 40, 25)},  # 3 vertices outside the image
 ]
 
@@ -41,6 +41,8 @@ def expected_mask() -> np.ndarray:
     mask[2:11, 2:13] = 1
     mask[4:7, 4:7] = 255
     mask[15:20, 25:30] = 1
+    for i in range(1, 6):  # the 2-point line (smallest area), over the small ignore square
+        mask[i, i] = 1
     return mask
 
 
@@ -64,7 +66,8 @@ def test_rasterize_sorts_by_area_handles_ignore_flag_and_clips():
     stats = RasterStats()
     mask = rasterize_shapes(SHAPES, H, W, stats)
     np.testing.assert_array_equal(mask, expected_mask())
-    assert (stats.skipped_shapes, stats.flag_shapes, stats.points_outside) == (1, 1, 3)
+    assert (stats.skipped_shapes, stats.flag_shapes, stats.degenerate_shapes,
+            stats.points_outside) == (0, 1, 1, 3)
 
 
 def test_rasterize_draws_one_pixel_outline_of_a_thin_polygon():
@@ -79,6 +82,54 @@ def test_rasterize_truncates_float_vertices():
     expected = np.zeros((6, 6), dtype=np.uint8)
     expected[1:4, 1:4] = 1
     np.testing.assert_array_equal(mask, expected)
+
+
+def test_rasterize_paints_equal_areas_later_shape_first():
+    # Target and ignore of the same area: LISA's argsort(areas)[::-1] paints the later shape
+    # first, so the earlier one ends on top (the lisa_eval_protocol fixture shows this too).
+    square = rect(1, 1, 4, 4)
+    target_first = [{"label": "target", "points": square}, {"label": "ignore", "points": square}]
+    ignore_first = target_first[::-1]
+    stats = RasterStats()
+    assert set(np.unique(rasterize_shapes(target_first, 6, 6, stats))) == {0, 1}
+    assert set(np.unique(rasterize_shapes(ignore_first, 6, 6, stats))) == {0, 255}
+    assert stats.equal_area_ties == 2
+
+
+def test_rasterize_skips_only_exact_flag_labels_and_malformed_shapes():
+    shapes = [
+        {"label": "FLAG", "points": rect(0, 0, 2, 2)},  # "flag" up to case: skipped
+        {"label": " Flag", "points": rect(4, 0, 5, 1)},  # not "flag" as LISA compares: drawn
+        {"label": "IGNORE me", "points": rect(0, 4, 1, 5)},  # "ignore" in any case: 255
+        {"label": "target", "points": [[1, "x"], [2, 2], [3, 3]]},  # malformed: skipped
+        {"label": "target", "points": []},  # no points: skipped
+        {"label": 7, "points": rect(0, 0, 5, 5)},  # label not a string: skipped
+        {"label": "target", "points": [[3.9, 3.9]]},  # one point: a dot at (3, 3)
+    ]
+    stats = RasterStats()
+    mask = rasterize_shapes(shapes, 6, 6, stats)
+    expected = np.zeros((6, 6), np.uint8)
+    expected[0:2, 4:6] = 1
+    expected[4:6, 0:2] = 255
+    expected[3, 3] = 1
+    np.testing.assert_array_equal(mask, expected)
+    assert (stats.flag_shapes, stats.flag_like_drawn, stats.skipped_shapes,
+            stats.degenerate_shapes) == (1, 1, 3, 1)
+
+
+def test_texts_are_stripped_blank_ones_dropped_and_counted_or_kept_as_lisa_indexes_them(
+        tmp_path):
+    write_sample(tmp_path, "e", sample(["  ", " What holds soup? "]))
+    write_sample(tmp_path, "s", sample("lamp"))  # type: ignore[arg-type]
+    ours = load_reason_seg_sample(tmp_path / "e.json")
+    assert [r.text for r in ours.referents] == ["What holds soup?"]
+    assert ours.meta["issues"]["empty_texts"] == 1
+    bugs = load_reason_seg_sample(tmp_path / "e.json", lisa_bugs=True)
+    assert [r.text for r in bugs.referents] == ["", "What holds soup?"]
+    assert [r.text for r in load_reason_seg_sample(tmp_path / "s.json").referents] == ["lamp"]
+    chars = load_reason_seg_sample(tmp_path / "s.json", lisa_bugs=True)
+    assert [r.text for r in chars.referents] == ["l", "a", "m", "p"]  # LISA's text[0] = "l"
+    assert chars.meta["issues"]["bare_string_text"] == 1
 
 
 def test_load_sample_gives_one_referent_per_text(tmp_path):
@@ -116,6 +167,7 @@ def test_non_utf8_json_is_read_as_cp1252(tmp_path):
     ({"text": ["q"]}, "'shapes' missing"),
     ({"shapes": []}, "'text' missing"),
     ({"shapes": [], "text": []}, "no non-empty query"),
+    ({"shapes": [], "text": [" ", ""]}, "no non-empty query"),
     (b"{not json", "invalid JSON"),
 ])
 def test_strict_loader_names_file_and_problem(tmp_path, data, pattern):

@@ -17,6 +17,7 @@ from keyseg.data.refer import (
     annotation_to_mask,
     convert_refs_pickle_to_json,
     head_noun,
+    in_refer_split,
     load_refs,
     refs_path,
 )
@@ -117,6 +118,37 @@ def test_annotation_to_mask_decodes_polygon_and_both_rle_forms():
                                   COMPRESSED_MASK)
     with pytest.raises(KeySegDataError, match="unrecognised segmentation"):
         annotation_to_mask({"bogus": 1}, H, W)
+
+
+def test_segmentation_lists_of_rle_and_polygons_are_united_or_summed_and_counted():
+    from collections import Counter
+
+    left, right = box_mask(0, 0, 6, 4), box_mask(4, 0, 10, 4)  # overlap: columns 4-5
+    parts = [_compressed(left), [4, 0, 10, 0, 10, 4, 4, 4]]  # an RLE dict and a polygon
+    issues: Counter = Counter()
+    np.testing.assert_array_equal(annotation_to_mask(parts, H, W, issues=issues), left | right)
+    summed = annotation_to_mask(parts, H, W, sum_parts=True)
+    np.testing.assert_array_equal(summed, left.astype(int) + right)
+    assert summed.max() == 2 and issues == {"overlapping_parts": 1}
+    np.testing.assert_array_equal(annotation_to_mask([uncompressed_rle(POLY_MASK)], H, W),
+                                  POLY_MASK)
+    issues.clear()
+    assert not annotation_to_mask([[1, 1, 9, 9]], H, W, issues=issues).any()  # 2 vertices
+    assert not annotation_to_mask([], H, W, issues=issues).any()
+    assert issues == {"degenerate_polygons": 1, "empty_segmentations": 1}
+    with pytest.raises(KeySegDataError, match="odd number of coordinates"):
+        annotation_to_mask([[1, 1, 9, 9, 3]], H, W)
+    with pytest.raises(KeySegDataError, match="size"):
+        annotation_to_mask({"size": [H + 1, W], "counts": "abc"}, H, W)
+
+
+@pytest.mark.parametrize(("ref_split", "split", "member"), [
+    ("testAB", "testA", True), ("testAB", "testB", True), ("testA", "testB", False),
+    ("testB", "test", True), ("val", "val", True), ("testAB", "val", False),
+    ("train", "testA", False), ("val", "train", False),
+])
+def test_refs_are_selected_as_refer_selects_them(ref_split, split, member):
+    assert in_refer_split(ref_split, split) is member
 
 
 def test_reader_without_json_refuses_pickle_and_says_how_to_convert(refer_root):

@@ -211,6 +211,5 @@ def test_export_is_read_back_by_the_reason_seg_reader(tmp_path, val_records: lis
     for record in val_records[:12]:
         original, back = record.referents[0], read[record.sample_id].referents[0]
         assert back.text == original.text and back.keyword == original.keyword
-        mask, target = back.masks[0] == 1, original.masks.any(axis=0)
-        union = (mask | target).sum()
-        assert union == 0 or (mask & target).sum() / union > 0.95
+        # The traced polygons, drawn by the reader's (LISA's) rasteriser, give the exact mask.
+        np.testing.assert_array_equal(back.masks[0], original.masks.any(axis=0))

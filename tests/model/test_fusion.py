@@ -82,3 +82,20 @@ def test_low_precision_input_is_computed_in_fp32_and_returned_in_its_dtype(varia
     half = fusion.to(torch.bfloat16)(seg.bfloat16(), key.bfloat16())
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05)
+
+
+def test_inner_width_shapes_and_scale():
+    """``inner_dim``: q/k/v map dim -> inner, out inner -> dim, scores scaled by
+    1/sqrt(inner) (the reference's cross-attention at fusion_dim != 256)."""
+    import math
+
+    fusion = KeywordFusion(FusionConfig(dim=8, inner_dim=16, num_queries=3))
+    attn = fusion.cross_attn
+    assert tuple(attn.q_proj.weight.shape) == (16, 8)
+    assert tuple(attn.out_proj.weight.shape) == (8, 16)
+    assert tuple(fusion.self_attn.q_proj.weight.shape) == (8, 8)
+    torch.manual_seed(0)
+    queries, context = torch.randn(3, 8), torch.randn(2, 8)
+    q, k, v = attn.q_proj(queries), attn.k_proj(context), attn.v_proj(context)
+    by_hand = attn.out_proj(torch.softmax(q @ k.t() / math.sqrt(16), -1) @ v)
+    torch.testing.assert_close(attn(queries, context), by_hand)

@@ -155,3 +155,38 @@ def test_record_to_example_samples_at_most_max_referents():
 
     example = record_to_example(make_record(), random.Random(0), max_referents=1)
     assert len(example.conversations) == 1
+
+
+def test_first_key_switch_fuses_only_the_first_key_of_a_row(tiny_model_factory):
+    """``fusion.generation_keys="first"`` (the reference's evaluate) hands the fusion the
+    first [KEY] row alone; "all" (ours) hands it every [KEY] of the row."""
+    model = tiny_model_factory(seed=0).eval()
+    processor = model.processor
+    prepared = processor.prepare_image(make_record().image)
+    ids = processor.encode([tokens.Turn("q?", "It is [SEG]. [KEY] red cup [KEY] blue")]).input_ids
+    received = []
+    model.keyword_fusion.register_forward_pre_hook(lambda _, args: received.append(args[1]))
+    with torch.no_grad():
+        embedding = model.encode_images(prepared.sam.pixel_values[None])
+        hidden = model.backbone(ids[None], torch.ones_like(ids)[None],
+                                prepared.vision_inputs).last_hidden[0]
+        _, every = model.special_embeddings(ids, hidden)
+        for keys in ("first", "all"):
+            model.masks_from_hidden(ids, hidden, embedding[0], prepared.sam.resized_size,
+                                    prepared.sam.original_size, keys=keys)
+    assert every.shape[0] == 2
+    torch.testing.assert_close(received[0], every[:1])
+    torch.testing.assert_close(received[1], every)
+
+
+def test_image_placeholder_is_not_a_class_of_the_text_loss(tiny_model_factory, make_batch):
+    """CE ignores the <image> column: raising its logit changes nothing."""
+    model = tiny_model_factory(seed=0)
+    batch = make_batch(model)
+    image = model.processor.ids.image
+    base = model(batch).ce
+    with torch.no_grad():
+        model.backbone.output_embeddings().weight[image] *= 50.0
+        model.backbone.output_embeddings().weight[image] += 3.0
+    torch.testing.assert_close(model(batch).ce, base)
+    assert image in model.non_output_ids

@@ -62,7 +62,7 @@ def test_qwen_conversation_uses_chatml_and_supervises_only_the_answer(qwen_model
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
     assert "<|vision_start|>" + QWEN_IMAGE_TOKEN * 5 + "<|vision_end|>What is it?" in text
     supervised = encoded.input_ids[encoded.labels != tokens.IGNORE_INDEX]
-    assert processor.tokenizer.decode(supervised) == "It is [SEG]. [KEY] spoon<|im_end|>"
+    assert processor.decode(supervised) == "It is [SEG]. [KEY] spoon"
     prompt = processor.encode([tokens.Turn("What is it?")], num_image_tokens=5)
     assert processor.tokenizer.decode(prompt.input_ids).endswith("<|im_start|>assistant\n")
 

@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=["teacher"],
                         help="protocol(s): teacher = LISA's fed '[SEG].' answer; generate = "
                              "the model answers (default: teacher)")
+    parser.add_argument("--protocol", choices=["lisa", "lisa-bugs"], default="lisa",
+                        help="lisa (default): LISA's validation inputs, LISA's bugs fixed; "
+                             "lisa-bugs: also reproduce them (blank queries, a bare-string "
+                             "text indexed by character, overlapping polygons summed and "
+                             "dropped by the metric); see docs/EVALUATION.md")
     parser.add_argument("--dataset-dir", type=Path, default=Path("./dataset"),
                         help="dataset root holding reason_seg/ and refer_seg/ (default: "
                              "./dataset)")
@@ -80,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from keyseg.data.check import totals_lines
     from keyseg.data.eval_sets import parse_spec, resolve_eval_set
     from keyseg.errors import KeySegConfigError
-    from keyseg.evaluate import format_metrics, run_evaluation, save_overlays
+    from keyseg.evaluate import format_issues, format_metrics, run_evaluation, save_overlays
     from keyseg.io import atomic_write_json
 
     for spec in args.dataset:
@@ -92,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     # Open every split before loading the model: a missing folder fails in seconds.
-    eval_sets = [resolve_eval_set(spec, args.dataset_dir) for spec in args.dataset]
+    eval_sets = [resolve_eval_set(spec, args.dataset_dir, protocol=args.protocol)
+                 for spec in args.dataset]
     accelerator = _accelerator()
     device = accelerator.device if accelerator is not None else _device(args.device)
     dtype = _dtype(args.dtype, device)
@@ -126,11 +132,12 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size, accelerator=accelerator,
                 all_texts=args.all_texts, max_new_tokens=args.max_new_tokens,
                 jsonl_path=jsonl, resume=resume, progress=not args.no_progress,
-                keep_overlays=args.save_overlays,
+                keep_overlays=args.save_overlays, protocol=args.protocol,
             )
             resumed.setdefault(eval_set.spec, {})[mode] = result.resumed_rows
             entry = dict(result.metrics)
             entry["reader_skipped"] = eval_set.reader_skipped()
+            entry["reader"] = eval_set.reader_counts()
             entry["skipped_messages"] = result.skipped_messages
             entry["jsonl"] = str(jsonl.relative_to(args.out))
             entry["wall_time_s"] = round(result.wall_time, 3)
@@ -143,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
                 note = (f"  ({result.resumed_rows} rows read back)" if result.resumed_rows
                         else "")
                 print(f"{eval_set.spec} [{mode}]: {format_metrics(result.metrics)}{note}")
+                data_line = format_issues(result.metrics["issues"], entry["reader"])
+                if data_line:
+                    print(f"  {data_line}")
 
     if is_main:
         report = {
@@ -151,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
             "config": {
                 "model": _model_config(model),
                 "eval": {
-                    "datasets": args.dataset, "modes": args.mode,
+                    "datasets": args.dataset, "modes": args.mode, "protocol": args.protocol,
                     "dataset_dir": str(args.dataset_dir), "limit": args.limit,
                     "all_texts": args.all_texts, "batch_size": args.batch_size,
                     "max_new_tokens": args.max_new_tokens, "dtype": str(dtype),

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from keyseg.config import ModelConfig
 from keyseg.convert.checkpoint_io import Checkpoint, read_checkpoint
-from keyseg.convert.lisa import convert_lisa
+from keyseg.convert.lisa import convert_lisa, read_json
 from keyseg.errors import KeySegCheckpointError
 
 _P = r"(weight|bias)"
@@ -103,6 +105,22 @@ def _normalise_names(checkpoint: Checkpoint, lora_alpha: float) -> tuple[Checkpo
     return Checkpoint(merged_state, origin, checkpoint.source), merged
 
 
+def reference_model_config(config: ModelConfig, tensors: dict[str, torch.Tensor],
+                           saved: dict) -> ModelConfig:
+    """What a reference checkpoint fixes beyond LISA's layout: the cross-attention's inner
+    width (the reference builds it at 256 whatever its fusion width; read from
+    ``keyword_fusion.query_proj.weight``, ``(inner, dim)``) and the keyword temperature
+    (``temperature`` in its ``config.json``)."""
+    query = tensors.get("keyword_fusion.query_proj.weight")
+    fusion = config.fusion
+    if query is not None and query.ndim == 2 and query.shape[0] != query.shape[1]:
+        fusion = replace(fusion, inner_dim=int(query.shape[0]))
+    loss = config.loss
+    if isinstance(saved.get("temperature"), int | float):
+        loss = replace(loss, key_temperature=float(saved["temperature"]))
+    return replace(config, fusion=fusion, loss=loss)
+
+
 def convert_keyseg_ref(
     src: str | os.PathLike,
     *,
@@ -139,6 +157,8 @@ def convert_keyseg_ref(
         src, vision_tower=vision_tower, dtype=dtype, extra_rules=KEYSEG_REF_RULES,
         extra_ignored=KEYSEG_REF_IGNORED, fresh_targets=KEYSEG_REF_FRESH,
         checkpoint=checkpoint, config_dir=config_dir, progress=progress,
+        configure=lambda cfg: reference_model_config(cfg, checkpoint.tensors,
+                                                     read_json(config_dir / "config.json")),
     )
     report.lora_merged = merged  # type: ignore[attr-defined]
     return model, report

@@ -34,12 +34,14 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from keyseg import tokens
+from keyseg.config import ModelConfig
 from keyseg.convert.checkpoint_io import Checkpoint, read_checkpoint
 from keyseg.errors import KeySegCheckpointError
 
@@ -340,6 +342,34 @@ def find_vision_tower(src: Path, cfg: dict, vision_tower: str | os.PathLike | No
     return None
 
 
+def load_saved_tokenizer(directory: Path):
+    """The tokenizer saved in ``directory``. LISA-7B-v1 ships only a SentencePiece
+    ``tokenizer.model`` (no ``tokenizer.json``), which transformers converts with the
+    sentencepiece and protobuf packages: a missing one is named in one line."""
+    from transformers import AutoTokenizer
+
+    if (directory / "tokenizer.model").is_file() and not (directory / "tokenizer.json").is_file():
+        missing = [name for name in ("sentencepiece", "google.protobuf") if not _importable(name)]
+        if missing:
+            names = " and ".join(m.split(".")[-1] for m in missing)
+            raise KeySegCheckpointError(
+                f"{directory / 'tokenizer.model'}: reading a SentencePiece tokenizer needs "
+                f"{names} (pip install sentencepiece protobuf)")
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as error:
+        raise KeySegCheckpointError(
+            f"{directory}: cannot load the saved tokenizer ({type(error).__name__}: {error})"
+            .splitlines()[0]) from error
+
+
+def _importable(module: str) -> bool:
+    try:
+        return find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 # --- conversion ---------------------------------------------------------------------------
 
 
@@ -354,6 +384,7 @@ def convert_lisa(
     checkpoint: Checkpoint | None = None,
     config_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    configure: Callable[[ModelConfig], ModelConfig] | None = None,
 ):
     """Build a :class:`KeySegModel` from a LISA checkpoint directory.
 
@@ -365,6 +396,8 @@ def convert_lisa(
         extra_rules / extra_ignored / fresh_targets: used by the KeySeg-reference converter.
         checkpoint: already-read tensors (else read from ``src``).
         config_dir: where ``config.json`` and the tokenizer live (default: ``src``).
+        configure: adjusts the model config read from the checkpoint before the model is
+            built (the KeySeg-reference converter sets the fusion's inner width there).
 
     Returns:
         ``(model, report)``.
@@ -374,9 +407,9 @@ def convert_lisa(
             wrong shape, a source tensor no rule covers or a model tensor left unset — naming
             the file and the first offending tensor.
     """
-    from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from keyseg.config import BackboneConfig, ModelConfig, SamSettings
+    from keyseg.config import BackboneConfig, SamSettings
     from keyseg.convert.sam import infer_sam_preset
     from keyseg.model.backbone import VisionLanguageBackbone, apply_projector, num_image_tokens
     from keyseg.model.keyseg import KeySegModel, skip_init
@@ -403,12 +436,7 @@ def convert_lisa(
             f"{ckpt.source}: no SAM tensors under {SAM_PREFIX}* (not a LISA checkpoint?)")
 
     # --- tokenizer: [SEG] keeps its id; [KEY] (and <image>) are added --------------------
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(config_dir)
-    except Exception as error:
-        raise KeySegCheckpointError(
-            f"{config_dir}: cannot load the saved tokenizer ({type(error).__name__}: {error})"
-            .splitlines()[0]) from error
+    tokenizer = load_saved_tokenizer(config_dir)
     if tokens.SEG_TOKEN not in tokenizer.get_vocab():
         raise KeySegCheckpointError(
             f"{config_dir}: the saved tokenizer has no {tokens.SEG_TOKEN} token "
@@ -476,6 +504,8 @@ def convert_lisa(
     from dataclasses import replace
 
     model_cfg = replace(model_cfg, fusion=replace(model_cfg.fusion, dim=prompt_dim))
+    if configure is not None:
+        model_cfg = configure(model_cfg)
     with skip_init(dtype):
         vlm = apply_projector(LlavaForConditionalGeneration(llava_config), backbone_cfg)
         sam = SamSegmenter.from_preset(sam_preset, prompt_dim=prompt_dim)

@@ -299,8 +299,8 @@ def _check_reason_seg(root: Path, split: str, report: DeepCheckReport, progress:
     bar.close()
     raster = reader.report.raster
     if raster.skipped_shapes:
-        report.warnings.append(f"{label}: {raster.skipped_shapes} polygon(s) with fewer than "
-                               "3 valid points skipped")
+        report.warnings.append(f"{label}: {raster.skipped_shapes} malformed shape(s) not drawn "
+                               "(see RasterStats)")
 
 
 def _check_refer(root: Path, name: str, split: str, report: DeepCheckReport,

@@ -85,8 +85,13 @@ def _keyword_file(cfg: DataConfig) -> Path | bool | None:
     return None
 
 
-def build_dataset(name: str, cfg: DataConfig, split: str = "train") -> Sequence[SegRecord]:
-    """One named dataset (see the module table) as a sequence of records."""
+def build_dataset(name: str, cfg: DataConfig, split: str = "train",
+                  lisa_bugs: bool = False) -> Sequence[SegRecord]:
+    """One named dataset (see the module table) as a sequence of records.
+
+    ``lisa_bugs`` makes the ReasonSeg and REFER readers reproduce LISA's validation bugs
+    (``keyseg eval --protocol lisa-bugs``, docs/EVALUATION.md); never used for training.
+    """
     if name == "shapes":
         from keyseg.data.shapes import ShapesDataset
 
@@ -94,13 +99,15 @@ def build_dataset(name: str, cfg: DataConfig, split: str = "train") -> Sequence[
     if name == "reason_seg":
         from keyseg.data.reason_seg import ReasonSegDataset
 
-        return ReasonSegDataset(cfg.dataset_dir, split=split, keyword_file=_keyword_file(cfg))
+        return ReasonSegDataset(cfg.dataset_dir, split=split, keyword_file=_keyword_file(cfg),
+                                lisa_bugs=lisa_bugs)
     if name in ("refer_seg", "refcoco", "refcoco+", "refcocog"):
         from keyseg.data.refer import ReferDataset
 
         names = cfg.refer_seg_data.split("||") if name == "refer_seg" else [name]
         parts = [ReferDataset(cfg.dataset_dir, name=n.strip(), split=split,
-                              keyword_mode=cfg.refer_keyword) for n in names if n.strip()]
+                              keyword_mode=cfg.refer_keyword, lisa_bugs=lisa_bugs)
+                 for n in names if n.strip()]
         return parts[0] if len(parts) == 1 else ConcatRecords(parts)
     raise KeySegConfigError(
         f"data.datasets: unknown dataset {name!r} (known: {', '.join(DATASET_NAMES)})"

@@ -15,6 +15,11 @@ shapes        train, val, test           :class:`~keyseg.data.shapes.ShapesDatas
 Split names are REFER's own (case-sensitive ``testA``/``testB``). The readers are lazy
 sequences, so resolving a spec does not load the split into memory; bad samples found while
 scanning are counted in the reader's report (:attr:`EvalSet.reader_report`).
+
+Protocols (:data:`PROTOCOLS`, ``keyseg eval --protocol``): ``lisa`` (default) feeds LISA's
+validation inputs with LISA's bugs fixed; ``lisa-bugs`` also reproduces those bugs (blank
+queries used, a bare-string ``text`` indexed by character, overlapping polygon parts summed
+to 2 and then dropped from the target by LISA's metric). docs/EVALUATION.md lists them.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from typing import Any
 
 from keyseg.data.sample import SegRecord
 from keyseg.errors import KeySegConfigError
+
+#: ``keyseg eval --protocol`` values: LISA's validation inputs, without / with LISA's bugs.
+PROTOCOLS: tuple[str, ...] = ("lisa", "lisa-bugs")
 
 #: dataset name -> splits it has (REFER's splitBy decides refcocog's).
 EVAL_SPLITS: dict[str, tuple[str, ...]] = {
@@ -53,6 +61,7 @@ class EvalSet:
     split: str
     records: Sequence[SegRecord]
     reader_report: Any = None
+    protocol: str = "lisa"
 
     @property
     def spec(self) -> str:
@@ -61,6 +70,29 @@ class EvalSet:
     def reader_skipped(self) -> int:
         """Samples the reader left out while scanning (0 when it has no report)."""
         return int(getattr(self.reader_report, "skipped_total", 0) or 0)
+
+    def reader_counts(self) -> dict[str, Any]:
+        """What the reader dropped or changed while scanning the whole split: ``skipped``
+        (reason -> samples or refs left out) and, for REFER, ``empty_sentences`` (blank
+        sentences: dropped, or kept under ``lisa-bugs``) and ``shared_split_refs`` (refs of a
+        shared test split such as ``testAB`` taken in, as REFER does)."""
+        report = self.reader_report
+        if report is None:
+            return {}
+        counts: dict[str, Any] = {"skipped": {k: int(v) for k, v in
+                                              sorted(getattr(report, "skipped", {}).items())}}
+        for name in ("empty_sentences", "shared_split_refs"):
+            if hasattr(report, name):
+                counts[name] = int(getattr(report, name))
+        return counts
+
+
+def check_protocol(protocol: str) -> str:
+    """``protocol`` if it is one of :data:`PROTOCOLS`, else a :class:`KeySegConfigError`."""
+    if protocol not in PROTOCOLS:
+        raise KeySegConfigError(
+            f"evaluation protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    return protocol
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -90,7 +122,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 def resolve_eval_set(spec: str, dataset_dir: str | Path | None = None,
-                     data_config: Any | None = None) -> EvalSet:
+                     data_config: Any | None = None, protocol: str = "lisa") -> EvalSet:
     """Resolve ``NAME:SPLIT`` to an :class:`EvalSet`.
 
     The readers are built by :func:`keyseg.data.datasets.build_dataset` (the training code's
@@ -102,6 +134,8 @@ def resolve_eval_set(spec: str, dataset_dir: str | Path | None = None,
         dataset_dir: dataset root (the ``--dataset-dir``: holds ``reason_seg/`` and
             ``refer_seg/``); overrides ``data_config.dataset_dir``; not needed for ``shapes``.
         data_config: a :class:`keyseg.config.DataConfig` (default: the reference one).
+        protocol: one of :data:`PROTOCOLS`; ``lisa-bugs`` builds readers that reproduce
+            LISA's validation bugs (the shapes world is the same under both).
 
     Raises:
         KeySegConfigError: bad spec.
@@ -113,11 +147,13 @@ def resolve_eval_set(spec: str, dataset_dir: str | Path | None = None,
     from keyseg.data.datasets import build_dataset
 
     name, split = parse_spec(spec)
+    check_protocol(protocol)
     cfg = data_config if data_config is not None else DataConfig()
     if dataset_dir is not None:
         cfg = replace(cfg, dataset_dir=str(dataset_dir))
-    records = build_dataset(name, cfg, split)
-    return EvalSet(name, split, records, getattr(records, "report", None))
+    records = build_dataset(name, cfg, split, lisa_bugs=protocol == "lisa-bugs")
+    return EvalSet(name, split, records, getattr(records, "report", None), protocol)
 
 
-__all__ = ["EVAL_SPLITS", "EvalSet", "parse_spec", "resolve_eval_set"]
+__all__ = ["EVAL_SPLITS", "PROTOCOLS", "EvalSet", "check_protocol", "parse_spec",
+           "resolve_eval_set"]

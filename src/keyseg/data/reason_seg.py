@@ -10,13 +10,21 @@ A sample JSON holds ``shapes`` (``[{"label": str, "points": [[x, y], ...]}, ...]
 (a list of paraphrased queries) and ``is_sentence``. Each text becomes one
 :class:`~keyseg.data.sample.Referent` with the same ``(1, H, W)`` mask.
 
-Rasterisation (the reference behaviour): every shape except label ``"flag"`` is drawn with a
-1-pixel outline plus fill, shapes sorted by drawn area (largest first, so smaller shapes such
-as ignore regions inside an object win); a label containing ``"ignore"`` paints 255 (ignored
-by the metrics), anything else paints 1. We draw with ``PIL.ImageDraw.polygon(fill=v,
-outline=v, width=1)`` (OpenCV is not a dependency); vertices are truncated to integer pixels
-like the reference's ``int32`` cast, and parts of a polygon outside the image are simply not
-drawn (the canvas clips them), so a polygon's in-image part is exact.
+Rasterisation is LISA's (``utils/data_processing.py`` ``get_mask_from_json``), reproduced pixel
+for pixel with OpenCV (:func:`rasterize_shapes`): vertices cast to ``int32`` (truncation
+towards zero), each shape drawn as a closed 1-pixel outline (``cv2.polylines``, thickness 1)
+plus fill (``cv2.fillPoly``); shapes painted largest drawn area first, equal areas the later
+shape first; a label containing "ignore" (any case) paints 255 (ignored by the metrics),
+anything else 1; a label equal to "flag" up to case is skipped (``" Flag"``, with its space,
+is *drawn* as a target, as LISA draws it); shapes of 1 or 2 points are drawn (a dot, a line).
+Parts outside the image are clipped by the canvas. What was skipped or degenerate is counted
+(:class:`RasterStats`) and attached to each record (``record.meta["issues"]``).
+
+Query texts (:func:`parse_reason_seg_json`): LISA evaluates ``text[0]``. Our convention: the
+texts are stripped, blank ones are dropped (counted: ``empty_texts``), a bare string is the
+one text (counted: ``bare_string_text``); a sample with no text left is skipped. With
+``lisa_bugs=True`` the texts are what LISA indexes: blank texts kept (so ``text[0]`` may be
+empty) and a bare string split into characters (so ``text[0]`` is its first letter).
 
 Bad data never kills an iteration: :class:`ReasonSegDataset` counts and skips bad samples in
 its :class:`ReasonSegReport`; :func:`load_reason_seg_sample` is the strict single-sample
@@ -33,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from keyseg.data.sample import Referent, SegRecord
 from keyseg.errors import KeySegDataError
@@ -82,15 +90,30 @@ def read_json_text(path: Path) -> Any:
 
 @dataclass
 class ParsedSample:
-    """A validated ReasonSeg annotation (before rasterisation)."""
+    """A validated ReasonSeg annotation (before rasterisation).
+
+    Attributes:
+        texts: the query texts, stripped (see the module docstring for blank / bare texts).
+        is_sentence: sentence (True) or phrase query.
+        shapes: the raw ``shapes`` list.
+        issues: what was odd about the texts (``empty_texts``, ``bare_string_text``).
+    """
 
     texts: list[str]
     is_sentence: bool
     shapes: list[dict]
+    issues: Counter = field(default_factory=Counter)
 
 
-def parse_reason_seg_json(path: Path, data: Any | None = None) -> ParsedSample:
+def parse_reason_seg_json(path: Path, data: Any | None = None,
+                          lisa_bugs: bool = False) -> ParsedSample:
     """Read and validate one ReasonSeg JSON (``data`` may be given pre-parsed).
+
+    Args:
+        path: the ``NAME.json`` (named in errors).
+        data: its parsed content, if already read.
+        lisa_bugs: keep the texts as LISA indexes them: blank texts kept, a bare string split
+            into its characters (LISA's ``text[0]`` is then its first letter).
 
     Raises:
         KeySegDataError: ``shapes`` or ``text`` missing or of the wrong type, no query text.
@@ -105,88 +128,147 @@ def parse_reason_seg_json(path: Path, data: Any | None = None) -> ParsedSample:
         raise KeySegDataError(f"{path}: 'shapes' must be a list of polygons")
     if "text" not in data:
         raise KeySegDataError(f"{path}: 'text' missing (expected a list of query strings)")
+    issues: Counter = Counter()
     texts = data["text"]
     if isinstance(texts, str):
-        texts = [texts]
+        issues["bare_string_text"] += 1
+        texts = list(texts) if lisa_bugs else [texts]
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise KeySegDataError(f"{path}: 'text' must be a list of strings")
-    texts = [t.strip() for t in texts if t.strip()]
-    if not texts:
+    stripped = [t.strip() for t in texts]
+    blank = sum(1 for t in stripped if not t)
+    if blank:
+        issues["empty_texts"] += blank
+    texts = stripped if lisa_bugs else [t for t in stripped if t]
+    if not any(texts):
         raise KeySegDataError(f"{path}: 'text' holds no non-empty query")
     return ParsedSample(texts=texts, is_sentence=bool(data.get("is_sentence", True)),
-                        shapes=data["shapes"])
+                        shapes=data["shapes"], issues=issues)
 
 
 @dataclass
 class RasterStats:
-    """What :func:`rasterize_shapes` dropped or clipped."""
+    """What :func:`rasterize_shapes` skipped, or drew from degenerate shapes (counts)."""
 
-    skipped_shapes: int = 0  # < 3 points or malformed points / label
+    skipped_shapes: int = 0
+    """Malformed shapes, not drawn: no points, non-numeric / non-finite / huge coordinates,
+    points that are not ``[x, y]`` pairs, a label that is not a string (LISA would crash)."""
     flag_shapes: int = 0
-    points_outside: int = 0  # vertices outside the image (their polygon is clipped)
+    """Label "flag" (any case): not drawn, as LISA."""
+    flag_like_drawn: int = 0
+    """Labels that read "flag" only once stripped (``" Flag"``): drawn as targets, as LISA."""
+    degenerate_shapes: int = 0
+    """Shapes of 1 or 2 points: drawn as a dot or a line, as LISA (no area of their own)."""
+    equal_area_ties: int = 0
+    """Annotations where shapes of different values have the same (non-zero) drawn area:
+    where they overlap, the painting order (later shape first) decides the pixels."""
+    points_outside: int = 0
+    """Vertices outside the image (their polygon is clipped by the canvas)."""
+
+    def add(self, other: RasterStats) -> None:
+        """Add ``other``'s counts to these."""
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def issues(self) -> dict[str, int]:
+        """The annotation counts that describe the data (all but ``points_outside``)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__
+                if name != "points_outside" and getattr(self, name)}
 
 
-def _polygon_points(shape: Any) -> list[tuple[int, int]] | None:
-    """Integer vertices of a shape, or None when the shape is unusable (< 3 valid points)."""
+_INT32_LIMIT = 2**31 - 1
+
+
+def _shape_vertices(shape: Any) -> np.ndarray | None:
+    """``(n, 2)`` int32 vertices of a shape, truncated towards zero as an ``int32`` cast does,
+    or ``None`` when the shape is malformed (see :attr:`RasterStats.skipped_shapes`)."""
     points = shape.get("points") if isinstance(shape, dict) else None
-    if not isinstance(points, list):
+    if not isinstance(points, list) or not points:
         return None
-    vertices: list[tuple[int, int]] = []
-    for point in points:
-        if not (isinstance(point, (list, tuple)) and len(point) >= 2):
-            return None
-        x, y = point[0], point[1]
-        if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in (x, y)):
-            return None
-        vertices.append((int(x), int(y)))  # truncation, as the reference's int32 cast
-    return vertices if len(vertices) >= 3 else None
+    if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in points):
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for p in points
+               for v in p):
+        return None
+    coords = np.asarray(points, dtype=np.float64)
+    if not np.isfinite(coords).all() or np.abs(coords).max() > _INT32_LIMIT:
+        return None
+    return np.trunc(coords).astype(np.int32)
 
 
-def _draw(vertices: list[tuple[int, int]], height: int, width: int, value: int,
-          canvas: Image.Image | None = None) -> Image.Image:
-    canvas = canvas if canvas is not None else Image.new("L", (width, height), 0)
-    ImageDraw.Draw(canvas).polygon(vertices, fill=value, outline=value, width=1)
+def draw_shape(canvas: np.ndarray, vertices: np.ndarray, value: int) -> np.ndarray:
+    """Paint one shape onto ``canvas`` in place, as LISA does: a closed 1-pixel outline
+    (``cv2.polylines``, thickness 1, 8-connected) and the fill (``cv2.fillPoly``).
+
+    Args:
+        canvas: ``(H, W)`` uint8, modified in place.
+        vertices: ``(n, 2)`` int32 ``(x, y)`` pixel coordinates, ``n >= 1``.
+        value: the value painted (1 or 255).
+
+    Returns:
+        ``canvas``.
+    """
+    import cv2
+
+    polygon = np.ascontiguousarray(vertices, dtype=np.int32).reshape(1, -1, 2)
+    cv2.polylines(canvas, polygon, True, int(value), 1)
+    cv2.fillPoly(canvas, polygon, int(value))
     return canvas
 
 
 def rasterize_shapes(shapes: Sequence[Any], height: int, width: int,
                      stats: RasterStats | None = None) -> np.ndarray:
-    """Rasterise ReasonSeg shapes into one mask.
+    """Rasterise ReasonSeg shapes into one mask exactly as LISA's reader does.
+
+    Each drawable shape's area is the pixel count of :func:`draw_shape` on an empty canvas;
+    shapes are painted by decreasing area, equal areas the later shape first (the order LISA's
+    ``argsort(areas)[::-1]`` gives wherever numpy's sort keeps ties in order: always for up to
+    three shapes; with four or more tied shapes numpy's SIMD sort may not, so LISA's own
+    order then depends on the numpy build and CPU, and ours is the reproducible one).
 
     Args:
         shapes: ``[{"label": str, "points": [[x, y], ...]}, ...]``.
         height, width: image size ``(H, W)``.
-        stats: if given, receives counts of skipped/flag shapes and out-of-image vertices.
+        stats: if given, receives the counts of :class:`RasterStats` (added to it).
 
     Returns:
         ``(H, W)`` uint8 mask with values {0, 1, 255}.
     """
     stats = stats if stats is not None else RasterStats()
-    drawable: list[tuple[int, int, list[tuple[int, int]], int]] = []
+    drawable: list[tuple[int, int, np.ndarray, int]] = []  # (area, index, vertices, value)
     for index, shape in enumerate(shapes):
         label = shape.get("label", "") if isinstance(shape, dict) else None
         if not isinstance(label, str):
             stats.skipped_shapes += 1
             continue
-        if label.strip().lower() == "flag":
+        if label.lower() == "flag":
             stats.flag_shapes += 1
             continue
-        vertices = _polygon_points(shape)
+        vertices = _shape_vertices(shape)
         if vertices is None:
             stats.skipped_shapes += 1
             continue
-        stats.points_outside += sum(
-            1 for x, y in vertices if not (0 <= x < width and 0 <= y < height)
-        )
+        if label.strip().lower() == "flag":
+            stats.flag_like_drawn += 1
+        if len(vertices) < 3:
+            stats.degenerate_shapes += 1
+        inside = ((vertices[:, 0] >= 0) & (vertices[:, 0] < width)
+                  & (vertices[:, 1] >= 0) & (vertices[:, 1] < height))
+        stats.points_outside += int((~inside).sum())
         value = IGNORE_VALUE if "ignore" in label.lower() else 1
-        area = int(np.count_nonzero(np.asarray(_draw(vertices, height, width, 1))))
+        area = int(np.count_nonzero(draw_shape(np.zeros((height, width), np.uint8),
+                                               vertices, 1)))
         drawable.append((area, index, vertices, value))
-    # Largest first; ties keep file order (the sort is stable on -area).
-    drawable.sort(key=lambda item: -item[0])
-    canvas = Image.new("L", (width, height), 0)
+    values_by_area: dict[int, set[int]] = {}
+    for area, _, _, value in drawable:
+        values_by_area.setdefault(area, set()).add(value)
+    if any(area and len(values) > 1 for area, values in values_by_area.items()):
+        stats.equal_area_ties += 1
+    drawable.sort(key=lambda item: (item[0], item[1]), reverse=True)
+    mask = np.zeros((height, width), dtype=np.uint8)
     for _, _, vertices, value in drawable:
-        _draw(vertices, height, width, value, canvas)
-    return np.array(canvas, dtype=np.uint8)
+        draw_shape(mask, vertices, value)
+    return mask
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -270,6 +352,7 @@ def load_reason_seg_sample(
     answer: str | None = None,
     source: str = SOURCE,
     stats: RasterStats | None = None,
+    lisa_bugs: bool = False,
 ) -> SegRecord:
     """Strictly load one ReasonSeg sample; raise on any problem.
 
@@ -278,10 +361,13 @@ def load_reason_seg_sample(
         image_path: its image (default ``NAME.jpg`` beside the JSON).
         keyword: keyword for every referent (``None``: no ``[KEY]``).
         answer: an answer holding one ``[SEG]`` for every referent (e.g. explanatory).
+        stats: if given, receives the rasteriser's counts.
+        lisa_bugs: texts as LISA indexes them (see :func:`parse_reason_seg_json`).
 
     Returns:
         A :class:`SegRecord` with one referent per query text, each ``masks`` ``(1, H, W)``
-        uint8 in {0, 1, 255}; ``image_path`` set (the image is not decoded here).
+        uint8 in {0, 1, 255}; ``image_path`` set (the image is not decoded here);
+        ``meta["issues"]``: the sample's text and shape counts (:func:`sample_issues`).
 
     Raises:
         KeySegDataError: missing JSON/image, bad JSON, missing ``shapes``/``text``.
@@ -290,18 +376,29 @@ def load_reason_seg_sample(
     image_path = Path(image_path) if image_path is not None else json_path.with_suffix(".jpg")
     if not json_path.is_file():
         raise KeySegDataError(f"{json_path}: annotation file not found")
-    parsed = parse_reason_seg_json(json_path)
+    parsed = parse_reason_seg_json(json_path, lisa_bugs=lisa_bugs)
     if not image_path.is_file():
         raise KeySegDataError(f"{image_path}: image file not found (for {json_path.name})")
     height, width = _image_size(image_path)
-    mask = rasterize_shapes(parsed.shapes, height, width, stats)[None]
+    raster = RasterStats()
+    mask = rasterize_shapes(parsed.shapes, height, width, raster)[None]
+    if stats is not None:
+        stats.add(raster)
     referents = [
         Referent(text=text, is_sentence=parsed.is_sentence, masks=mask.copy(), keyword=keyword,
                  answer=answer)
         for text in parsed.texts
     ]
     return SegRecord(sample_id=json_path.stem, source=source, referents=referents,
-                     image_path=image_path, meta={"json_path": str(json_path)})
+                     image_path=image_path,
+                     meta={"json_path": str(json_path), "issues": sample_issues(parsed, raster)})
+
+
+def sample_issues(parsed: ParsedSample, raster: RasterStats) -> dict[str, int]:
+    """The non-zero text and shape counts of one sample (its ``record.meta["issues"]``)."""
+    issues = {k: int(v) for k, v in parsed.issues.items() if v}
+    issues.update(raster.issues())
+    return issues
 
 
 def find_keyword_file(root: str | Path) -> Path | None:
@@ -336,6 +433,12 @@ class ReasonSegDataset(Sequence[SegRecord]):
             explanatory question suffix (SPEC §4). A template (``{explanation}`` replaced,
             must contain ``[SEG]``, e.g. :data:`EXAMPLE_EXPLANATORY_TEMPLATE`) gives a fixed
             answer used verbatim. The explanation is also in ``record.meta["explanation"]``.
+        verify_images: fully decode every image during the scan.
+        lisa_bugs: texts as LISA indexes them (``keyseg eval --protocol lisa-bugs``; see
+            :func:`parse_reason_seg_json`); masks are the same either way.
+
+    ``report.raster`` adds up the rasteriser's counts of every sample rasterised so far (each
+    sample once); each record carries its own in ``record.meta["issues"]``.
     """
 
     def __init__(
@@ -346,6 +449,7 @@ class ReasonSegDataset(Sequence[SegRecord]):
         explanatory_file: str | Path | bool | None = None,
         explanatory_template: str | None = None,
         verify_images: bool = False,
+        lisa_bugs: bool = False,
     ) -> None:
         if split not in REASON_SEG_SPLITS:
             raise KeySegDataError(
@@ -362,6 +466,8 @@ class ReasonSegDataset(Sequence[SegRecord]):
                 f"<dataset-dir>/reason_seg/ReasonSeg/{split}/ with NAME.jpg + NAME.json)"
             )
         self.explanatory_template = explanatory_template
+        self.lisa_bugs = lisa_bugs
+        self._rasterised: set[int] = set()
         self.report = ReasonSegReport(split=split)
         self._items: list[tuple[Path, Path, ParsedSample]] = []
         self._scan(verify_images)
@@ -390,7 +496,7 @@ class ReasonSegDataset(Sequence[SegRecord]):
         for json_path in sorted(self.split_dir.glob("*.json")):
             image_path = json_path.with_suffix(".jpg")
             try:
-                parsed = parse_reason_seg_json(json_path)
+                parsed = parse_reason_seg_json(json_path, lisa_bugs=self.lisa_bugs)
                 if not image_path.is_file():
                     raise KeySegDataError(f"{image_path}: image file not found")
                 if image_path.stat().st_size == 0:
@@ -445,11 +551,16 @@ class ReasonSegDataset(Sequence[SegRecord]):
         """The record at ``index``; ``KeySegDataError`` if its image became unreadable."""
         json_path, image_path, parsed = self._items[index]
         height, width = _image_size(image_path)
-        mask = rasterize_shapes(parsed.shapes, height, width, self.report.raster)[None]
+        raster = RasterStats()
+        mask = rasterize_shapes(parsed.shapes, height, width, raster)[None]
+        if index not in self._rasterised:
+            self._rasterised.add(index)
+            self.report.raster.add(raster)
         keyword = self.keywords.get(image_path.name)
         explanation = self.explanations.get(image_path.name)
         answer = None
-        meta: dict[str, Any] = {"json_path": str(json_path), "split": self.split}
+        meta: dict[str, Any] = {"json_path": str(json_path), "split": self.split,
+                                "issues": sample_issues(parsed, raster)}
         if explanation is not None:
             meta["explanation"] = explanation["outputs"]
             meta["explanation_query"] = explanation.get("query")
@@ -476,6 +587,7 @@ class ReasonSegDataset(Sequence[SegRecord]):
 def _reason(message: str) -> str:
     """A short counter key for an error message (for the skip report)."""
     for key, reason in (("'shapes' missing", "missing_shapes"), ("'text' missing", "missing_text"),
+                        ("no non-empty query", "no_text"),
                         ("not found", "missing_file"), ("invalid JSON", "bad_json"),
                         ("neither UTF-8", "bad_encoding"), ("empty", "empty_file")):
         if key in message:

@@ -141,46 +141,120 @@ def load_refs(dataset_dir: str | Path, split_by: str, allow_pickle: bool = False
 # --------------------------------------------------------------------------- masks
 
 
-def annotation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """Decode a COCO ``segmentation`` (polygons, uncompressed or compressed RLE).
+def annotation_to_mask(segmentation: Any, height: int, width: int, sum_parts: bool = False,
+                       issues: Counter | None = None) -> np.ndarray:
+    """Decode a COCO ``segmentation`` with pycocotools.
+
+    Accepted: a list of parts, each a polygon ``[x1, y1, x2, y2, ...]`` or an RLE dict
+    (compressed ``counts`` string or uncompressed ``counts`` list), or one RLE dict. The parts
+    of a list are united (``sum_parts``: added up, as LISA does, so pixels where two parts
+    overlap become 2; ``keyseg eval --protocol lisa-bugs``).
+
+    Degenerate annotations are kept and counted in ``issues``: an empty list is an all-zero
+    mask (``empty_segmentations``, as LISA); a polygon of fewer than 3 vertices encloses no
+    area and adds nothing (``degenerate_polygons``; pycocotools rasterises such an outline to
+    nothing, and LISA cannot read a 4-number polygon at all: pycocotools takes it for a
+    box); a list whose parts overlap counts once in ``overlapping_parts``.
 
     Returns:
-        ``(H, W)`` uint8 mask in {0, 1}.
+        ``(H, W)`` uint8 mask in {0, 1} (with ``sum_parts``: the number of parts covering each
+        pixel).
 
     Raises:
-        KeySegDataError: unrecognised or malformed segmentation.
+        KeySegDataError: unrecognised or malformed segmentation (no file named: the caller
+            adds it).
     """
+    issues = issues if issues is not None else Counter()
+    if isinstance(segmentation, dict):
+        return _decode_parts([_rle_part(segmentation, height, width)], height, width)
+    if not isinstance(segmentation, list):
+        raise KeySegDataError(f"unrecognised segmentation of type {type(segmentation).__name__}")
+    if not segmentation:
+        issues["empty_segmentations"] += 1
+        return np.zeros((height, width), dtype=np.uint8)
+    parts: list[Any] = []
+    for part in segmentation:
+        if isinstance(part, dict):
+            parts.append(_rle_part(part, height, width))
+        elif isinstance(part, list):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in part):
+                raise KeySegDataError("polygon with a non-numeric coordinate")
+            if len(part) % 2:
+                raise KeySegDataError(f"polygon with an odd number of coordinates ({len(part)})")
+            if len(part) < 6:
+                issues["degenerate_polygons"] += 1
+                continue
+            parts.append(("polygon", [float(v) for v in part]))
+        else:
+            raise KeySegDataError(f"segmentation part of type {type(part).__name__}")
+    if not parts:
+        return np.zeros((height, width), dtype=np.uint8)
+    stack = _decode_stack(parts, height, width)  # (n, H, W) in {0, 1}
+    total = stack.sum(axis=0)
+    if len(parts) > 1 and total.max() > 1:
+        issues["overlapping_parts"] += 1
+    return total.astype(np.uint8) if sum_parts else (total > 0).astype(np.uint8)
+
+
+def _rle_part(rle: dict, height: int, width: int) -> tuple[str, dict]:
+    """An RLE dict checked and normalised: ``("rle", {"size", "counts": bytes})`` or
+    ``("uncompressed", dict)``."""
+    counts, size = rle.get("counts"), rle.get("size", [height, width])
+    if counts is None:
+        raise KeySegDataError(
+            f"unrecognised segmentation: a dict without RLE 'counts' (keys {sorted(rle)})")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2):
+        raise KeySegDataError(f"RLE size {size!r} is not [height, width]")
+    if [int(size[0]), int(size[1])] != [height, width]:
+        raise KeySegDataError(f"segmentation size {tuple(size)} != image size {(height, width)}")
+    if isinstance(counts, list):
+        return ("uncompressed", {"size": [height, width], "counts": counts})
+    if isinstance(counts, (str, bytes)):
+        return ("rle", {"size": [height, width],
+                        "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
+    raise KeySegDataError(f"unrecognised segmentation: RLE counts of type "
+                          f"{type(counts).__name__}")
+
+
+def _decode_parts(parts: list[tuple[str, Any]], height: int, width: int) -> np.ndarray:
+    return (_decode_stack(parts, height, width).max(axis=0) > 0).astype(np.uint8)
+
+
+def _decode_stack(parts: list[tuple[str, Any]], height: int, width: int) -> np.ndarray:
+    """``(n, H, W)`` uint8 {0, 1}: each part decoded by pycocotools."""
     from pycocotools import mask as mask_utils
 
+    rles = []
     try:
-        if isinstance(segmentation, list):  # polygons: [[x1, y1, x2, y2, ...], ...]
-            polygons = [p for p in segmentation if len(p) >= 6]
-            if not polygons:
-                return np.zeros((height, width), dtype=np.uint8)
-            rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-        elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
-            rle = mask_utils.frPyObjects(segmentation, height, width)  # uncompressed RLE
-        elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"),
-                                                           (str, bytes)):
-            counts = segmentation["counts"]
-            rle = {"size": list(segmentation.get("size", [height, width])),
-                   "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-        else:
-            kind = type(segmentation).__name__
-            raise KeySegDataError(f"unrecognised segmentation of type {kind}")
+        for kind, value in parts:
+            if kind == "polygon":
+                rles.extend(mask_utils.frPyObjects([value], height, width))
+            elif kind == "uncompressed":
+                rles.append(mask_utils.frPyObjects(value, height, width))
+            else:
+                rles.append(value)
         with warnings.catch_warnings():
             # pycocotools' Cython decode trips numpy 2's __array__(copy=...) deprecation.
             warnings.simplefilter("ignore", DeprecationWarning)
-            mask = mask_utils.decode(rle if isinstance(rle, list) else [rle])  # (H, W, n)
-    except KeySegDataError:
-        raise
+            decoded = mask_utils.decode(rles)  # (H, W, n)
     except Exception as error:  # pycocotools raises bare TypeErrors etc.
         raise KeySegDataError(f"malformed segmentation ({error})") from error
-    if mask.ndim == 3:
-        mask = mask.max(axis=2)
-    if mask.shape != (height, width):
-        raise KeySegDataError(f"segmentation size {mask.shape} != image size {(height, width)}")
-    return (mask > 0).astype(np.uint8)
+    if decoded.shape[:2] != (height, width):
+        raise KeySegDataError(
+            f"segmentation size {decoded.shape[:2]} != image size {(height, width)}")
+    return (np.moveaxis(decoded, 2, 0) > 0).astype(np.uint8)
+
+
+def in_refer_split(ref_split: str, split: str) -> bool:
+    """Whether a ref whose ``split`` is ``ref_split`` belongs to ``split``, as REFER (and so
+    LISA) selects refs: ``testA`` / ``testB`` / ``testC`` take every test split naming that
+    letter (a ``testAB`` ref is in testA *and* testB), ``test`` takes every test split, other
+    splits are matched exactly."""
+    if split in ("testA", "testB", "testC"):
+        return ref_split.startswith("test") and split[-1] in ref_split[4:]
+    if split == "test":
+        return ref_split.startswith("test")
+    return ref_split == split
 
 
 # --------------------------------------------------------------------------- keywords
@@ -257,6 +331,8 @@ class ReferReport:
     images: int = 0
     refs: int = 0
     sentences: int = 0
+    empty_sentences: int = 0  # blank sentences found (dropped, or kept with lisa_bugs)
+    shared_split_refs: int = 0  # refs of a shared test split (testAB) taken into this one
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     skipped_examples: list[str] = field(default_factory=list)  # first few messages
 
@@ -287,8 +363,16 @@ class ReferDataset(Sequence[SegRecord]):
             wrong word.
         allow_pickle: read ``refs(<splitBy>).p`` when no JSON exists (trusted files only).
         check_images: skip (and count) refs whose image file is missing.
+        lisa_bugs: reproduce LISA's validation bugs (``keyseg eval --protocol lisa-bugs``):
+            blank sentences are kept as queries, and the parts of a segmentation are added up
+            (overlaps become 2) instead of united.
 
-    Records are built lazily: masks are decoded in ``__getitem__``.
+    Refs are selected as REFER selects them (:func:`in_refer_split`: a ``testAB`` ref is in
+    testA and in testB). Sentences are stripped; blank ones are dropped (a ref left with none
+    is skipped as ``no_sentence``) and counted. Records are built lazily: masks are decoded in
+    ``__getitem__``; each record's ``meta["issues"]`` counts its blank sentences, shared-split
+    refs and degenerate annotations (:func:`annotation_to_mask`), each annotation once per
+    ref.
     """
 
     def __init__(
@@ -300,6 +384,7 @@ class ReferDataset(Sequence[SegRecord]):
         keyword_mode: KeywordMode = "sentence",
         allow_pickle: bool = False,
         check_images: bool = True,
+        lisa_bugs: bool = False,
     ) -> None:
         if name not in REFER_DATASETS and split_by is None:
             raise KeySegDataError(
@@ -319,6 +404,7 @@ class ReferDataset(Sequence[SegRecord]):
         self.split = split
         self.split_by = split_by or REFER_DATASETS[name]
         self.keyword_mode = keyword_mode
+        self.lisa_bugs = lisa_bugs
         self.dataset_dir = self.root / "refer_seg" / name
         self.image_dir = self.root / IMAGE_SUBDIR
         self.report = ReferReport(name=name, split=split)
@@ -331,7 +417,7 @@ class ReferDataset(Sequence[SegRecord]):
         by_image: dict[Any, list[dict]] = defaultdict(list)
         exists: dict[Any, bool] = {}
         for ref in refs:
-            if ref.get("split") != split:
+            if not in_refer_split(str(ref.get("split")), split):
                 continue
             image_id = ref["image_id"]
             image = images.get(image_id)
@@ -343,9 +429,12 @@ class ReferDataset(Sequence[SegRecord]):
                 self.report.skip("missing_annotation",
                                  f"ref {ref['ref_id']}: annotation {ref['ann_id']} not found")
                 continue
-            sentences = [s.get("sent", "").strip() for s in ref.get("sentences", [])
-                         if isinstance(s, dict)]
-            sentences = [s for s in sentences if s]
+            sentences = [s["sent"].strip() if isinstance(s.get("sent"), str) else ""
+                         for s in ref.get("sentences", []) if isinstance(s, dict)]
+            blank = sum(1 for s in sentences if not s)
+            self.report.empty_sentences += blank
+            if not lisa_bugs:
+                sentences = [s for s in sentences if s]
             if not sentences:
                 self.report.skip("no_sentence", f"ref {ref['ref_id']}: no sentence")
                 continue
@@ -357,7 +446,10 @@ class ReferDataset(Sequence[SegRecord]):
                                      f"ref {ref['ref_id']}: {self.image_dir / image['file_name']}"
                                      " not found")
                     continue
-            by_image[image_id].append({"ref": ref, "sentences": sentences})
+            shared = ref["split"] != split
+            self.report.shared_split_refs += int(shared)
+            by_image[image_id].append({"ref": ref, "sentences": sentences, "blank": blank,
+                                       "shared": shared})
 
         self._images = images
         self._anns = anns
@@ -383,17 +475,22 @@ class ReferDataset(Sequence[SegRecord]):
         return len(self._index)
 
     def __getitem__(self, index: int) -> SegRecord:  # type: ignore[override]
-        """Record of image ``index``: one referent per sentence, masks ``(1, H, W)`` in {0,1}."""
+        """Record of image ``index``: one referent per sentence, masks ``(1, H, W)`` in {0, 1}
+        (with ``lisa_bugs``: per-pixel part counts)."""
         image_id, entries = self._index[index]
         image = self._images[image_id]
         height, width = int(image["height"]), int(image["width"])
         referents: list[Referent] = []
         ref_ids: list[Any] = []
+        issues: Counter = Counter()
         for entry in entries:
             ref = entry["ref"]
             ann = self._anns[ref["ann_id"]]
+            issues["empty_sentences"] += entry["blank"]
+            issues["shared_split_refs"] += int(entry["shared"])
             try:
-                mask = annotation_to_mask(ann.get("segmentation"), height, width)[None]
+                mask = annotation_to_mask(ann.get("segmentation"), height, width,
+                                          sum_parts=self.lisa_bugs, issues=issues)[None]
             except KeySegDataError as error:
                 raise KeySegDataError(
                     f"{self.dataset_dir / 'instances.json'}: annotation {ref['ann_id']} "
@@ -408,7 +505,8 @@ class ReferDataset(Sequence[SegRecord]):
         return SegRecord(
             sample_id=f"{self.name}/{image_id}", source=self.name, referents=referents,
             image_path=self.image_dir / image["file_name"],
-            meta={"image_id": image_id, "ref_ids": ref_ids, "split": self.split},
+            meta={"image_id": image_id, "ref_ids": ref_ids, "split": self.split,
+                  "issues": {k: int(v) for k, v in issues.items() if v}},
         )
 
     def __iter__(self) -> Iterator[SegRecord]:
@@ -443,6 +541,7 @@ __all__ = [
     "annotation_to_mask",
     "convert_refs_pickle_to_json",
     "head_noun",
+    "in_refer_split",
     "load_refs",
     "referring_keyword",
     "refs_path",

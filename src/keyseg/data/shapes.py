@@ -1002,13 +1002,14 @@ class ShapesDataset(Sequence[SegRecord]):
 
 
 def mask_to_polygons(mask: np.ndarray) -> list[list[list[int]]]:
-    """Polygons whose PIL rasterisation (fill + 1-px outline) reproduces ``mask``.
+    """Polygons whose ReasonSeg rasterisation reproduces ``mask`` exactly.
 
-    Boundaries are traced along pixel edges (4-connected foreground), then moved half a
-    pixel inwards so vertices sit on the centres of boundary pixels: PIL fills polygons
-    boundary-inclusively and draws outlines through those centres. Holes are joined to
-    their enclosing outline by a zero-width bridge (PIL fills with the even-odd rule), since
-    the ReasonSeg format has no holes.
+    The rasteriser is the ReasonSeg reader's (:func:`keyseg.data.reason_seg.rasterize_shapes`,
+    LISA's: integer vertices, a 1-pixel outline plus fill). Boundaries are traced along pixel
+    edges (4-connected foreground), then moved half a pixel inwards so vertices sit on the
+    centres of boundary pixels, where the outline is drawn; the fill covers the inside. Holes
+    are joined to their enclosing outline by a zero-width bridge (the fill's even-odd rule
+    leaves them empty), since the ReasonSeg format has no holes.
 
     Args:
         mask: ``(H, W)`` bool/uint8, foreground non-zero.
@@ -1106,20 +1107,6 @@ def mask_to_polygons(mask: np.ndarray) -> list[list[list[int]]]:
         # outer[..i] -> hole[j..] -> hole[..j] -> outer[i..]: a zero-width bridge.
         polys[owner] = np.concatenate([outer[: i + 1], hole[j:], hole[: j + 1], outer[i:]], axis=0)
     return [polys[i].tolist() for i in outers]
-
-
-def rasterise_polygons(
-    polygons: Sequence[Sequence[Sequence[float]]], height: int, width: int
-) -> np.ndarray:
-    """``(H, W)`` uint8 mask of polygons drawn with outline and fill (value 1), as ReasonSeg."""
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
-    for poly in polygons:
-        pts = [(float(x), float(y)) for x, y in poly]
-        if len(pts) == 1:
-            pts = pts * 2
-        draw.polygon(pts, fill=1, outline=1, width=1)
-    return np.asarray(canvas, dtype=np.uint8).copy()
 
 
 def export_reason_seg(

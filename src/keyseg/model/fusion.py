@@ -48,17 +48,20 @@ def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Attention(nn.Module):
-    """Single-head scaled dot-product attention with q/k/v/out projections, run in fp32."""
+    """Single-head scaled dot-product attention with q/k/v/out projections, run in fp32.
 
-    def __init__(self, dim: int) -> None:
+    q/k/v map ``dim -> inner`` and out maps ``inner -> dim``; the scale is 1/sqrt(inner)."""
+
+    def __init__(self, dim: int, inner: int | None = None) -> None:
         super().__init__()
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        inner = inner or dim
+        self.q_proj = nn.Linear(dim, inner)
+        self.k_proj = nn.Linear(dim, inner)
+        self.v_proj = nn.Linear(dim, inner)
+        self.out_proj = nn.Linear(inner, dim)
 
     def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """``queries: (q, d)``, ``context: (k, d)``, both fp32 -> ``(q, d)`` fp32."""
+        """``queries: (q, dim)``, ``context: (k, dim)``, both fp32 -> ``(q, dim)`` fp32."""
         q = _linear_fp32(self.q_proj, queries)
         k = _linear_fp32(self.k_proj, context)
         v = _linear_fp32(self.v_proj, context)
@@ -76,7 +79,7 @@ class KeywordFusion(nn.Module):
         self.variant = self.config.variant
         if self.variant == "none":
             return
-        self.cross_attn = _Attention(dim)
+        self.cross_attn = _Attention(dim, self.config.inner_dim)
         self.self_attn = _Attention(dim)
         if self.variant == "residual":
             hidden = int(dim * self.config.mlp_ratio)

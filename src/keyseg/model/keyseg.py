@@ -59,6 +59,16 @@ def skip_init(dtype: torch.dtype | None = None) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+def with_recorded_convention(saved: dict) -> dict:
+    """A saved model config (``to_dict`` of :class:`ModelConfig`) with its tokenisation
+    convention made explicit: directories written before ``backbone.convention`` existed were
+    trained with whitespace kept around the added tokens, so they load as ``"v0"`` and
+    tokenise exactly as they did."""
+    backbone = dict(saved.get("backbone") or {})
+    backbone.setdefault("convention", "v0")
+    return {**saved, "backbone": backbone}
+
+
 @dataclass
 class KeySegOutput:
     """Losses are scalars (``loss`` is the weighted sum); ``pred_masks`` holds per row the
@@ -166,7 +176,8 @@ class KeySegModel(nn.Module):
         if not config_file.is_file():
             raise KeySegCheckpointError(f"{config_file}: missing (not a KeySeg model directory)")
         meta = json.loads(config_file.read_text(encoding="utf-8"))
-        config = from_dict(ModelConfig, meta["keyseg"], source=str(config_file))
+        config = from_dict(ModelConfig, with_recorded_convention(meta["keyseg"]),
+                           source=str(config_file))
         processor = KeySegProcessor.from_pretrained(directory, config.backbone)
         with skip_init(dtype):
             vlm = vlm_from_config_dict(config.backbone, meta["vlm"])
@@ -246,12 +257,14 @@ class KeySegModel(nn.Module):
         image_embedding: torch.Tensor,
         resized_size: tuple[int, int],
         original_size: tuple[int, int],
+        keys: str = "all",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Masks for one row: ``(n_seg, H, W)`` logits, ``(n_seg,)`` IoU scores, and the
-        ``(n_key, d)`` ``[KEY]`` embeddings. A row without ``[SEG]`` gives ``n_seg = 0``."""
+        ``(n_key, d)`` ``[KEY]`` embeddings. A row without ``[SEG]`` gives ``n_seg = 0``.
+        ``keys``: which ``[KEY]`` rows are fused (see :meth:`decode_rows`)."""
         (result,) = self.decode_rows(
             input_ids[None], last_hidden[None], image_embedding[None],
-            torch.zeros(1, dtype=torch.long), [resized_size], [original_size],
+            torch.zeros(1, dtype=torch.long), [resized_size], [original_size], keys=keys,
         )
         return result
 
@@ -263,6 +276,7 @@ class KeySegModel(nn.Module):
         image_index: torch.Tensor,
         resized_sizes: list[tuple[int, int]],
         original_sizes: list[tuple[int, int]],
+        keys: str = "all",
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Masks for every row of a batch, with one batched SAM decoder call.
 
@@ -270,15 +284,17 @@ class KeySegModel(nn.Module):
             input_ids: ``(B, L)``; last_hidden: ``(B, L, H)``.
             image_embeddings: ``(N_img, C, h, w)``; image_index: ``(B,)`` row -> image.
             resized_sizes, original_sizes: per image.
+            keys: ``"all"`` fuses every ``[KEY]`` of a row; ``"first"`` only the first (the
+                reference's generation, ``FusionConfig.generation_keys``).
 
         Returns:
             Per row ``(masks (n_seg, H, W) logits, scores (n_seg,), key (n_key, d))``.
         """
-        prompts, keys = [], []
+        prompts, key_rows = [], []
         for row in range(input_ids.shape[0]):
             seg, key = self.special_embeddings(input_ids[row], last_hidden[row])
-            prompts.append(self.keyword_fusion(seg, key))
-            keys.append(key)
+            prompts.append(self.keyword_fusion(seg, key[:1] if keys == "first" else key))
+            key_rows.append(key)
         counts = [p.shape[0] for p in prompts]
         prompt_image = torch.repeat_interleave(
             image_index.to(image_embeddings.device),
@@ -290,13 +306,21 @@ class KeySegModel(nn.Module):
                                                strict=True)):
             image = int(image_index[row])
             masks = self.sam.postprocess_masks(low, resized_sizes[image], original_sizes[image])
-            results.append((masks, score, keys[row]))
+            results.append((masks, score, key_rows[row]))
         return results
 
     def projected_table(self) -> torch.Tensor:
         """The LM input-embedding table ``(V, H)`` through the keyword projection ->
         ``(V, d)``."""
         return self.embedding_table_proj(self.backbone.input_embeddings().weight)
+
+    @property
+    def non_output_ids(self) -> tuple[int, ...]:
+        """Vocabulary rows that are not classes: the image placeholder, which LLaVA-v1 and
+        LISA never had as a token (they splice the image in by a negative id) and no answer
+        ever contains. Left out of CE, the keyword softmax and generation, so a converted
+        model has exactly the reference's classes."""
+        return (self.processor.ids.image,)
 
     # --- training forward -----------------------------------------------------------------
     def forward(self, batch: Batch) -> KeySegOutput:
@@ -310,8 +334,11 @@ class KeySegModel(nn.Module):
         loss_cfg = self.config.loss
         image_embeddings = self.encode_images(batch.sam_pixel_values)
         out = self.backbone(batch.input_ids, batch.attention_mask, batch.vision_inputs)
+        logits = out.logits[:, :-1].float()
+        not_class = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        not_class[[i for i in self.non_output_ids if i < logits.shape[-1]]] = True
         ce = F.cross_entropy(
-            out.logits[:, :-1].flatten(0, 1).float(),
+            logits.masked_fill(not_class, float("-inf")).flatten(0, 1),
             batch.labels[:, 1:].flatten(),
             ignore_index=tokens.IGNORE_INDEX,
         )
@@ -348,7 +375,7 @@ class KeySegModel(nn.Module):
             key_loss = keyword_alignment_loss(
                 torch.cat(key_rows), self.projected_table(), keyword_ids,
                 temperature=loss_cfg.key_temperature, target=loss_cfg.key_target,
-                ignore_ids=(self.processor.ids.pad,),
+                ignore_ids=(self.processor.ids.pad,), exclude_ids=self.non_output_ids,
             )
         else:
             key_loss = bce.new_zeros(())

@@ -77,6 +77,7 @@ def keyword_alignment_loss(
     temperature: float = 0.07,
     target: str = "first",
     ignore_ids: tuple[int, ...] = (),
+    exclude_ids: tuple[int, ...] = (),
 ) -> torch.Tensor:
     """Align each ``[KEY]`` embedding with its keyword in the projected embedding table.
 
@@ -89,6 +90,8 @@ def keyword_alignment_loss(
         target: ``"first"`` (reference): cross-entropy against the keyword's first token;
             ``"all"``: multi-positive — ``-log Σ_{t ∈ keyword} softmax_t``.
         ignore_ids: token ids never used as targets (padding, BOS, ...).
+        exclude_ids: table rows that are not classes of the softmax (the image
+            placeholder), so the classes are exactly the reference's vocabulary.
 
     Returns:
         Scalar mean over the ``[KEY]`` rows that have a usable target (0 if none).
@@ -102,6 +105,11 @@ def keyword_alignment_loss(
     if not rows:
         return key_embeddings.sum() * 0.0 + projected_table.sum() * 0.0
     logits = keyword_logits(key_embeddings[rows], projected_table, temperature)
+    excluded = [i for i in exclude_ids if i < logits.shape[-1]]
+    if excluded:
+        not_class = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        not_class[excluded] = True
+        logits = logits.masked_fill(not_class, float("-inf"))
     log_probs = logits.log_softmax(-1)
     losses = [-torch.logsumexp(log_probs[i, ids], dim=0) for i, ids in enumerate(targets)]
     return torch.stack(losses).mean()
