@@ -44,9 +44,10 @@ class BackboneConfig:
     ``"at"`` takes the state at the special token itself.
     """
 
-    # "llava": HF LLaVA (LLaMA + CLIP, llava_v1 template); "qwen2_vl": Qwen2-VL (ChatML,
-    # dynamic image-token counts; set image_token="<|image_pad|>" and a Qwen system prompt).
-    family: Literal["llava", "qwen2_vl"] = "llava"
+    # "llava": HF LLaVA (LLaMA + CLIP, llava_v1 template); "qwen2_vl" / "qwen2_5_vl" /
+    # "qwen3_vl": Qwen-VL (ChatML, dynamic image-token counts; set
+    # image_token="<|image_pad|>" and a Qwen system prompt).
+    family: Literal["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "llava"
     preset: str = "tiny"  # used when name_or_path is None: "tiny" builds a random few-MB VLM
     name_or_path: str | None = None  # HF directory or hub name of the VLM
     hidden_state: HiddenStateChoice = "before"
@@ -75,9 +76,12 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class SamSettings:
-    """SAM: ``preset`` in {vit_h, vit_l, vit_b, tiny}; ``checkpoint`` is an official
-    ``sam_vit_*.pth`` (or converted safetensors) loaded with ``weights_only=True``."""
+    """The mask decoder. ``family`` ``sam``: SAM, ``preset`` in {vit_h, vit_l, vit_b, tiny};
+    ``sam2``: SAM 2 (Hiera), ``preset`` in {hiera_tiny, hiera_small, hiera_base_plus,
+    hiera_large, tiny}. ``checkpoint`` is an official ``sam_vit_*.pth`` /
+    ``sam2.1_hiera_*.pt`` (or converted safetensors) loaded with ``weights_only=True``."""
 
+    family: Literal["sam", "sam2"] = "sam"
     preset: str = "vit_h"
     checkpoint: str | None = None
 

@@ -136,7 +136,7 @@ def _needs_last_state(model, sequence: torch.Tensor) -> bool:
 
 
 def _full_forward_hidden(model, batch: Batch, row: int, sequence: torch.Tensor) -> torch.Tensor:
-    vision = {k: v[row : row + 1] for k, v in batch.vision_inputs.items()}
+    vision = model.backbone.row_vision_inputs(batch.vision_inputs, row)
     attention = torch.ones_like(sequence)[None]
     pad = batch.attention_mask[row] == 0
     attention[0, : pad.shape[0]][pad] = 0

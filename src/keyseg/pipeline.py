@@ -61,15 +61,50 @@ def default_checkpoint() -> Path | None:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` as given, else the best available: CUDA > MPS > CPU."""
-    if device is not None:
-        return torch.device(device)
+    """``device`` as given (checked to exist here), else the best available: CUDA > MPS > CPU.
+
+    Raises:
+        KeySegConfigError: the name is not a device, or this machine / torch build has no
+            such device (one line naming it and what is available).
+    """
+    if device is not None and str(device) != "auto":
+        try:
+            target = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise KeySegConfigError(
+                f"--device {device!r}: not a torch device name (use cpu, cuda, cuda:N or mps)"
+            ) from error
+        _check_device_available(target)
+        return target
     if torch.cuda.is_available():
         return torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _check_device_available(device: torch.device) -> None:
+    """Refuse a CUDA / MPS device this process cannot use, in one line."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no visible GPU"
+            raise KeySegConfigError(
+                f"--device {device}: CUDA is not available ({build}, torch "
+                f"{torch.__version__}); use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise KeySegConfigError(
+                f"--device {device}: only {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+            )
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise KeySegConfigError(
+                f"--device {device}: MPS (Apple GPU) is not available on this machine; "
+                "use --device cpu"
+            )
 
 
 _DTYPES = {
@@ -262,7 +297,8 @@ class KeySegPipeline:
         if self.max_pixels is not None and width * height > self.max_pixels:
             raise KeySegInputError(
                 f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                f"{self.max_pixels}"
+                f"{self.max_pixels} (raise it with max_pixels=, or --max-pixels on the command "
+                "line, if the image is trusted)"
             )
         return rgb
 
@@ -427,12 +463,15 @@ class KeySegPipeline:
             unique.setdefault(id(entry), len(unique))
         images = list({id(e): e for e in entries}.values())
         rows = []
-        for query, history in zip(queries, histories, strict=True):
+        for entry, query, history in zip(entries, queries, histories, strict=True):
             for turn in history:
                 if turn.answer is None:
                     raise KeySegInputError("every history turn needs its answer")
             turns = [*history, tokens.Turn(self.format_question(query), None)]
-            rows.append(self.processor.encode(turns).input_ids)
+            # The image's own token count: fixed for LLaVA, per image for Qwen's dynamic
+            # resolution (the ids must hold exactly as many image tokens as it has features).
+            count = entry.prepared.num_image_tokens
+            rows.append(self.processor.encode(turns, count).input_ids)
         length = max(row.shape[0] for row in rows)
         input_ids = torch.full((len(rows), length), self.processor.ids.pad, dtype=torch.long)
         attention = torch.zeros((len(rows), length), dtype=torch.long)

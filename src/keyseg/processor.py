@@ -18,7 +18,7 @@ from PIL import Image
 
 from keyseg import tokens
 from keyseg.config import BackboneConfig
-from keyseg.data.images import SamInput, sam_preprocess
+from keyseg.data.images import SamInput, sam2_preprocess, sam_preprocess
 from keyseg.errors import KeySegCheckpointError
 from keyseg.io import atomic_write_json
 
@@ -52,12 +52,14 @@ class KeySegProcessor:
         backbone: BackboneConfig,
         num_image_tokens: int,
         sam_image_size: int,
+        sam_family: str = "sam",
     ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.backbone = backbone
         self.num_image_tokens = num_image_tokens
         self.sam_image_size = sam_image_size
+        self.sam_family = sam_family  # "sam2": SAM 2's square resize, not SAM's resize + pad
         tokens.add_special_tokens(tokenizer, backbone.image_token, backbone.use_im_start_end,
                                   strip_spaces=backbone.convention == "lisa")
         self.ids = tokens.special_token_ids(
@@ -74,13 +76,14 @@ class KeySegProcessor:
             # Dynamic resolution (Qwen2-VL): t*h*w patches, merge_size^2 patches per token.
             merge = int(getattr(self.image_processor, "merge_size", 1))
             count = int(vision_inputs["image_grid_thw"].prod(-1).sum()) // (merge * merge)
-        return PreparedImage(vision_inputs, sam_preprocess(image, self.sam_image_size), count)
+        transform = sam2_preprocess if self.sam_family == "sam2" else sam_preprocess
+        return PreparedImage(vision_inputs, transform(image, self.sam_image_size), count)
 
     # --- text -----------------------------------------------------------------------------
     @property
     def template(self) -> str:
         """Conversation format of the backbone family (a key of ``tokens.TEMPLATES``)."""
-        return "chatml" if self.backbone.family == "qwen2_vl" else "llava_v1"
+        return "chatml" if self.backbone.family.startswith("qwen") else "llava_v1"
 
     def encode(self, turns: Sequence[tokens.Turn],
                num_image_tokens: int | None = None) -> tokens.EncodedConversation:
@@ -112,7 +115,8 @@ class KeySegProcessor:
         self.image_processor.save_pretrained(directory)
         atomic_write_json(
             directory / PROCESSOR_FILE,
-            {"num_image_tokens": self.num_image_tokens, "sam_image_size": self.sam_image_size},
+            {"num_image_tokens": self.num_image_tokens, "sam_image_size": self.sam_image_size,
+             "sam_family": self.sam_family},
         )
 
     @classmethod
@@ -126,7 +130,7 @@ class KeySegProcessor:
             raise KeySegCheckpointError(f"{meta_file}: missing (not a KeySeg model directory?)")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        if backbone.family == "qwen2_vl":
+        if backbone.family.startswith("qwen"):
             from transformers import Qwen2VLImageProcessorPil
 
             # The PIL variant: no torchvision needed.
@@ -134,4 +138,4 @@ class KeySegProcessor:
         else:
             image_processor = AutoImageProcessor.from_pretrained(directory)
         return cls(tokenizer, image_processor, backbone, meta["num_image_tokens"],
-                   meta["sam_image_size"])
+                   meta["sam_image_size"], meta.get("sam_family", "sam"))

@@ -238,9 +238,12 @@ def render_chatml_conversation(
 
     A final turn without an answer ends with ``<|im_start|>assistant\n`` (generation
     prompt). The supervised span of an answer includes its ``eos_token`` (``<|im_end|>``).
+    An empty ``system_prompt`` leaves the system block out (Qwen3-VL's template adds none;
+    Qwen2-VL's and Qwen2.5-VL's add "You are a helpful assistant.").
     """
+    header = f"<|im_start|>system\n{system_prompt}{eos_token}\n" if system_prompt else ""
     return _render_turns(
-        f"<|im_start|>system\n{system_prompt}{eos_token}\n", turns, eos_token,
+        header, turns, eos_token,
         first_question=lambda q: f"<|vision_start|>{image_token}<|vision_end|>{q}",
         user=lambda q: f"<|im_start|>user\n{q}{eos_token}\n<|im_start|>assistant\n",
         after_answer="\n",

@@ -129,3 +129,144 @@ def test_trainable_components_split_qwen_vision_tower_and_merger(qwen_model):
     blocks = [c for n, c in owners.items() if ".visual.blocks." in n]
     assert merger and set(merger) == {"mm_projector"}
     assert blocks and set(blocks) == {"vision_tower"}
+
+
+QWEN_FAMILY_CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+
+
+@pytest.mark.parametrize("family", list(QWEN_FAMILY_CLASSES))
+def test_qwen_family_freezes_its_vision_tower_and_puts_lora_in_the_lm_only(family):
+    from keyseg.config import load_config
+    from keyseg.model.trainable import parameter_components
+
+    # the family is accepted by the config loader (it used to be refused)
+    cfg = load_config(None, [f"model.backbone.family={family}"]).model
+    config = ModelConfig(backbone=BackboneConfig(family=cfg.backbone.family, preset="tiny",
+                                                 image_token=QWEN_IMAGE_TOKEN,
+                                                 system_prompt=QWEN_SYSTEM_PROMPT),
+                         sam=SamSettings(preset="tiny"))
+    torch.manual_seed(0)
+    model = KeySegModel.from_config(config)
+    assert type(model.backbone.base).__name__ == QWEN_FAMILY_CLASSES[family]
+    assert model.backbone.family == family and model.processor.template == "chatml"
+    apply_lora(model, config.lora)
+    counts = configure_trainable(model, config.trainable)
+    assert counts["vision_tower"].trainable == 0 and counts["vision_tower"].frozen > 0
+    assert counts["mm_projector"].trainable == 0 and counts["mm_projector"].frozen > 0
+    visual = [p for n, p in model.named_parameters() if ".visual." in n]
+    assert visual and not any(p.requires_grad for p in visual)
+    lora = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert lora and all(".language_model." in n for n in lora)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora} == {"q_proj", "v_proj"}
+    owners = parameter_components(model)
+    if family == "qwen3_vl":  # DeepStack mergers map vision features to the LM width too
+        deepstack = {c for n, c in owners.items() if ".deepstack_merger_list." in n}
+        assert deepstack == {"mm_projector"}
+    # the image-token count is the grid's, whatever the family's patch layout
+    wide = model.processor.prepare_image(Image.new("RGB", (48, 16)))
+    grid = wide.vision_inputs["image_grid_thw"]
+    assert wide.num_image_tokens == int(grid.prod()) // 4
+    out = model.eval().backbone(
+        *_prompt(model, wide.num_image_tokens), wide.vision_inputs)
+    assert out.last_hidden.shape[-1] == model.backbone.hidden_size
+
+
+def _prompt(model, count):
+    encoded = model.processor.encode([tokens.Turn("What is it?")], count)
+    ids = encoded.input_ids[None]
+    return ids, torch.ones_like(ids)
+
+
+def test_tied_lm_head_is_not_an_empty_trainable_component(monkeypatch):
+    """Qwen2-VL-2B / Qwen2.5-VL-3B / Qwen3-VL-4B tie lm_head to embed_tokens: the default
+    trainable set (which lists lm_head) must still be accepted, and the tied matrix train."""
+    from keyseg.model import qwen
+
+    build = qwen.tiny_qwen_config
+
+    def tied(*args, **kwargs):
+        config = build(*args, **kwargs)
+        config.tie_word_embeddings = True
+        return config
+
+    monkeypatch.setattr(qwen, "tiny_qwen_config", tied)
+    config = ModelConfig(backbone=BackboneConfig(family="qwen2_5_vl", preset="tiny",
+                                                 image_token=QWEN_IMAGE_TOKEN),
+                         sam=SamSettings(preset="tiny"))
+    model = KeySegModel.from_config(config)
+    assert model.backbone.output_embeddings().weight is model.backbone.input_embeddings().weight
+    apply_lora(model, config.lora)
+    counts = configure_trainable(model, config.trainable)
+    assert counts["lm_head"].trainable == 0 and counts["embed_tokens"].trainable > 0
+    assert model.backbone.output_embeddings().weight.requires_grad
+
+
+def _image(height, width, seed):
+    return np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("family", list(QWEN_FAMILY_CLASSES))
+def test_qwen_pipeline_batches_images_of_different_token_counts_like_single_calls(family):
+    """Left-padded rows of different lengths (M-RoPE positions from the attention mask)
+    give the masks each image gets alone."""
+    from helpers import answer_ids, forced
+    from keyseg.pipeline import KeySegPipeline
+
+    base = qwen_config()
+    config = ModelConfig(backbone=BackboneConfig(**{**base.backbone.__dict__, "family": family}),
+                         sam=base.sam)
+    torch.manual_seed(0)
+    pipe = KeySegPipeline(KeySegModel.from_config(config).eval(), max_new_tokens=8)
+    images = [_image(30, 50, 0), _image(44, 20, 1)]
+    counts = [pipe.processor.prepare_image(Image.fromarray(i)).num_image_tokens for i in images]
+    assert counts[0] != counts[1]
+    script = answer_ids(pipe.processor, " Sure,", segs=1, keyword="spoon")
+    both = pipe(images, ["What is it?", "What is that?"], logits_processor=forced(script),
+                return_logits=True)
+    alone = [pipe(i, q, logits_processor=forced(script), return_logits=True)
+             for i, q in zip(images, ["What is it?", "What is that?"], strict=True)]
+    for batched, single, (h, w) in zip(both, alone, [(30, 50), (44, 20)], strict=True):
+        assert batched.masks.shape == (1, h, w) and batched.keyword == "spoon"
+        torch.testing.assert_close(batched.mask_logits, single.mask_logits, atol=1e-3, rtol=1e-3)
+    # multi-turn on one image: the second turn carries the first in its prompt
+    pipe.set_image(images[1])
+    first = pipe.ask("What is it?", logits_processor=forced(script))
+    second = pipe.ask("And the other one?", logits_processor=forced(script))
+    assert len(pipe.history) == 2 and first.masks.shape == second.masks.shape == (1, 44, 20)
+
+
+def test_qwen_at_state_reruns_one_row_with_its_own_patches():
+    """hidden_state='at' with [SEG] as the very last generated token needs one extra forward
+    of that row alone: its own slice of the flattened patches, not the batch's first rows."""
+    from helpers import answer_ids, forced
+    from keyseg.pipeline import KeySegPipeline
+
+    config = qwen_config()
+    config = ModelConfig(backbone=BackboneConfig(**{**config.backbone.__dict__,
+                                                    "hidden_state": "at"}),
+                         sam=config.sam)
+    torch.manual_seed(0)
+    model = KeySegModel.from_config(config).eval()
+    pipe = KeySegPipeline(model)
+    script = answer_ids(pipe.processor, " Sure,", segs=1)[:-1]  # ends at [SEG], no EOS
+    results = pipe([_image(30, 50, 0), _image(44, 20, 1)], ["a?", "b?"],
+                   logits_processor=forced(script), max_new_tokens=len(script))
+    assert [r.masks.shape for r in results] == [(1, 30, 50), (1, 44, 20)]
+
+
+def test_empty_system_prompt_leaves_the_system_block_out_as_qwen3_vl_does(qwen_model):
+    from dataclasses import replace
+
+    processor = qwen_model.processor
+    plain = replace(processor.backbone, system_prompt="")
+    original, processor.backbone = processor.backbone, plain
+    try:
+        encoded = processor.encode([tokens.Turn("What is it?", "It is [SEG].")], 3)
+    finally:
+        processor.backbone = original
+    text = processor.tokenizer.decode(encoded.input_ids)
+    assert text.startswith("<|im_start|>user\n<|vision_start|>") and "system" not in text

@@ -9,7 +9,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from keyseg.commands.segment import add_model_arguments, load_pipeline
+from keyseg.commands.segment import (
+    add_max_pixels_argument,
+    add_model_arguments,
+    check_max_pixels,
+    load_pipeline,
+)
 
 HELP = "segment a JSONL list of {image, query, id} or a folder of images; resumable"
 EXAMPLE = ("keyseg batch queries.jsonl --out outputs/run1   |   "
@@ -36,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder: one sub-folder per item")
     parser.add_argument("--query", default=None,
                         help="the question for every image (required for a folder input)")
+    add_max_pixels_argument(parser)
     add_model_arguments(parser)
 
 
@@ -95,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from keyseg.errors import KeySegError
     from keyseg.visualize import save_result
 
+    max_pixels = check_max_pixels(args)
     items = read_items(args.input, args.query)
     todo = [it for it in items if not (args.out / it.id / "result.json").is_file()]
     done_before = len(items) - len(todo)
@@ -104,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             if item.error:
                 raise KeySegError(item.error)
-            image = load_image(item.image)
+            image = load_image(item.image, max_pixels=max_pixels)
             result = pipeline(image, item.query)
             save_result(args.out / item.id, image, result,
                         extra={"id": item.id, "image": str(item.image)})

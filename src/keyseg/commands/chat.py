@@ -6,7 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from keyseg.commands.segment import add_model_arguments, describe, load_pipeline
+from keyseg.commands.segment import (
+    add_max_pixels_argument,
+    add_model_arguments,
+    check_max_pixels,
+    describe,
+    load_pipeline,
+)
 
 HELP = "multi-turn chat about one image; each turn's masks go to OUT/turn_N/"
 EXAMPLE = "keyseg chat kitchen.jpg --out outputs/chat   (type a question per line; 'exit' quits)"
@@ -18,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", type=Path, help="image file")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default outputs/chat_IMAGE_STEM)")
+    add_max_pixels_argument(parser)
     add_model_arguments(parser)
 
 
@@ -26,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from keyseg.errors import KeySegInputError
     from keyseg.visualize import save_result
 
-    image = load_image(args.image)
+    image = load_image(args.image, max_pixels=check_max_pixels(args))
     pipeline = load_pipeline(args)
     pipeline.set_image(image)  # SAM-encodes once; every turn reuses it
     out = args.out or Path("outputs") / f"chat_{args.image.stem}"

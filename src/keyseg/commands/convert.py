@@ -35,6 +35,29 @@ def _sam_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _convert_sam2(args: argparse.Namespace) -> int:
+    """Official SAM 2 ``.pt`` -> HF ``Sam2Model`` directory (safetensors)."""
+    from keyseg.convert.sam import save_sam
+    from keyseg.convert.sam2 import load_official_sam2
+
+    preset = None if args.preset == "auto" else args.preset
+    segmenter = load_official_sam2(args.src, preset=preset)
+    dst = save_sam(segmenter, args.dst)
+    count = sum(p.numel() for p in segmenter.parameters())
+    print(f"converted {args.src} -> {dst} ({count / 1e6:.1f}M parameters; video-memory "
+          "tensors left out)")
+    return 0
+
+
+def _sam2_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset",
+        default="auto",
+        choices=["auto", "hiera_tiny", "hiera_small", "hiera_base_plus", "hiera_large", "tiny"],
+        help="SAM 2 size (default: inferred from the Hiera width and depth)",
+    )
+
+
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -102,6 +125,11 @@ KINDS: dict[
         "official segment-anything checkpoint (sam_vit_h_4b8939.pth) -> SamModel directory",
         _sam_arguments,
         _convert_sam,
+    ),
+    "sam2": (
+        "official SAM 2 / 2.1 checkpoint (sam2.1_hiera_large.pt) -> Sam2Model directory",
+        _sam2_arguments,
+        _convert_sam2,
     ),
     "lisa": (
         "LISA HF checkpoint directory (e.g. LISA-7B-v1) -> KeySeg model directory",

@@ -75,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "float32", "bfloat16", "float16"],
                         help="weights dtype (auto: bfloat16 on CUDA with bf16 support, "
                              "else float32)")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="skip images larger than this (width*height, default 64 MP)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an --out that holds a run with other arguments "
                              "(default: same arguments resume it, others are refused)")
@@ -92,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         parse_spec(spec)  # fail fast on a typo, before opening anything
     if args.limit is not None and args.limit < 0:
         raise KeySegConfigError(f"--limit must be >= 0, got {args.limit}")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise KeySegConfigError(f"--max-pixels must be >= 1, got {args.max_pixels}")
     if args.save_overlays < 0:
         raise KeySegConfigError(f"--save-overlays must be >= 0, got {args.save_overlays}")
 
@@ -133,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
                 all_texts=args.all_texts, max_new_tokens=args.max_new_tokens,
                 jsonl_path=jsonl, resume=resume, progress=not args.no_progress,
                 keep_overlays=args.save_overlays, protocol=args.protocol,
+                max_pixels=args.max_pixels,
             )
             resumed.setdefault(eval_set.spec, {})[mode] = result.resumed_rows
             entry = dict(result.metrics)
@@ -286,15 +291,10 @@ def _accelerator():
 
 
 def _device(name: str):
-    import torch
+    """The named device (refused in one line when unavailable), or CUDA > MPS > CPU."""
+    from keyseg.pipeline import resolve_device
 
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return resolve_device(None if name == "auto" else name)
 
 
 def _dtype(name: str, device):

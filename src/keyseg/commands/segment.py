@@ -24,6 +24,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generation budget per answer (default 64)")
 
 
+def add_max_pixels_argument(parser: argparse.ArgumentParser) -> None:
+    """``--max-pixels`` for segment / chat / batch (demo has its own, lower default)."""
+    parser.add_argument("--max-pixels", type=int, default=64_000_000,
+                        help="refuse larger images (width*height, default 64 MP)")
+
+
+def check_max_pixels(args: argparse.Namespace) -> int:
+    """``args.max_pixels``, refused in one line unless positive."""
+    from keyseg.errors import KeySegConfigError
+
+    if args.max_pixels < 1:
+        raise KeySegConfigError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+    return args.max_pixels
+
+
 def load_pipeline(args: argparse.Namespace):
     """Build the pipeline the shared options describe."""
     from keyseg.errors import KeySegConfigError
@@ -33,7 +48,7 @@ def load_pipeline(args: argparse.Namespace):
         raise KeySegConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     return KeySegPipeline.from_pretrained(
         args.checkpoint, device=args.device, dtype=args.dtype, load_in=args.load_in,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens, max_pixels=check_max_pixels(args),
     )
 
 
@@ -57,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from keyseg.visualize import save_result
 
     # Load the image first: a bad file fails in a second, before the model loads.
-    image = load_image(args.image)
+    image = load_image(args.image, max_pixels=check_max_pixels(args))
     pipeline = load_pipeline(args)
     result = pipeline(image, args.query)
     out = args.out or Path("outputs") / args.image.stem
@@ -75,4 +90,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("query", help="the question, e.g. \"What would you use to eat soup?\"")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default outputs/IMAGE_STEM)")
+    add_max_pixels_argument(parser)
     add_model_arguments(parser)

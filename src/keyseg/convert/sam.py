@@ -177,6 +177,8 @@ class ConversionReport:
         default_factory=list
     )
     duplicates: list[tuple[str, str]] = field(default_factory=list)
+    # Source tensors deliberately left out (SAM 2's video-tracking parts); not a problem.
+    ignored: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -213,6 +215,7 @@ class ConversionReport:
             f"{len(self.mapped)} mapped, {len(self.derived)} derived, "
             f"{len(self.unused_source)} unused, {len(self.unset_target)} unset, "
             f"{len(self.shape_mismatches)} shape mismatches, {len(self.duplicates)} duplicates"
+            + (f", {len(self.ignored)} ignored (video-only)" if self.ignored else "")
         )
 
 

@@ -63,7 +63,8 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
                 if max_pixels is not None and width * height > max_pixels:
                     raise KeySegDataError(
                         f"{path}: image is {width}x{height} = {width * height} pixels, over the "
-                        f"limit of {max_pixels} (raise max_pixels if the file is trusted)"
+                        f"limit of {max_pixels} (raise it with --max-pixels, or "
+                        "data.max_image_pixels in training, if the file is trusted)"
                     )
                 image.load()  # force the full decode: truncation errors surface here
                 image = ImageOps.exif_transpose(image)
@@ -191,3 +192,32 @@ def sam_preprocess(
     padded = torch.zeros(3, target_length, target_length, dtype=torch.float32)
     padded[:, :new_h, :new_w] = (pixels - mean_t) / std_t
     return SamInput(pixel_values=padded, resized_size=(new_h, new_w), original_size=(height, width))
+
+
+def sam2_preprocess(
+    image: str | Path | Image.Image | np.ndarray,
+    target_length: int = 1024,
+    mean: tuple[float, float, float] = SAM_PIXEL_MEAN,
+    std: tuple[float, float, float] = SAM_PIXEL_STD,
+    resample: Image.Resampling = Image.Resampling.BILINEAR,
+) -> SamInput:
+    """SAM 2's input transform: resize to ``S x S`` (aspect not kept, no padding) and
+    normalise (SAM 2 uses the same ImageNet statistics as SAM).
+
+    Returns:
+        :class:`SamInput` with ``pixel_values`` ``(3, S, S)`` float32 and
+        ``resized_size = (S, S)``, so mask post-processing (upsample to ``S``, crop nothing,
+        resize to the original size) undoes exactly this transform.
+    """
+    rgb = as_rgb_image(image)
+    width, height = rgb.size
+    if (width, height) != (target_length, target_length):
+        rgb = rgb.resize((target_length, target_length), resample)
+    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy()).permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return SamInput(
+        pixel_values=(pixels - mean_t) / std_t,
+        resized_size=(target_length, target_length),
+        original_size=(height, width),
+    )

@@ -1,8 +1,8 @@
 """The vision-language backbone: an HF image-text-to-text model.
 
 Families (``BackboneConfig.family``): ``llava`` (HF LLaVA: LLaMA + CLIP; projector
-``mlp2x_gelu`` or LLaVA-v1's single ``linear``) and ``qwen2_vl`` (Qwen2-VL, dynamic image-token
-counts, see :mod:`keyseg.model.qwen`).
+``mlp2x_gelu`` or LLaVA-v1's single ``linear``) and the Qwen-VL families ``qwen2_vl``,
+``qwen2_5_vl``, ``qwen3_vl`` (dynamic image-token counts, see :mod:`keyseg.model.qwen`).
 
 Nothing here assumes LLaMA widths or CLIP-224: the hidden size, vocabulary size and number of
 image tokens are read from the loaded config.
@@ -18,6 +18,15 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from keyseg.config import BackboneConfig
 from keyseg.errors import KeySegCheckpointError, KeySegConfigError
+
+#: Backbone families with Qwen's dynamic resolution and ChatML (keys of
+#: ``keyseg.model.qwen.QWEN_FAMILIES``; literal here so this import stays light).
+QWEN_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES: tuple[str, ...] = ("llava", *QWEN_FAMILIES)
+
+
+# Children of a Qwen ``model.visual`` that map vision features to the LM width.
+_QWEN_PROJECTOR_PARTS = ("merger", "deepstack_merger_list")
 
 
 @dataclass
@@ -59,10 +68,11 @@ def apply_projector(vlm, cfg: BackboneConfig):
 def vlm_from_config_dict(cfg: BackboneConfig, vlm_config: dict):
     """An untrained VLM of the family ``cfg.family`` built from a saved config dict
     (``config.to_dict()``), with the configured projector; weights are loaded by the caller."""
-    if cfg.family == "qwen2_vl":
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    if cfg.family in QWEN_FAMILIES:
+        from keyseg.model.qwen import qwen_classes
 
-        return Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(vlm_config))
+        config_class, model_class = qwen_classes(cfg.family)
+        return model_class(config_class.from_dict(vlm_config))
     if cfg.family != "llava":
         raise KeySegConfigError(f"model.backbone.family: unsupported family {cfg.family!r}")
     return apply_projector(LlavaForConditionalGeneration(LlavaConfig.from_dict(vlm_config)), cfg)
@@ -71,10 +81,10 @@ def vlm_from_config_dict(cfg: BackboneConfig, vlm_config: dict):
 def num_image_tokens(config) -> int:
     """Image tokens LLaVA inserts per image: patches, plus CLS under the ``full`` strategy.
 
-    Dynamic-resolution families (Qwen2-VL) have no fixed count: 0, and the processor reads
+    Dynamic-resolution families (Qwen-VL) have no fixed count: 0, and the processor reads
     the count of each image from its ``image_grid_thw``.
     """
-    if getattr(config, "model_type", "") == "qwen2_vl":
+    if getattr(config, "model_type", "") in QWEN_FAMILIES:
         return 0
     vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
@@ -88,18 +98,19 @@ def build_vlm(cfg: BackboneConfig, tokenizer, dtype: torch.dtype | None = None):
     otherwise ``cfg.preset`` names a locally built random model (``tiny``). Returns ``(vlm,
     image_processor, tokenizer)``; the tokenizer is the given one, or the directory's.
     """
-    if cfg.family not in ("llava", "qwen2_vl"):
+    if cfg.family not in FAMILIES:
         raise KeySegConfigError(f"model.backbone.family: unsupported family {cfg.family!r}")
     if cfg.name_or_path is None:
-        if cfg.family == "qwen2_vl":
+        if cfg.family in QWEN_FAMILIES:
             from keyseg.model import qwen
 
             if cfg.preset not in qwen.QWEN_PRESETS:
                 raise KeySegConfigError(
-                    f"model.backbone.preset: unknown qwen2_vl preset {cfg.preset!r} without "
+                    f"model.backbone.preset: unknown {cfg.family} preset {cfg.preset!r} without "
                     f"name_or_path (local presets: {', '.join(qwen.QWEN_PRESETS)})"
                 )
-            vlm, image_processor, tokenizer = qwen.build_tiny_qwen(cfg.preset, tokenizer)
+            vlm, image_processor, tokenizer = qwen.build_tiny_qwen(cfg.preset, tokenizer,
+                                                                   family=cfg.family)
             return vlm.to(dtype) if dtype is not None else vlm, image_processor, tokenizer
         from keyseg.model import tiny
 
@@ -124,10 +135,13 @@ def build_vlm(cfg: BackboneConfig, tokenizer, dtype: torch.dtype | None = None):
     from transformers import AutoImageProcessor, AutoTokenizer
 
     try:
-        if cfg.family == "qwen2_vl":
-            from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+        if cfg.family in QWEN_FAMILIES:
+            from transformers import Qwen2VLImageProcessorPil
 
-            vlm = Qwen2VLForConditionalGeneration.from_pretrained(cfg.name_or_path, dtype=dtype)
+            from keyseg.model.qwen import qwen_classes
+
+            _, model_class = qwen_classes(cfg.family)
+            vlm = model_class.from_pretrained(cfg.name_or_path, dtype=dtype)
             # The PIL variant: works without torchvision.
             image_processor = Qwen2VLImageProcessorPil.from_pretrained(cfg.name_or_path)
         else:
@@ -154,7 +168,8 @@ class VisionLanguageBackbone(nn.Module):
 
     @property
     def family(self) -> str:
-        return "qwen2_vl" if self.base.config.model_type == "qwen2_vl" else "llava"
+        model_type = self.base.config.model_type
+        return model_type if model_type in QWEN_FAMILIES else "llava"
 
     @property
     def base(self) -> LlavaForConditionalGeneration:
@@ -174,15 +189,19 @@ class VisionLanguageBackbone(nn.Module):
         return self.base.model.language_model
 
     def vision_tower(self) -> nn.Module:
-        if self.family == "qwen2_vl":
+        if self.family in QWEN_FAMILIES:
             visual = self.base.model.visual
-            # Everything of the ViT except the merger (the projector, below).
-            return nn.ModuleList([m for n, m in visual.named_children() if n != "merger"])
+            # Everything of the ViT except the merger(s) (the projector, below).
+            return nn.ModuleList([m for n, m in visual.named_children()
+                                  if n not in _QWEN_PROJECTOR_PARTS])
         return self.base.model.vision_tower
 
     def projector(self) -> nn.Module:
-        if self.family == "qwen2_vl":
-            return self.base.model.visual.merger
+        if self.family in QWEN_FAMILIES:
+            # The merger, plus Qwen3-VL's DeepStack mergers (vision -> LM width too).
+            visual = self.base.model.visual
+            return nn.ModuleList([m for n, m in visual.named_children()
+                                  if n in _QWEN_PROJECTOR_PARTS])
         return self.base.model.multi_modal_projector
 
     def input_embeddings(self) -> nn.Embedding:
@@ -203,7 +222,7 @@ class VisionLanguageBackbone(nn.Module):
             input_ids: ``(B, L)`` with image tokens already expanded.
             attention_mask: ``(B, L)``.
             vision_inputs: the image processor's outputs, e.g. ``pixel_values (B, 3, h, w)``
-                (LLaVA) or ``pixel_values (n_patches, D)`` + ``image_grid_thw (B, 3)`` (Qwen2-VL).
+                (LLaVA) or ``pixel_values (n_patches, D)`` + ``image_grid_thw (B, 3)`` (Qwen).
         """
         out = self.vlm(
             input_ids=input_ids,
@@ -215,15 +234,32 @@ class VisionLanguageBackbone(nn.Module):
 
     def model_inputs(self, input_ids: torch.Tensor,
                      vision_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``vision_inputs`` plus what the family derives from the ids: Qwen2-VL's M-RoPE
+        """``vision_inputs`` plus what the family derives from the ids: Qwen's M-RoPE
         needs ``mm_token_type_ids (B, L)`` (1 at image tokens, 0 elsewhere)."""
-        if self.family != "qwen2_vl" or "mm_token_type_ids" in vision_inputs:
+        if self.family not in QWEN_FAMILIES or "mm_token_type_ids" in vision_inputs:
             return vision_inputs
         image_id = self.base.config.image_token_id
         return {**vision_inputs, "mm_token_type_ids": (input_ids == image_id).to(torch.int32)}
 
+    def row_vision_inputs(self, vision_inputs: dict[str, torch.Tensor],
+                          row: int) -> dict[str, torch.Tensor]:
+        """The vision inputs of batch row ``row`` alone (one image per row).
+
+        LLaVA's tensors have one entry per row; Qwen's ``pixel_values (n_patches, D)`` hold
+        every row's patches back to back, ``t * h * w`` of them per row of
+        ``image_grid_thw (B, 3)``.
+        """
+        if "image_grid_thw" not in vision_inputs:
+            return {k: v[row : row + 1] for k, v in vision_inputs.items()}
+        grid = vision_inputs["image_grid_thw"]
+        sizes = grid.prod(-1).tolist()
+        start = int(sum(sizes[:row]))
+        out = {k: v[row : row + 1] for k, v in vision_inputs.items() if k != "pixel_values"}
+        out["pixel_values"] = vision_inputs["pixel_values"][start : start + int(sizes[row])]
+        return out
+
     def generate(self, **kwargs):
-        if "input_ids" in kwargs and self.family == "qwen2_vl":
+        if "input_ids" in kwargs and self.family in QWEN_FAMILIES:
             extra = self.model_inputs(kwargs["input_ids"], {})
             kwargs = {**extra, **kwargs}
         return self.vlm.generate(**kwargs)

@@ -32,7 +32,7 @@ from keyseg.model.backbone import (
 )
 from keyseg.model.fusion import KeywordFusion
 from keyseg.model.losses import dice_loss, keyword_alignment_loss, sigmoid_ce_loss
-from keyseg.model.sam import SamSegmenter
+from keyseg.model.sam import SamSegmenter, build_segmenter, segmenter_from_config_dict
 from keyseg.processor import KeySegProcessor
 
 CONFIG_FILE = "config.json"
@@ -125,15 +125,12 @@ class KeySegModel(nn.Module):
         """Build from config: pretrained VLM if ``backbone.name_or_path`` is set, else a
         local preset (random); SAM from ``sam.preset`` (+ official checkpoint if given)."""
         vlm, image_processor, tokenizer = build_vlm(config.backbone, tokenizer, dtype)
-        if config.sam.checkpoint:
-            from keyseg.convert.sam import load_official_sam
-
-            sam = load_official_sam(config.sam.checkpoint, preset=config.sam.preset)
-        else:
-            sam = SamSegmenter.from_preset(config.sam.preset, prompt_dim=config.fusion.dim)
+        sam = build_segmenter(config.sam.family, config.sam.preset, prompt_dim=config.fusion.dim,
+                              checkpoint=config.sam.checkpoint)
         processor = KeySegProcessor(
             tokenizer, image_processor, config.backbone,
             num_image_tokens=num_image_tokens(vlm.config), sam_image_size=sam.image_size,
+            sam_family=sam.family,
         )
         tokens.resize_embeddings(vlm, tokenizer)
         model = cls(config, VisionLanguageBackbone(vlm), sam, processor)
@@ -167,8 +164,6 @@ class KeySegModel(nn.Module):
         The model is built without random init (directly in ``dtype`` when given) and every
         tensor is then loaded by exact name.
         """
-        from transformers import SamConfig
-
         from keyseg.convert.checkpoint_io import load_weights_dir
 
         directory = Path(directory)
@@ -181,7 +176,7 @@ class KeySegModel(nn.Module):
         processor = KeySegProcessor.from_pretrained(directory, config.backbone)
         with skip_init(dtype):
             vlm = vlm_from_config_dict(config.backbone, meta["vlm"])
-            sam = SamSegmenter(SamConfig.from_dict(meta["sam"]))
+            sam = segmenter_from_config_dict(config.sam.family, meta["sam"])
             model = cls(config, VisionLanguageBackbone(vlm), sam, processor)
             if meta.get("lora_applied"):
                 from keyseg.model.trainable import apply_lora

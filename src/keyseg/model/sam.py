@@ -210,10 +210,22 @@ class SamSegmenter(torch.nn.Module):
     nothing is moved to a hard-coded device.
     """
 
+    #: ``SamSettings.family`` of this segmenter (``keyseg.model.sam2.Sam2Segmenter``: "sam2").
+    family = "sam"
+
     def __init__(self, config: SamConfig | SamModel) -> None:
         """Build a randomly initialised ``SamModel`` from ``config``, or wrap a built one."""
         super().__init__()
         self.sam = config if isinstance(config, SamModel) else SamModel(config)
+
+    def component_modules(self) -> dict[str, list[torch.nn.Module]]:
+        """The ``model.trainable`` groups of this segmenter (see ``keyseg.model.trainable``)."""
+        sam = self.sam
+        return {
+            "sam_image_encoder": [sam.vision_encoder],
+            "sam_prompt_encoder": [sam.prompt_encoder, sam.shared_image_embedding],
+            "sam_mask_decoder": [sam.mask_decoder],
+        }
 
     @classmethod
     def from_preset(cls, name: str, *, prompt_dim: int = DEFAULT_PROMPT_DIM) -> SamSegmenter:
@@ -378,3 +390,36 @@ class SamSegmenter(torch.nn.Module):
         masks = masks[..., :resized_h, :resized_w]  # drop the bottom/right zero padding
         masks = F.interpolate(masks, (original_h, original_w), mode="bilinear", align_corners=False)
         return masks.squeeze(1)
+
+
+def build_segmenter(family: str, preset: str, *, prompt_dim: int = DEFAULT_PROMPT_DIM,
+                    checkpoint: str | None = None) -> SamSegmenter:
+    """The mask decoder ``model.sam`` describes: SAM or SAM 2 (``family``) of a preset, with
+    an official checkpoint's weights when ``checkpoint`` is given."""
+    if family == "sam2":
+        if checkpoint:
+            from keyseg.convert.sam2 import load_official_sam2
+
+            return load_official_sam2(checkpoint, preset=preset)
+        from keyseg.model.sam2 import Sam2Segmenter
+
+        return Sam2Segmenter.from_preset(preset, prompt_dim=prompt_dim)
+    if family != "sam":
+        raise KeySegConfigError(f"model.sam.family: {family!r} is not one of 'sam', 'sam2'")
+    if checkpoint:
+        from keyseg.convert.sam import load_official_sam
+
+        return load_official_sam(checkpoint, preset=preset)
+    return SamSegmenter.from_preset(preset, prompt_dim=prompt_dim)
+
+
+def segmenter_from_config_dict(family: str, config: dict) -> SamSegmenter:
+    """An untrained segmenter of ``family`` from a saved ``config.to_dict()`` (weights are
+    loaded by the caller)."""
+    if family == "sam2":
+        from transformers import Sam2Config
+
+        from keyseg.model.sam2 import Sam2Segmenter
+
+        return Sam2Segmenter(Sam2Config.from_dict(config))
+    return SamSegmenter(SamConfig.from_dict(config))

@@ -56,7 +56,6 @@ def apply_lora(model, settings: LoraSettings) -> None:
 def component_modules(model) -> dict[str, list[nn.Module]]:
     """Component name -> the modules it consists of (``lora`` is found by name)."""
     backbone = model.backbone
-    sam = model.sam.sam
     heads = [model.text_hidden_fcs]
     if model.keyword_text_proj is not None:
         heads.append(model.keyword_text_proj)
@@ -66,9 +65,8 @@ def component_modules(model) -> dict[str, list[nn.Module]]:
         "vision_tower": [backbone.vision_tower()],
         "mm_projector": [backbone.projector()],
         "language_model": [backbone.language_model()],
-        "sam_image_encoder": [sam.vision_encoder],
-        "sam_mask_decoder": [sam.mask_decoder],
-        "sam_prompt_encoder": [sam.prompt_encoder, sam.shared_image_embedding],
+        # SAM or SAM 2: sam_image_encoder / sam_prompt_encoder / sam_mask_decoder
+        **model.sam.component_modules(),
         "text_hidden_fcs": heads,
         "fusion": [model.keyword_fusion],
         "table_projection": [model.embedding_table_proj],
@@ -107,7 +105,8 @@ def configure_trainable(model, trainable: Iterable[str]) -> dict[str, ComponentC
     Raises:
         KeySegConfigError: a name is not a component, or a component marked trainable has
             no parameter in this model (unless the model config makes it legitimately
-            empty: LoRA disabled, fusion variant ``none``).
+            empty: LoRA disabled, fusion variant ``none``, an LM head tied to the input
+            embeddings).
     """
     wanted = set(trainable)
     unknown = wanted - set(COMPONENTS)
@@ -130,6 +129,11 @@ def configure_trainable(model, trainable: Iterable[str]) -> dict[str, ComponentC
         legitimately_empty.add("lora")
     if cfg.fusion.variant == "none":
         legitimately_empty.add("fusion")
+    backbone = model.backbone
+    if backbone.output_embeddings().weight is backbone.input_embeddings().weight:
+        # Tied LM head (Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-2B/4B): the one matrix is
+        # claimed, and trained, as embed_tokens.
+        legitimately_empty.add("lm_head")
     for component in sorted(wanted - legitimately_empty):
         if counts[component].trainable == 0:
             raise KeySegConfigError(
