@@ -36,11 +36,21 @@ per-sample lines go to a JSONL file as they are produced, overlay candidates liv
 bounded heaps. With an Accelerate ``accelerator``, records are sharded by process index,
 counts are summed exactly across processes and the per-process JSONL files are merged by the
 main process.
+
+Resume: every row is appended to the process's part file in one write and flushed, and a
+line closes each batch, so a kill loses at most the batch in flight (its rows and a torn
+last line are dropped on resume). With ``resume=True`` the rows already on disk (part files
+of any earlier run, whatever its process count, and a merged file) are accounted first, in
+record order, exactly as if they had just been scored; only the missing queries are run,
+in the batches an uninterrupted run would form. The totals, and so the report, equal an
+uninterrupted run's (same process count: bit for bit; with another process count the
+float ``sum_iou`` may differ in its last bits).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import heapq
 import io
 import itertools
@@ -179,6 +189,9 @@ class OverlayCandidate:
         shape: ``(k, H, W)`` of the masks.
         pred_bits / target_bits: ``np.packbits`` of the ``(k, H, W)`` prediction
             (``logits > 0``) and of the target's foreground; ``ignore_bits`` of its 255 pixels.
+            ``None`` (and ``shape`` ``(0, 0, 0)``) for a row read back on resume until its
+            masks are recomputed at the end (:func:`_complete_pending`).
+        ref_index: index of the referent in the record.
     """
 
     score: float
@@ -187,9 +200,10 @@ class OverlayCandidate:
     query: str
     answer: str
     shape: tuple[int, int, int]
-    pred_bits: np.ndarray
-    target_bits: np.ndarray
-    ignore_bits: np.ndarray
+    pred_bits: np.ndarray | None
+    target_bits: np.ndarray | None
+    ignore_bits: np.ndarray | None
+    ref_index: int = 0
 
     def masks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Unpacked ``(k, H, W)`` bool prediction, target foreground and ignore region."""
@@ -220,6 +234,7 @@ class EvalResult:
         skipped_messages: the first error messages of skipped records.
         overlays: ``worst`` and ``best`` :class:`OverlayCandidate` lists (``keep_overlays``).
         wall_time: seconds.
+        resumed_rows: rows read back from disk instead of scored (``resume``; all processes).
     """
 
     metrics: dict[str, Any]
@@ -227,6 +242,7 @@ class EvalResult:
     skipped_messages: list[str] = field(default_factory=list)
     overlays: dict[str, list[OverlayCandidate]] = field(default_factory=dict)
     wall_time: float = 0.0
+    resumed_rows: int = 0
 
 
 class _BoundedHeaps:
@@ -257,8 +273,11 @@ class _BoundedHeaps:
             heapq.heapreplace(self.best, (s, -order, candidate))
 
     def result(self) -> dict[str, list[OverlayCandidate]]:
-        return {"worst": sorted((c for _, _, c in self.worst), key=lambda c: c.score),
-                "best": sorted((c for _, _, c in self.best), key=lambda c: -c.score)}
+        """Sorted candidates; any still without masks (unloadable on resume) are left out."""
+        return {"worst": sorted((c for _, _, c in self.worst if c.pred_bits is not None),
+                                key=lambda c: c.score),
+                "best": sorted((c for _, _, c in self.best if c.pred_bits is not None),
+                               key=lambda c: -c.score)}
 
 
 @dataclass
@@ -272,6 +291,9 @@ class _Item:
     conversation: Conversation
     referent: Referent
     fed_answer: str
+    ref_index: int = 0
+    queries: int = 1  # queries scored for this record (a resume knows a record is complete)
+    issues: dict[str, int] = field(default_factory=dict)  # the record's meta["issues"]
 
 
 # --------------------------------------------------------------------------- main loop
@@ -288,6 +310,7 @@ def run_evaluation(
     all_texts: bool = False,
     max_new_tokens: int = 64,
     jsonl_path: str | os.PathLike | None = None,
+    resume: bool = False,
     progress: bool = True,
     keep_per_sample: bool = False,
     keep_overlays: int = 0,
@@ -307,7 +330,12 @@ def run_evaluation(
         accelerator: an ``accelerate.Accelerator``: shard by process, reduce exactly.
         all_texts: score every text of a ReasonSeg record, not just the first.
         max_new_tokens: generation budget (``generate`` mode).
-        jsonl_path: write one JSON line per scored conversation here (streamed, flushed).
+        jsonl_path: write one JSON line per scored conversation here (streamed: appended to
+            a per-process part file, one flushed write per row; merged in record order into
+            ``jsonl_path`` at the end).
+        resume: continue from the rows already on disk for ``jsonl_path`` (part files and a
+            merged file) instead of starting over. The caller makes sure they were written
+            with the same model and arguments (``keyseg eval`` checks its ``run.json``).
         progress: show a progress bar (main process only).
         keep_per_sample: also return the per-sample lines in :attr:`EvalResult.per_sample`.
         keep_overlays: keep the ``n`` worst and ``n`` best samples for overlays.
@@ -319,12 +347,18 @@ def run_evaluation(
 
     Returns:
         an :class:`EvalResult`; its ``metrics`` are the sums over all processes.
+
+    Raises:
+        KeySegDataError: with ``resume``, a row on disk that is not a complete JSON line of
+            this format (other than a torn last line, which is dropped).
     """
     if mode not in MODES:
         raise KeySegConfigError(f"evaluation mode {mode!r}: use one of {', '.join(MODES)}")
     if batch_size < 1:
         raise KeySegConfigError(f"batch_size must be >= 1, got {batch_size}")
     check_protocol(protocol)
+    if resume and jsonl_path is None:
+        raise KeySegConfigError("resume needs a jsonl_path (the rows to continue from)")
     start = time.perf_counter()
     rank, world = _process_layout(accelerator)
     if accelerator is not None:
@@ -342,11 +376,36 @@ def run_evaluation(
     collator = Collator(model.processor, mode="train" if mode == "teacher" else "prompt")
 
     jsonl_final = Path(jsonl_path) if jsonl_path is not None else None
-    part_path = _part_path(jsonl_final, rank) if jsonl_final is not None else None
-    writer = None
-    if part_path is not None:
-        part_path.parent.mkdir(parents=True, exist_ok=True)
-        writer = open(part_path, "w", encoding="utf-8")  # noqa: SIM115 (closed in finally)
+    done: dict[int, tuple[set[int], int]] = {}
+    if jsonl_final is not None:
+        jsonl_final.parent.mkdir(parents=True, exist_ok=True)
+        if resume:
+            # The rows of this shard already on disk count first, in record order: the
+            # accumulation below is then the same sequence of operations as uninterrupted.
+            _trim_to_last_batch(_part_path(jsonl_final, rank))
+            if world > 1:
+                accelerator.wait_for_everyone()
+            rows = _rows_on_disk(jsonl_final, rank, world, total)
+            done, complete = _done_map(rows)
+            counts["records"] += complete
+            counted: set[int] = set()
+            for row in rows:
+                index = int(row["index"])
+                refs, queries = done[index]
+                if len(refs) >= queries and index not in counted:  # not loaded again
+                    counted.add(index)
+                    for name, value in row.get("record_issues", {}).items():
+                        counts[f"issue:{name}"] += int(value)
+                _account(row, mode, metrics, by_difficulty, counts)
+                if heaps.wants(row["iou"]):
+                    heaps.push(_pending_candidate(row))
+                if per_sample is not None:
+                    per_sample.append(row)
+            counts["resumed_rows"] = len(rows)
+            del rows
+        else:
+            _discard_previous(jsonl_final, rank, world, accelerator)
+    writer = _RowWriter(_part_path(jsonl_final, rank)) if jsonl_final is not None else None
 
     was_training = model.training
     model.eval()
@@ -355,18 +414,24 @@ def run_evaluation(
     try:
         with torch.no_grad(), autocast:
             for items in _batches(records, shard, batch_size, mode, use_keyword, all_texts,
-                                  counts, skipped_messages, bar, max_pixels, protocol):
+                                  counts, skipped_messages, bar, max_pixels, protocol,
+                                  done):
                 batch = collator(_group_examples(items)).to(model.device, dtype=model.dtype)
                 outputs = _infer(model, batch, items, mode, max_new_tokens,
                                  generate_kwargs or {})
                 for item, (pred, answer, keyword) in zip(items, outputs, strict=True):
-                    line = _score(item, pred, answer, keyword, mode, metrics, by_difficulty,
-                                  counts, heaps)
+                    line = _score(item, pred, answer, keyword, heaps)
+                    _account(line, mode, metrics, by_difficulty, counts)
                     if writer is not None:
-                        writer.write(json.dumps(line, ensure_ascii=False) + "\n")
-                        writer.flush()
+                        writer.write(line)
                     if per_sample is not None:
                         per_sample.append(line)
+                if writer is not None:
+                    writer.end_batch()
+            if keep_overlays:
+                _complete_pending(heaps, model, collator, records, mode, use_keyword,
+                                  all_texts, max_new_tokens, generate_kwargs or {}, max_pixels,
+                                  protocol)
     finally:
         bar.close()
         if writer is not None:
@@ -410,7 +475,8 @@ def run_evaluation(
         result["by_difficulty"] = {k: by_difficulty[k].compute() for k in sorted(by_difficulty)}
     return EvalResult(metrics=result, per_sample=per_sample, skipped_messages=skipped_messages,
                       overlays=overlays if keep_overlays else {},
-                      wall_time=time.perf_counter() - start)
+                      wall_time=time.perf_counter() - start,
+                      resumed_rows=counts["resumed_rows"])
 
 
 def _process_layout(accelerator: Any | None) -> tuple[int, int]:
@@ -437,22 +503,34 @@ def _batches(
     bar,
     max_pixels: int | None,
     protocol: str = "lisa",
+    done: dict[int, tuple[set[int], int]] | None = None,
 ) -> Iterator[list[_Item]]:
     """Load records of the shard lazily and yield lists of ``batch_size`` conversations.
 
     A record that fails to load (:class:`KeySegDataError`: truncated image, bad annotation)
     is counted in ``counts["skipped"]`` and left out; a loaded record's ``meta["issues"]``
-    are added to ``counts`` as ``"issue:NAME"``.
+    are added to ``counts`` as ``"issue:NAME"``. ``done`` maps a record index to the
+    referent indices already scored and the record's number of queries (resume): those are
+    left out, and a record whose every query is done is not even loaded (its issues were
+    counted from its rows). They still take their places in the batches, so the batches of
+    a resumed run hold exactly the conversations they held in an uninterrupted one (same
+    padding, same numbers).
     """
-    from keyseg.data.images import DEFAULT_MAX_PIXELS, load_image
-
+    done = done or {}
     pending: list[_Item] = []
+    slots = 0  # conversations of the current batch, the ones done before included
     for index in shard:
+        finished, queries = done.get(index, (set(), -1))
+        if len(finished) >= queries >= 0:  # complete on disk
+            slots += queries
+            if slots >= batch_size:  # the current batch ends inside this record
+                if pending:
+                    yield pending
+                pending, slots = [], slots % batch_size
+            bar.update(1)
+            continue
         try:
-            record = records[index]
-            image = record.image if record.image is not None else load_image(
-                record.image_path, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-            image = image.convert("RGB")
+            record, image = _load_record(records, index, max_pixels)
         except KeySegDataError as error:
             counts["skipped"] += 1
             if len(skipped_messages) < _MAX_SKIP_MESSAGES:
@@ -460,19 +538,44 @@ def _batches(
             bar.update(1)
             continue
         counts["records"] += 1
-        for name, value in record.meta.get("issues", {}).items():
-            counts[f"issue:{name}"] += int(value)
-        for ref, conv in eval_conversations(record, use_keyword=use_keyword,
-                                            all_texts=all_texts, protocol=protocol):
-            answer = conv.turns[-1].answer or ""
-            pending.append(_Item(index, record.sample_id, record.source, image, conv, ref,
-                                 answer))
-            if len(pending) >= batch_size:
-                yield pending
-                pending = []
+        issues = {name: int(value) for name, value in record.meta.get("issues", {}).items()}
+        for name, value in issues.items():
+            counts[f"issue:{name}"] += value
+        items = _record_items(record, index, image, use_keyword, all_texts, protocol, issues)
+        for item in items:
+            slots += 1
+            if item.ref_index not in finished:
+                pending.append(item)
+            if slots >= batch_size:
+                if pending:
+                    yield pending
+                pending, slots = [], 0
         bar.update(1)
     if pending:
         yield pending
+
+
+def _load_record(records: Sequence[SegRecord], index: int,
+                 max_pixels: int | None) -> tuple[SegRecord, Any]:
+    """``records[index]`` and its decoded RGB image (:class:`KeySegDataError` if bad)."""
+    from keyseg.data.images import DEFAULT_MAX_PIXELS, load_image
+
+    record = records[index]
+    image = record.image if record.image is not None else load_image(
+        record.image_path, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    return record, image.convert("RGB")
+
+
+def _record_items(record: SegRecord, index: int, image: Any, use_keyword: bool,
+                  all_texts: bool, protocol: str, issues: dict[str, int]) -> list[_Item]:
+    """The conversations scored for ``record`` (:func:`eval_conversations`), as items."""
+    refs = eval_referents(record, all_texts)
+    conversations = eval_conversations(record, use_keyword=use_keyword, all_texts=all_texts,
+                                       protocol=protocol)
+    return [_Item(index, record.sample_id, record.source, image, conv, ref,
+                  conv.turns[-1].answer or "", ref_index=ref_index, queries=len(refs),
+                  issues=issues)
+            for (ref_index, _), (ref, conv) in zip(refs, conversations, strict=True)]
 
 
 def _group_examples(items: list[_Item]) -> list[ImageExample]:
@@ -500,72 +603,60 @@ def _infer(model, batch, items: list[_Item], mode: str, max_new_tokens: int,
     return [(r.masks, r.answer, r.keyword) for r in results]
 
 
+def _used_prediction(pred: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` predictions scored against ``k`` targets: prediction ``i`` for target ``i``;
+    missing predictions are empty (all-negative logits), extra ones dropped."""
+    n_pred = int(pred.shape[0])
+    if n_pred >= k:
+        return pred[:k]
+    filler = torch.full((k - n_pred, *pred.shape[1:]), -1.0, dtype=pred.dtype,
+                        device=pred.device)
+    return torch.cat([pred, filler]) if n_pred else filler
+
+
 def _score(
     item: _Item,
     pred: torch.Tensor,
     answer: str,
     keyword: str | None,
-    mode: str,
-    metrics: SegMetrics,
-    by_difficulty: dict[str, SegMetrics],
-    counts: Counter,
     heaps: _BoundedHeaps,
 ) -> dict:
-    """Score one conversation; returns its JSONL line.
+    """Score one conversation; returns its JSONL line (added to the totals by
+    :func:`_account`, the one place rows are counted, live or read back on resume).
 
     ``pred``: ``(n_pred, H, W)`` logits; ``target``: ``(k, H, W)``. Prediction ``i`` is matched
     with target ``i``; missing predictions are empty (all-zero) masks, extra ones ignored.
     """
     target = np.asarray(item.conversation.target_masks)
     k, n_pred = int(target.shape[0]), int(pred.shape[0])
-    if n_pred < k:
-        filler = torch.full((k - n_pred, *pred.shape[1:]), -1.0, dtype=pred.dtype,
-                            device=pred.device)
-        used = torch.cat([pred, filler]) if n_pred else filler
-    else:
-        used = pred[:k]
+    used = _used_prediction(pred, k)
     if tuple(used.shape[1:]) != tuple(target.shape[1:]):
         raise KeySegDataError(
             f"{item.conversation.sample_id}: predicted masks {tuple(used.shape[1:])} do not "
             f"match the target size {tuple(target.shape[1:])}"
         )
-    pairs = metrics.update(used, target)
-    difficulty = item.referent.difficulty
-    if difficulty is not None:
-        by_difficulty.setdefault(difficulty, SegMetrics()).update_counts(
-            [i for i, _ in pairs], [u for _, u in pairs])
-    counts["samples"] += 1
-    if mode == "generate":
-        if n_pred == 0:
-            counts["no_seg"] += 1
-        elif n_pred < k:
-            counts["fewer_seg"] += 1
-        elif n_pred > k:
-            counts["extra_seg"] += 1
-        target_keyword = item.referent.keyword
-        if target_keyword and target_keyword.strip():
-            counts["keyword_scored"] += 1
-            counts["keyword_correct"] += int(same_keyword(keyword, target_keyword))
+    pairs = SegMetrics().update(used, target)
     score = sum(iou_score(i, u) for i, u in pairs) / len(pairs)
     if heaps.wants(score):
-        heaps.push(OverlayCandidate(
-            score=score, sample_id=item.conversation.sample_id,
-            record_index=item.record_index, query=item.referent.text, answer=answer,
-            shape=tuple(int(s) for s in target.shape),
-            pred_bits=np.packbits((used > 0).cpu().numpy().reshape(-1)),
-            target_bits=np.packbits(((target != 0) & (target != 255)).reshape(-1)),
-            ignore_bits=np.packbits((target == 255).reshape(-1)),
-        ))
+        candidate = _pending_candidate({"iou": score, "id": item.conversation.sample_id,
+                                        "index": item.record_index, "ref": item.ref_index,
+                                        "query": item.referent.text, "answer": answer})
+        _fill_bits(candidate, used, target)
+        heaps.push(candidate)
     return {
         "id": item.conversation.sample_id,
         "record": item.record_id,
         "source": item.source,
+        "index": item.record_index,
+        "ref": item.ref_index,
+        "queries": item.queries,
+        "record_issues": item.issues,
         "query": item.referent.text,
         "question": item.conversation.turns[-1].question,
         "answer": answer,
         "keyword": keyword,
         "target_keyword": item.referent.keyword,
-        "difficulty": difficulty,
+        "difficulty": item.referent.difficulty,
         "n_target": k,
         "n_pred": n_pred,
         "no_seg": n_pred == 0,
@@ -575,11 +666,72 @@ def _score(
     }
 
 
+def _account(row: dict, mode: str, metrics: SegMetrics, by_difficulty: dict[str, SegMetrics],
+             counts: Counter) -> None:
+    """Add one JSONL row to the totals (a scored row and a row read back count alike)."""
+    metrics.update_counts(row["I"], row["U"])
+    difficulty = row.get("difficulty")
+    if difficulty is not None:
+        by_difficulty.setdefault(difficulty, SegMetrics()).update_counts(row["I"], row["U"])
+    counts["samples"] += 1
+    if mode == "generate":
+        k, n_pred = int(row["n_target"]), int(row["n_pred"])
+        if n_pred == 0:
+            counts["no_seg"] += 1
+        elif n_pred < k:
+            counts["fewer_seg"] += 1
+        elif n_pred > k:
+            counts["extra_seg"] += 1
+        target_keyword = row.get("target_keyword")
+        if target_keyword and target_keyword.strip():
+            counts["keyword_scored"] += 1
+            counts["keyword_correct"] += int(same_keyword(row.get("keyword"), target_keyword))
+
+
+def _pending_candidate(row: dict) -> OverlayCandidate:
+    """An overlay candidate for ``row`` without masks (filled by :func:`_fill_bits`)."""
+    return OverlayCandidate(score=float(row["iou"]), sample_id=row["id"],
+                            record_index=int(row["index"]), query=row["query"],
+                            answer=row["answer"], shape=(0, 0, 0), pred_bits=None,
+                            target_bits=None, ignore_bits=None, ref_index=int(row["ref"]))
+
+
+def _fill_bits(candidate: OverlayCandidate, used: torch.Tensor, target: np.ndarray) -> None:
+    """Store the bit-packed ``(k, H, W)`` prediction, target and ignore region."""
+    candidate.shape = tuple(int(s) for s in target.shape)
+    candidate.pred_bits = np.packbits((used > 0).cpu().numpy().reshape(-1))
+    candidate.target_bits = np.packbits(((target != 0) & (target != 255)).reshape(-1))
+    candidate.ignore_bits = np.packbits((target == 255).reshape(-1))
+
+
+def _complete_pending(heaps: _BoundedHeaps, model, collator: Collator,
+                      records: Sequence[SegRecord], mode: str, use_keyword: bool,
+                      all_texts: bool, max_new_tokens: int, generate_kwargs: dict,
+                      max_pixels: int | None, protocol: str) -> None:
+    """Recompute the masks of kept candidates that were read back from disk (resume): at
+    most ``2 n`` samples per process, one at a time. A record that no longer loads keeps no
+    masks (and so no overlay); its row still counts."""
+    for _, _, candidate in heaps.worst + heaps.best:
+        if candidate.pred_bits is not None:
+            continue
+        try:
+            record, image = _load_record(records, candidate.record_index, max_pixels)
+        except KeySegDataError:
+            continue
+        items = _record_items(record, candidate.record_index, image, use_keyword, all_texts,
+                              protocol, {})
+        item = next(i for i in items if i.ref_index == candidate.ref_index)
+        batch = collator(_group_examples([item])).to(model.device, dtype=model.dtype)
+        pred = _infer(model, batch, [item], mode, max_new_tokens, generate_kwargs)[0][0]
+        target = np.asarray(item.conversation.target_masks)
+        _fill_bits(candidate, _used_prediction(pred, int(target.shape[0])), target)
+
+
 # --------------------------------------------------------------------------- reduction
 
 
 _COUNT_KEYS = ("samples", "records", "skipped", "no_seg", "fewer_seg", "extra_seg",
-               "keyword_scored", "keyword_correct")
+               "keyword_scored", "keyword_correct", "resumed_rows")
 
 
 def same_keyword(decoded: str | None, target: str) -> bool:
@@ -626,27 +778,171 @@ def _reduce_difficulty(by_difficulty: dict[str, SegMetrics], accelerator: Any | 
     return merged
 
 
+# --------------------------------------------------------------------------- rows on disk
+
+
 def _part_path(final: Path, rank: int) -> Path:
     return final.with_name(f".{final.name}.part{rank}")
 
 
+def _part_files(final: Path) -> list[Path]:
+    """Every part file of ``final`` on disk (any process count), in rank order."""
+    prefix = f".{final.name}.part"
+    found = [p for p in final.parent.glob(f"{glob.escape(prefix)}*")
+             if p.name[len(prefix):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(prefix):]))
+
+
+#: The line that closes a batch in a part file (never in the merged file).
+BATCH_END = b'{"batch_end": true}\n'
+
+
+class _RowWriter:
+    """Appends JSONL rows to a part file: each row one ``write`` of a whole line, flushed;
+    :meth:`end_batch` appends :data:`BATCH_END` and fsyncs. Rows after the last
+    ``BATCH_END`` (the batch a kill interrupted) are dropped on resume, so a resumed run
+    batches exactly the conversations an uninterrupted one does."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 (closed by close())
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view):]
+
+    def write(self, row: dict) -> None:
+        self._write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def end_batch(self) -> None:
+        self._write(BATCH_END)
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _trim_to_last_batch(path: Path) -> None:
+    """Cut ``path`` after its last :data:`BATCH_END` line: the rows of an interrupted batch
+    and a torn last line go."""
+    if not path.is_file():
+        return
+    keep = 0
+    with open(path, "rb") as handle:
+        offset = 0
+        for line in handle:
+            offset += len(line)
+            if line == BATCH_END:
+                keep = offset
+    if keep != path.stat().st_size:
+        os.truncate(path, keep)
+
+
+def _iter_rows(path: Path, batched: bool = False) -> Iterator[tuple[int, int, dict, int, int]]:
+    """``(index, ref, row, offset, length)`` of every complete row of a JSONL file; a torn
+    last line (no newline: a kill mid-write) is skipped. ``batched`` (part files): only rows
+    followed by a :data:`BATCH_END` line count.
+
+    Raises:
+        KeySegDataError: a complete line that is not a row of this format (names the file
+            and line).
+    """
+    offset = 0
+    held: list[tuple[int, int, dict, int, int]] = []
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            start, offset = offset, offset + len(line)
+            if not line.endswith(b"\n"):
+                return  # torn last line
+            if line == BATCH_END:
+                yield from held
+                held = []
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                key = (int(row["index"]), int(row["ref"]))
+                int(row["queries"])
+            except (ValueError, KeyError, TypeError) as error:
+                raise KeySegDataError(
+                    f"{path}:{number}: not an evaluation row of this keyseg version ({error}); "
+                    "start over with --overwrite (or another --out)"
+                ) from error
+            held.append((key[0], key[1], row, start, len(line)))
+            if not batched:
+                yield from held
+                held = []
+
+
+def _rows_on_disk(final: Path, rank: int, world: int, total: int) -> list[dict]:
+    """The rows of this process's shard (``index % world == rank``, ``index < total``)
+    found in the merged file and every part file, each ``(index, ref)`` once, in record
+    order."""
+    found: dict[tuple[int, int], dict] = {}
+    sources = ([final] if final.is_file() else []) + _part_files(final)
+    for path in sources:
+        for index, ref, row, _, _ in _iter_rows(path, batched=path != final):
+            if index < total and index % world == rank:
+                found.setdefault((index, ref), row)
+    return [found[key] for key in sorted(found)]
+
+
+def _done_map(rows: list[dict]) -> tuple[dict[int, tuple[set[int], int]], int]:
+    """``{record index: (referent indices done, queries of the record)}`` and the number
+    of records whose every query is done."""
+    done: dict[int, tuple[set[int], int]] = {}
+    for row in rows:
+        refs, _ = done.setdefault(int(row["index"]), (set(), int(row["queries"])))
+        refs.add(int(row["ref"]))
+    complete = sum(1 for refs, queries in done.values() if len(refs) >= queries)
+    return done, complete
+
+
+def _discard_previous(final: Path, rank: int, world: int, accelerator: Any | None) -> None:
+    """Start over: empty this process's part; the main process also removes the merged
+    file and parts of ranks this run does not have."""
+    _part_path(final, rank).unlink(missing_ok=True)
+    if rank == 0:
+        final.unlink(missing_ok=True)
+        for path in _part_files(final):
+            if int(path.name.rsplit("part", 1)[1]) >= world:
+                path.unlink(missing_ok=True)
+    if world > 1:
+        accelerator.wait_for_everyone()
+
+
 def _merge_jsonl(final: Path, rank: int, world: int, accelerator: Any | None) -> None:
-    """Concatenate the per-process parts (rank order) into ``final`` on the main process."""
+    """Merge the previous merged file and every part into ``final`` on the main process:
+    rows in record order (``index``, ``ref``), each once; then remove the parts.
+
+    Only ``(index, ref)`` keys and file offsets are held in memory, not the rows.
+    """
     if world > 1:
         accelerator.wait_for_everyone()
     if rank == 0:
+        sources = ([final] if final.is_file() else []) + _part_files(final)
+        where: dict[tuple[int, int], tuple[int, int, int]] = {}
+        for number, path in enumerate(sources):
+            for index, ref, _, offset, length in _iter_rows(path, batched=path != final):
+                where.setdefault((index, ref), (number, offset, length))
         tmp = final.with_name(f".{final.name}.tmp")
-        with open(tmp, "wb") as out:
-            for r in range(world):
-                part = _part_path(final, r)
-                with open(part, "rb") as handle:
-                    while chunk := handle.read(1 << 20):
-                        out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+        handles = [open(path, "rb") for path in sources]  # noqa: SIM115 (closed below)
+        try:
+            with open(tmp, "wb") as out:
+                for key in sorted(where):
+                    number, offset, length = where[key]
+                    handles[number].seek(offset)
+                    out.write(handles[number].read(length))
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            for handle in handles:
+                handle.close()
         os.replace(tmp, final)
-        for r in range(world):
-            _part_path(final, r).unlink(missing_ok=True)
+        for path in _part_files(final):
+            path.unlink(missing_ok=True)
     if world > 1:
         accelerator.wait_for_everyone()
 

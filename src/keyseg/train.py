@@ -113,6 +113,7 @@ def main(cfg: KeySegConfig, resume: str | None = None, hooks: Hooks | None = Non
     scheduler = build_scheduler(optimizer, cfg.train)
     mixture = build_mixture(cfg.data, seed=cfg.train.seed)
     val_records = build_val_records(cfg.data) if cfg.train.validate_every_epoch else None
+    print_data_totals(accelerator, mixture, val_records)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     state = TrainState()
@@ -133,6 +134,18 @@ def main(cfg: KeySegConfig, resume: str | None = None, hooks: Hooks | None = Non
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def print_data_totals(accelerator, mixture, val_records) -> None:
+    """What the readers accepted, one line per split (the lines ``keyseg eval`` and
+    ``keyseg data check`` print for the same folder)."""
+    from keyseg.data.check import totals_lines
+
+    for line in totals_lines(mixture):
+        accelerator.print(f"data: {line}")
+    if val_records is not None:
+        for line in totals_lines(val_records):
+            accelerator.print(f"data: {line}")
 
 
 # =========================================================================================

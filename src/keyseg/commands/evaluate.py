@@ -2,19 +2,27 @@
 
 Output layout (``--out DIR``)::
 
+    DIR/run.json                                 the arguments the rows were made with
     DIR/report.json                              metrics per split and mode, counts, config,
                                                  checkpoint hash, versions, device, wall time
     DIR/samples/<name>_<split>_<mode>.jsonl      one line per scored query
+    DIR/samples/.<that name>.part<R>             rows being streamed by process R
     DIR/overlays/<name>_<split>_<mode>/*.png     --save-overlays N: N worst and N best
 
 Runs on one device, or on many with ``accelerate launch -m keyseg.cli eval ...`` (records
 sharded by process, counts summed exactly, JSONL merged by the main process).
+
+Resume: rerun the same command after a crash or kill; every split and mode continues from
+the rows on disk and the report equals an uninterrupted run's. Other arguments with an
+existing ``--out`` are refused (one line naming the first differences) unless
+``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import platform
 import sys
@@ -69,10 +77,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "else float32)")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="skip images larger than this (width*height, default 64 MP)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an --out that holds a run with other arguments "
+                             "(default: same arguments resume it, others are refused)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from keyseg.data.check import totals_lines
     from keyseg.data.eval_sets import parse_spec, resolve_eval_set
     from keyseg.errors import KeySegConfigError
     from keyseg.evaluate import format_issues, format_metrics, run_evaluation, save_overlays
@@ -94,9 +106,29 @@ def run(args: argparse.Namespace) -> int:
     accelerator = _accelerator()
     device = accelerator.device if accelerator is not None else _device(args.device)
     dtype = _dtype(args.dtype, device)
-    model, checkpoint = _load_model(args.checkpoint, dtype, device)
-    model.to(device)
     is_main = accelerator is None or accelerator.is_main_process
+    if is_main:
+        for eval_set in eval_sets:
+            for line in totals_lines(eval_set.records):
+                print(f"data: {line}")
+    folder = None
+    if args.checkpoint is not None:
+        from keyseg.hub import resolve_model_dir
+
+        folder = resolve_model_dir(args.checkpoint)  # a Hub id -> its cached folder
+    known = checkpoint_hash(folder) if folder is not None else None
+    if known is not None:  # refuse a mismatched --out before loading a large model
+        resume = prepare_out(args.out, run_fingerprint(args, dtype, known["sha256"], eval_sets),
+                             args.overwrite, accelerator)
+    model, checkpoint = _load_model(folder, dtype, known, device)
+    if known is None:
+        resume = prepare_out(args.out, run_fingerprint(args, dtype, checkpoint["sha256"],
+                                                       eval_sets), args.overwrite, accelerator)
+    model.to(device)
+    if resume and is_main:
+        print(f"{args.out}: resuming (same arguments); rows already on disk are not scored "
+              "again")
+    resumed: dict[str, dict[str, int]] = {}
 
     results: dict[str, dict[str, Any]] = {}
     for eval_set in eval_sets:
@@ -108,10 +140,11 @@ def run(args: argparse.Namespace) -> int:
                 model, eval_set.records, mode=mode, limit=args.limit,
                 batch_size=args.batch_size, accelerator=accelerator,
                 all_texts=args.all_texts, max_new_tokens=args.max_new_tokens,
-                jsonl_path=jsonl, progress=not args.no_progress,
+                jsonl_path=jsonl, resume=resume, progress=not args.no_progress,
                 keep_overlays=args.save_overlays, protocol=args.protocol,
                 max_pixels=args.max_pixels,
             )
+            resumed.setdefault(eval_set.spec, {})[mode] = result.resumed_rows
             entry = dict(result.metrics)
             entry["reader_skipped"] = eval_set.reader_skipped()
             entry["reader"] = eval_set.reader_counts()
@@ -124,7 +157,9 @@ def run(args: argparse.Namespace) -> int:
                 entry["overlays"] = str(folder.relative_to(args.out)) if paths else None
             results[eval_set.spec][mode] = entry
             if is_main:
-                print(f"{eval_set.spec} [{mode}]: {format_metrics(result.metrics)}")
+                note = (f"  ({result.resumed_rows} rows read back)" if result.resumed_rows
+                        else "")
+                print(f"{eval_set.spec} [{mode}]: {format_metrics(result.metrics)}{note}")
                 data_line = format_issues(result.metrics["issues"], entry["reader"])
                 if data_line:
                     print(f"  {data_line}")
@@ -145,10 +180,99 @@ def run(args: argparse.Namespace) -> int:
             "versions": _versions(),
             "device": _device_description(device, accelerator),
             "wall_time_s": round(time.perf_counter() - started, 3),
+            "resumed_rows": resumed,
         }
         atomic_write_json(args.out / "report.json", report)
         print(f"report: {args.out / 'report.json'}")
     return 0
+
+
+# --------------------------------------------------------------------------- resume
+
+#: Arguments that do not change a row, so a resume may change them.
+NOT_FINGERPRINTED = frozenset({"out", "overwrite", "no_progress", "device", "save_overlays",
+                               "debug", "command", "checkpoint"})
+RUN_FILE = "run.json"
+#: What ``keyseg eval`` writes under ``--out`` (all that ``--overwrite`` removes).
+OUTPUTS = (RUN_FILE, "report.json", "samples", "overlays")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def run_fingerprint(args: argparse.Namespace, dtype, checkpoint_sha256: str | None,
+                    eval_sets) -> dict[str, Any]:
+    """The arguments that decide the rows: every parsed option except
+    :data:`NOT_FINGERPRINTED` (so options added later count by default), the resolved
+    dataset folder and dtype, the weights' sha256 (the path when there are no weight files)
+    and the number of records of each split (a dataset that changed is not resumed)."""
+    values = {key: _plain(value) for key, value in sorted(vars(args).items())
+              if key not in NOT_FINGERPRINTED and not callable(value)
+              and not key.startswith("_")}
+    values["dataset_dir"] = str(Path(args.dataset_dir).resolve())
+    values["dtype"] = str(dtype)
+    values["checkpoint"] = checkpoint_sha256 or (str(args.checkpoint) if args.checkpoint
+                                                 else None)
+    values["records"] = {s.spec: len(s.records) for s in eval_sets}
+    return json.loads(json.dumps(values))
+
+
+def prepare_out(out: Path, fingerprint: dict[str, Any], overwrite: bool,
+                accelerator: Any | None = None) -> bool:
+    """Check ``out`` against ``fingerprint``; returns whether to resume.
+
+    Same arguments: resume. Nothing of ours in ``out``: a fresh run. Otherwise
+    :class:`KeySegConfigError` (one line naming the first differences) unless
+    ``overwrite``, which removes :data:`OUTPUTS`. The main process then writes
+    ``run.json``; every process checks, so all refuse alike.
+    """
+    import shutil
+
+    from keyseg.errors import KeySegConfigError
+    from keyseg.io import atomic_write_json
+
+    run_file = out / RUN_FILE
+    present = [name for name in OUTPUTS if (out / name).exists()]
+    resume = False
+    if present and not overwrite:
+        try:
+            old = json.loads(run_file.read_text(encoding="utf-8"))["fingerprint"]
+        except FileNotFoundError:
+            raise KeySegConfigError(
+                f"{out}: holds evaluation output ({', '.join(present)}) but no {RUN_FILE}; "
+                "pass --overwrite to start over, or choose another --out") from None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise KeySegConfigError(f"{run_file}: unreadable ({error}); pass --overwrite to "
+                                    "start over") from error
+        if old != fingerprint:
+            keys = [k for k in sorted(set(old) | set(fingerprint))
+                    if old.get(k) != fingerprint.get(k)]
+            diff = "; ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in keys[:3])
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise KeySegConfigError(
+                f"{out}: holds a run with other arguments ({diff}{more}); rerun with its "
+                "arguments to resume it, pass --overwrite to start over, or choose another "
+                "--out")
+        resume = True
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # every process has checked before anything moves
+    if accelerator is None or accelerator.is_main_process:
+        if overwrite:
+            for name in present:
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        atomic_write_json(run_file, {"fingerprint": fingerprint})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return resume
 
 
 # --------------------------------------------------------------------------- helpers
@@ -156,11 +280,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _accelerator():
     """An ``Accelerator`` under ``accelerate launch`` with several processes, else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return None
     from accelerate import Accelerator
 
-    return Accelerator()
+    from keyseg.errors import KeySegConfigError
+
+    accelerator = Accelerator()
+    if accelerator.num_processes != world:  # each process would think it is alone
+        raise KeySegConfigError(
+            f"WORLD_SIZE={world} but Accelerate set up {accelerator.num_processes} process(es) "
+            "(on CPU launch with `accelerate launch --cpu` or set ACCELERATE_USE_CPU=1)")
+    return accelerator
 
 
 def _device(name: str):
@@ -180,22 +312,20 @@ def _dtype(name: str, device):
     return torch.float32
 
 
-def _load_model(checkpoint: Path | None, dtype, device=None) -> tuple[Any, dict[str, Any]]:
-    """The model and the report's ``checkpoint`` entry (path, sha256 of its weights).
-
-    On an accelerator the weights load straight onto it (``device_map``), so host memory
-    stays about one shard."""
+def _load_model(checkpoint: Path | None, dtype, known: dict[str, Any] | None = None,
+                device=None) -> tuple[Any, dict[str, Any]]:
+    """The model and the report's ``checkpoint`` entry (path, sha256 of its weights;
+    ``known``: that hash, already computed). On an accelerator the weights load straight
+    onto it (``device_map``), so host memory stays about one shard."""
     from keyseg.model.keyseg import KeySegModel
 
     placement = ({"device_map": str(device)}
                  if device is not None and device.type != "cpu" else {})
 
     if checkpoint is not None:
-        from keyseg.hub import resolve_model_dir
-
-        checkpoint = resolve_model_dir(checkpoint)  # a Hub id -> its cached folder
         model = KeySegModel.from_pretrained(checkpoint, dtype=dtype, **placement)
-        return model, {"path": str(checkpoint), "default": False, **checkpoint_hash(checkpoint)}
+        return model, {"path": str(checkpoint), "default": False,
+                       **(known or checkpoint_hash(checkpoint))}
     try:
         from keyseg.pipeline import default_checkpoint  # written by the pipeline work
     except ImportError:

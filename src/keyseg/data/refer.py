@@ -71,8 +71,8 @@ class _PlainUnpickler(pickle.Unpickler):
 def _load_refs_pickle(path: Path) -> list[dict]:
     try:
         data = _PlainUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-    except KeySegDataError:
-        raise
+    except KeySegDataError as error:  # a refused class reference: say which file
+        raise KeySegDataError(f"{path}: {error}") from error
     except Exception as error:  # a broken pickle can fail in many ways
         raise KeySegDataError(f"{path}: cannot read refs pickle ({error})") from error
     return _check_refs(data, path)
