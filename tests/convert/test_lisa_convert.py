@@ -303,3 +303,11 @@ def test_bin_checkpoint_with_code_is_refused(tmp_path):
     torch.save({"model.norm.weight": Evil()}, src / "pytorch_model.bin")
     with pytest.raises(KeySegCheckpointError, match=r"pytorch_model\.bin: .*weights_only"):
         convert_lisa(src)
+
+
+def test_converted_model_keeps_sam_positional_matrix_tied(tmp_path):
+    src, _, _ = write_lisa(tmp_path, "safetensors", 1)
+    model, _ = convert_lisa(src)
+    sam = model.sam.sam
+    assert (sam.prompt_encoder.shared_embedding.positional_embedding
+            is sam.shared_image_embedding.positional_embedding)

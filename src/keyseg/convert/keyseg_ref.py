@@ -105,16 +105,15 @@ def _normalise_names(checkpoint: Checkpoint, lora_alpha: float) -> tuple[Checkpo
     return Checkpoint(merged_state, origin, checkpoint.source), merged
 
 
-def reference_model_config(config: ModelConfig, tensors: dict[str, torch.Tensor],
+def reference_model_config(config: ModelConfig, query_shape: tuple[int, ...] | None,
                            saved: dict) -> ModelConfig:
     """What a reference checkpoint fixes beyond LISA's layout: the cross-attention's inner
-    width (the reference builds it at 256 whatever its fusion width; read from
+    width (the reference builds it at 256 whatever its fusion width; read from the shape of
     ``keyword_fusion.query_proj.weight``, ``(inner, dim)``) and the keyword temperature
     (``temperature`` in its ``config.json``)."""
-    query = tensors.get("keyword_fusion.query_proj.weight")
     fusion = config.fusion
-    if query is not None and query.ndim == 2 and query.shape[0] != query.shape[1]:
-        fusion = replace(fusion, inner_dim=int(query.shape[0]))
+    if query_shape is not None and len(query_shape) == 2 and query_shape[0] != query_shape[1]:
+        fusion = replace(fusion, inner_dim=int(query_shape[0]))
     loss = config.loss
     if isinstance(saved.get("temperature"), int | float):
         loss = replace(loss, key_temperature=float(saved["temperature"]))
@@ -153,12 +152,14 @@ def convert_keyseg_ref(
         raise KeySegCheckpointError(
             f"{checkpoint.source}: no keyword_fusion.* tensors: not a KeySeg reference "
             "checkpoint (use `keyseg convert lisa` for LISA)")
+    query = checkpoint.tensors.get("keyword_fusion.query_proj.weight")
+    query_shape = tuple(query.shape) if query is not None else None
+    saved = read_json(config_dir / "config.json")
     model, report = convert_lisa(
         src, vision_tower=vision_tower, dtype=dtype, extra_rules=KEYSEG_REF_RULES,
         extra_ignored=KEYSEG_REF_IGNORED, fresh_targets=KEYSEG_REF_FRESH,
         checkpoint=checkpoint, config_dir=config_dir, progress=progress,
-        configure=lambda cfg: reference_model_config(cfg, checkpoint.tensors,
-                                                     read_json(config_dir / "config.json")),
+        configure=lambda cfg: reference_model_config(cfg, query_shape, saved),
     )
     report.lora_merged = merged  # type: ignore[attr-defined]
     return model, report

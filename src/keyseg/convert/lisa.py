@@ -426,6 +426,7 @@ def convert_lisa(
     ckpt = checkpoint or read_checkpoint(src, progress=progress)
     source = SourceTensors()
     source.add(ckpt)
+    ckpt.tensors = {}  # `source` holds them now, and lets each go once it is loaded
     embed = source.tensors.get("model.embed_tokens.weight")
     if embed is None or "lm_head.weight" not in source.tensors:
         raise KeySegCheckpointError(
@@ -477,11 +478,13 @@ def convert_lisa(
     vision_state = {rename(k, _LISA): v for k, v in source.tensors.items()
                     if (rename(k, _LISA) or "").startswith(VISION)}
     vision_config = clip_vision_config(tower_dir, vision_state)
+    del vision_state
 
     # --- target model (built without random init; KeySeg heads initialised) -------------
     sam_src = {k[len(SAM_PREFIX):]: v for k, v in source.tensors.items()
                if k.startswith(SAM_PREFIX)}
     sam_preset = infer_sam_preset(sam_src)
+    del sam_src  # only references: the tensors are released as they are loaded below
     if sam_preset is None:
         raise KeySegCheckpointError(f"{ckpt.source}: cannot tell the SAM size from "
                                     f"{SAM_PREFIX}image_encoder.* (truncated checkpoint?)")
@@ -535,6 +538,17 @@ def convert_lisa(
             for token in new_tokens:
                 table[vocab[token]] = mean
             table[rows.shape[0]:] = mean
-        model.load_state_dict(converted, strict=False)
+        # assign: the model's (never written) storage is dropped for the source tensors
+        # themselves, in the model's dtype, so a 7B conversion holds one copy of the
+        # weights, not two; each tensor is cast and then released one at a time.
+        own = dict(model.named_parameters()) | dict(model.named_buffers())
+        origin_of = {target_name: name for name, target_name in report.mapped.items()}
+        for name in list(converted):
+            tensor = converted.pop(name)
+            if name in own:
+                tensor = tensor.to(own[name].dtype)
+            model.load_state_dict({name: tensor}, strict=False, assign=True)
+            source.tensors.pop(origin_of.get(name, ""), None)
+    model.sam.tie_positional_encoding()  # assign replaced one side of the tie
     report.new_token_rows = {t: vocab[t] for t in new_tokens}
     return model, report
