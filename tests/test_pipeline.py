@@ -158,3 +158,23 @@ def test_oversized_array_is_refused(pipe):
     small = KeySegPipeline(pipe.model, max_pixels=100)
     with pytest.raises(KeySegError, match="over the limit"):
         small(image(20, 20), "q")
+
+
+@pytest.mark.parametrize("load_in", ["4bit", "8bit"])
+def test_quantisation_config_covers_only_the_language_model(model, load_in):
+    """What transformers' bitsandbytes integration would convert with our config: every
+    Linear of the language model's layers, and none of the vision tower, projector, lm_head,
+    SAM or KeySeg heads."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from keyseg.pipeline import quantization_config
+
+    config = quantization_config(load_in, torch.bfloat16)
+    assert getattr(config, f"load_in_{load_in}")
+    skip = config.llm_int8_skip_modules
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    language = [n for n in linears if ".language_model." in n]
+    others = [n for n in linears if ".language_model." not in n]
+    assert language and others
+    assert all(should_convert_module(n, skip) for n in language)
+    assert not any(should_convert_module(n, skip) for n in others)

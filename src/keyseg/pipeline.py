@@ -264,6 +264,9 @@ class KeySegPipeline:
             _check_quantization(load_in, target)
         if path is None or str(path) == "default":
             path = default_checkpoint()
+        if path is None and load_in is not None:
+            raise KeySegError(f"{load_in} loading needs a model directory or Hub id "
+                              "(--checkpoint); the untrained fallback is not quantised")
         if path is None:
             from keyseg.model.tiny import build_tiny_model
 
@@ -274,11 +277,15 @@ class KeySegPipeline:
 
             # Built on the meta device and loaded straight in the target dtype (and onto the
             # accelerator): host memory stays about the size of the weights.
-            placement = {"device_map": str(target)} if target.type != "cpu" else {}
-            model = KeySegModel.from_pretrained(path, dtype=precision, **placement)
-        model = model.to(dtype=precision)
+            options: dict[str, Any] = {"dtype": precision}
+            if target.type != "cpu":
+                options["device_map"] = str(target)
+            if load_in is not None:
+                options["quantization_config"] = quantization_config(load_in, precision)
+            model = KeySegModel.from_pretrained(path, **options)
         if load_in is not None:
-            _quantize_language_model(model, load_in, precision)
+            return cls(model, **pipeline_kwargs)  # quantised weights stay where they loaded
+        model = model.to(dtype=precision)
         model = model.to(target)
         return cls(model, **pipeline_kwargs)
 
@@ -574,30 +581,22 @@ def _check_quantization(load_in: str, device: torch.device) -> None:
         ) from error
 
 
-def _quantize_language_model(model, load_in: str, compute_dtype: torch.dtype) -> None:
-    """Swap the language model's ``nn.Linear`` layers (not ``lm_head``) for bitsandbytes
-    layers; weights are quantised when the model moves to CUDA. Vision tower, SAM and the
-    KeySeg heads stay in ``compute_dtype`` (they are small and precision-sensitive)."""
-    import bitsandbytes as bnb
+# Modules left in full precision under 4/8-bit loading: everything but the language model's
+# linear layers (transformers matches these patterns from the start of a module's name).
+UNQUANTISED_MODULES = ("backbone.*lm_head", "backbone.*vision_tower",
+                       "backbone.*multi_modal_projector", "backbone.*visual", "sam",
+                       "text_hidden_fcs", "keyword_fusion", "keyword_text_proj",
+                       "embedding_table_proj")
 
-    def swap(parent: torch.nn.Module) -> None:
-        for name, child in parent.named_children():
-            if isinstance(child, torch.nn.Linear):
-                bias = child.bias is not None
-                if load_in == "8bit":
-                    new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias,
-                                              has_fp16_weights=False, threshold=6.0)
-                    new.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False,
-                                                   has_fp16_weights=False)
-                else:
-                    new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias,
-                                            compute_dtype=compute_dtype, quant_type="nf4")
-                    new.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
-                                                   quant_type="nf4")
-                if bias:
-                    new.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-                setattr(parent, name, new)
-            else:
-                swap(child)
 
-    swap(model.backbone.language_model())
+def quantization_config(load_in: str, compute_dtype: torch.dtype):
+    """transformers' ``BitsAndBytesConfig`` quantising only the language model's linear
+    layers (NF4 with ``compute_dtype`` for 4 bit, LLM.int8 for 8 bit); the vision tower, SAM
+    and the KeySeg heads stay in ``compute_dtype`` (small and precision-sensitive)."""
+    from transformers import BitsAndBytesConfig
+
+    if load_in == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=compute_dtype,
+                                  llm_int8_skip_modules=list(UNQUANTISED_MODULES))
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(UNQUANTISED_MODULES))
