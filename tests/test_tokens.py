@@ -132,3 +132,28 @@ def test_tidy_spacing_gives_readable_text_that_encodes_to_the_same_ids(tokenizer
     raw = "Sure,[SEG].[KEY]apple"
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     assert encode(tokens.tidy_spacing(raw)) == encode(raw)
+
+
+def test_new_tokens_in_spare_rows_start_at_the_mean_row():
+    """A checkpoint whose table has spare rows (Qwen's) gives new tokens ids inside it:
+    those rows, untrained, are set to the mean of the trained rows; other rows keep theirs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    size = len(tokenizer)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=size + 8, hidden_size=16,
+                                         intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, tie_word_embeddings=False))
+    before = model.get_input_embeddings().weight.detach().clone()
+    tokenizer.add_tokens(["[NEW1]", "[NEW2]"])
+    new_ids = tokenizer.convert_tokens_to_ids(["[NEW1]", "[NEW2]"])
+    assert all(i < size + 8 for i in new_ids)  # inside the spare rows: no resize happens
+    tokens.resize_embeddings(model, tokenizer, new_token_ids=new_ids)
+    after = model.get_input_embeddings().weight
+    mean = before[: min(new_ids)].mean(0)
+    for i in new_ids:
+        torch.testing.assert_close(after[i], mean)
+        torch.testing.assert_close(model.get_output_embeddings().weight[i],
+                                   model.get_output_embeddings().weight[: min(new_ids)].mean(0))
+    untouched = [i for i in range(size + 8) if i not in new_ids]
+    torch.testing.assert_close(after[untouched], before[untouched])

@@ -60,8 +60,10 @@ class KeySegProcessor:
         self.num_image_tokens = num_image_tokens
         self.sam_image_size = sam_image_size
         self.sam_family = sam_family  # "sam2": SAM 2's square resize, not SAM's resize + pad
-        tokens.add_special_tokens(tokenizer, backbone.image_token, backbone.use_im_start_end,
-                                  strip_spaces=backbone.convention == "lisa")
+        # Tokens this processor added to the tokenizer (their embedding rows need an init).
+        self.added_tokens = tokens.add_special_tokens(
+            tokenizer, backbone.image_token, backbone.use_im_start_end,
+            strip_spaces=backbone.convention == "lisa")
         self.ids = tokens.special_token_ids(
             tokenizer, backbone.image_token, backbone.use_im_start_end
         )

@@ -161,22 +161,32 @@ def special_token_ids(tokenizer, image_token: str = "<image>",
     )
 
 
-def resize_embeddings(model: torch.nn.Module, tokenizer, init_from_mean: bool = True) -> None:
+def resize_embeddings(model: torch.nn.Module, tokenizer, init_from_mean: bool = True,
+                      new_token_ids: Sequence[int] = ()) -> None:
     """Resize the LM's input and output embeddings to ``len(tokenizer)``.
 
-    New rows are the mean of the old rows (a neutral start that keeps logits sane);
-    embeddings never shrink below their current size (LISA checkpoints carry spare rows).
+    Rows added here, and the rows of ``new_token_ids`` (tokens just added to the tokenizer
+    whose ids fall into spare rows the checkpoint already had, as Qwen's tables carry), are
+    set to the mean of the trained rows (those below the first new id): a neutral start that
+    keeps logits sane, instead of a spare row nobody trained. Embeddings never shrink below
+    their current size (LISA checkpoints carry spare rows).
     """
     old = model.get_input_embeddings().weight.shape[0]
     new = max(len(tokenizer), old)
-    if new == old:
+    if new > old:
+        model.resize_token_embeddings(new, mean_resizing=False)
+    spare = sorted(i for i in new_token_ids if i < old)
+    if not init_from_mean or (new == old and not spare):
         return
-    model.resize_token_embeddings(new, mean_resizing=False)
-    if init_from_mean:
-        with torch.no_grad():
-            for emb in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
-                if emb.shape[0] == new:
-                    emb[old:] = emb[:old].mean(0, keepdim=True)
+    trained = min([old, *spare])
+    with torch.no_grad():
+        for emb in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            if emb.shape[0] != new:
+                continue
+            mean = emb[:trained].mean(0, keepdim=True)
+            emb[old:] = mean
+            if spare:
+                emb[spare] = mean
 
 
 # --- conversations ----------------------------------------------------------------------

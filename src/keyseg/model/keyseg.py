@@ -195,7 +195,8 @@ class KeySegModel(PreTrainedModel):
             num_image_tokens=num_image_tokens(vlm.config), sam_image_size=sam.image_size,
             sam_family=sam.family,
         )
-        tokens.resize_embeddings(vlm, tokenizer)
+        tokens.resize_embeddings(vlm, tokenizer, new_token_ids=tokenizer.convert_tokens_to_ids(
+            processor.added_tokens))
         model = cls.from_parts(config, vlm, sam, processor)
         return model.to(dtype) if dtype is not None else model
 
