@@ -259,21 +259,28 @@ def convert_sam_state_dict(
             report.derived[derived_name] = from_name
 
     if target is not None:
-        target_state = target.state_dict() if isinstance(target, torch.nn.Module) else target
-        for name, expected in target_state.items():
-            if name not in converted:
-                report.unset_target.append(name)
-            elif tuple(converted[name].shape) != tuple(expected.shape):
-                if name in report.derived:
-                    continue  # reported once, under its origin
-                report.shape_mismatches.append(
-                    (origin[name], name, tuple(converted[name].shape), tuple(expected.shape))
-                )
-        for name in converted:
-            # Renamed fine but the model has no such tensor (e.g. a deeper checkpoint).
-            if name not in target_state and name not in report.derived:
-                report.unused_source.append(origin[name])
+        check_against_target(converted, origin, target, report)
     return converted, report
+
+
+def check_against_target(converted: Mapping[str, Tensor], origin: Mapping[str, str],
+                         target: torch.nn.Module | Mapping[str, Tensor], report) -> None:
+    """Fill ``report`` (``unset_target``, ``shape_mismatches``, ``unused_source``) by
+    comparing converted tensors with the model's state dict (``target``: a module or its
+    state dict); a derived tensor's problem is reported once, under its origin."""
+    target_state = target.state_dict() if isinstance(target, torch.nn.Module) else target
+    for name, expected in target_state.items():
+        if name not in converted:
+            report.unset_target.append(name)
+        elif (tuple(converted[name].shape) != tuple(expected.shape)
+              and name not in report.derived):
+            report.shape_mismatches.append(
+                (origin[name], name, tuple(converted[name].shape), tuple(expected.shape))
+            )
+    for name in converted:
+        # Renamed fine but the model has no such tensor (e.g. a deeper checkpoint).
+        if name not in target_state and name not in report.derived:
+            report.unused_source.append(origin[name])
 
 
 def infer_sam_preset(src: Mapping[str, Tensor]) -> str | None:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from keyseg.convert.checkpoint_io import read_tensor_file
-from keyseg.convert.sam import ConversionReport
+from keyseg.convert.sam import ConversionReport, check_against_target
 from keyseg.errors import KeySegCheckpointError
 from keyseg.model.sam2 import SAM2_PRESETS, Sam2Segmenter, sam2_config
 
@@ -206,18 +206,7 @@ def convert_sam2_state_dict(
             report.derived[derived] = from_name
 
     if target is not None:
-        target_state = target.state_dict() if isinstance(target, torch.nn.Module) else target
-        for name, expected in target_state.items():
-            if name not in converted:
-                report.unset_target.append(name)
-            elif (tuple(converted[name].shape) != tuple(expected.shape)
-                  and name not in report.derived):
-                report.shape_mismatches.append(
-                    (origin[name], name, tuple(converted[name].shape), tuple(expected.shape))
-                )
-        for name in converted:
-            if name not in target_state and name not in report.derived:
-                report.unused_source.append(origin[name])
+        check_against_target(converted, origin, target, report)
     return converted, report
 
 
