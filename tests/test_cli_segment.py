@@ -156,3 +156,13 @@ def test_batch_folder_needs_query(tmp_path, capsys):
     write_image(tmp_path / "a.png")
     assert cli.main(["batch", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "--query" in capsys.readouterr().err
+
+
+def test_the_shapes_world_note_is_for_the_embedded_default_only(tmp_path):
+    import argparse
+
+    from keyseg.commands.segment import uses_embedded_default
+
+    assert uses_embedded_default(argparse.Namespace(checkpoint=None))
+    assert not uses_embedded_default(argparse.Namespace(checkpoint=tmp_path))
+    assert not uses_embedded_default(argparse.Namespace(checkpoint="org/name"))

@@ -51,6 +51,8 @@ def test_readme_main_command_runs_offline(example, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "UNTRAINED" not in out.stderr
+    # the embedded model says once that it knows only the shapes world, and how to do better
+    assert out.stderr.count("embedded default model") == 1 and "--checkpoint" in out.stderr
     assert str(tmp_path / "overlay.png") in out.stdout
     assert (tmp_path / "overlay.png").is_file() and (tmp_path / "result.json").is_file()
     result = json.loads((tmp_path / "result.json").read_text())

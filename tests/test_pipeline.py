@@ -178,3 +178,18 @@ def test_quantisation_config_covers_only_the_language_model(model, load_in):
     assert language and others
     assert all(should_convert_module(n, skip) for n in language)
     assert not any(should_convert_module(n, skip) for n in others)
+
+
+@pytest.mark.parametrize(("answer", "shown"), [
+    ("It is the green octagon, [SEG].", "It is the green octagon."),
+    ("Sure, [SEG].", "Sure."),
+    ("They are [SEG], [SEG] and [SEG].", "They are."),
+    ("Sure, it is [SEG]. [KEY] spoon", "Sure, it is."),
+    ("There is no such shape.", "There is no such shape."),
+    ("It is [SEG] because it is round.", "It is because it is round."),
+    ("[SEG].", ""),
+])
+def test_display_text_leaves_no_dangling_glue_where_seg_stood(answer, shown):
+    from keyseg.pipeline import display_text
+
+    assert display_text(answer) == shown

@@ -71,7 +71,8 @@ def _keyword_line(result) -> str:
 
 
 def build_demo(pipeline, examples_dir: str | Path | None = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS, untrained: bool = False):
+               max_pixels: int = DEFAULT_MAX_PIXELS, untrained: bool = False,
+               embedded_default: bool = False):
     """The Gradio ``Blocks`` app for ``pipeline`` (not launched).
 
     Args:
@@ -80,6 +81,7 @@ def build_demo(pipeline, examples_dir: str | Path | None = None,
         examples_dir: where example images are written (a temp dir if None).
         max_pixels: uploads larger than this (width * height) are refused politely.
         untrained: show a banner saying the model is the random tiny one.
+        embedded_default: show a banner saying the model knows only the shapes world.
     """
     import gradio as gr
 
@@ -135,6 +137,11 @@ def build_demo(pipeline, examples_dir: str | Path | None = None,
         if untrained:
             gr.Markdown("**Untrained random model**: answers and masks are meaningless. "
                         "Start with `keyseg demo --checkpoint DIR` for a trained model.")
+        elif embedded_default:
+            gr.Markdown("**Embedded default model**: trained only on a synthetic world of "
+                        "coloured shapes (try the examples); on real photographs its answers "
+                        "are meaningless. Start with `keyseg demo --checkpoint DIR` (or a Hub "
+                        "id) for real images.", elem_id="embedded-default-note")
         session = gr.State(None)
         with gr.Row():
             with gr.Column():
@@ -167,9 +174,11 @@ def build_demo(pipeline, examples_dir: str | Path | None = None,
 
 def launch(pipeline, host: str = "127.0.0.1", port: int = 7860, *,
            max_pixels: int = DEFAULT_MAX_PIXELS, max_file_size: str = DEFAULT_MAX_FILE_SIZE,
-           untrained: bool = False, queue_size: int = 32) -> None:
+           untrained: bool = False, embedded_default: bool = False,
+           queue_size: int = 32) -> None:
     """Serve the demo (blocks until interrupted); requests queue, one runs at a time."""
-    demo = build_demo(pipeline, max_pixels=max_pixels, untrained=untrained)
+    demo = build_demo(pipeline, max_pixels=max_pixels, untrained=untrained,
+                      embedded_default=embedded_default)
     demo.queue(default_concurrency_limit=1, max_size=queue_size)
     print(f"KeySeg demo on http://{host}:{port}  (Ctrl+C to stop)", flush=True)
     demo.launch(

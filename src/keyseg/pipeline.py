@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import time
 from collections import OrderedDict
@@ -49,6 +50,11 @@ UNTRAINED_WARNING = (
     "UNTRAINED random tiny model, so answers and masks are meaningless (pass --checkpoint DIR)"
 )
 NO_SEG_MESSAGE = f"the answer contains no {tokens.SEG_TOKEN} token, so no mask was produced"
+EMBEDDED_DEFAULT_NOTE = (
+    "note: this is the embedded default model, trained only on a synthetic world of "
+    "coloured shapes; on real photographs its answers are meaningless. Pass a trained "
+    "model with --checkpoint DIR (or a Hub id org/name) for real images."
+)
 
 
 def default_checkpoint() -> Path | None:
@@ -128,6 +134,25 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return torch.float32
 
 
+# What may stand between [SEG] tokens of a list answer ("[SEG], [SEG] and [SEG]").
+_SEG_GLUE = re.compile(r"^[\s,;:]*(?:\b(?:and|or)\b)?[\s,;:]*$")
+
+
+def display_text(answer: str) -> str:
+    """An answer without its ``[SEG]`` / ``[KEY] keyword`` markup, readable: "It is the
+    green octagon, [SEG]." -> "It is the green octagon."; "They are [SEG], [SEG] and [SEG]."
+    -> "They are."; no comma or "and" is left dangling where a ``[SEG]`` stood."""
+    head = answer.split(tokens.KEY_TOKEN)[0]
+    pieces = head.split(tokens.SEG_TOKEN)
+    kept = pieces if len(pieces) == 1 else (
+        [pieces[0], *(p for p in pieces[1:-1] if not _SEG_GLUE.match(p)), pieces[-1]])
+    text = " ".join(" ".join(kept).split())
+    text = re.sub(r"[\s,;:]*(?:\b(?:and|or)\b[\s,;:]*)?([.!?])", r"\1", text)
+    text = re.sub(r"\s+([,.!?;:])", r"\1", text)
+    text = re.sub(r"[\s,;:]+$", "", text).strip()
+    return "" if re.fullmatch(r"[\W_]*", text) else text
+
+
 @dataclass
 class Result:
     """The answer to one query about one image.
@@ -160,10 +185,7 @@ class Result:
     @property
     def text(self) -> str:
         """The answer without ``[SEG]``/``[KEY] keyword`` markup, for display."""
-        head = self.answer.split(tokens.KEY_TOKEN)[0]
-        return " ".join(head.replace(tokens.SEG_TOKEN, "").split()).replace(" .", ".").replace(
-            " ,", ","
-        )
+        return display_text(self.answer)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (masks as pixel counts; the PNGs hold the masks)."""

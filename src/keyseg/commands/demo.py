@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from keyseg.commands.segment import add_model_arguments, load_pipeline
+from keyseg.commands.segment import add_model_arguments, load_pipeline, uses_embedded_default
 
 HELP = "web demo: upload an image, ask, see the overlay, answer, keyword and chat history"
 EXAMPLE = "keyseg demo --checkpoint runs/keyseg-7b/final --port 7860   (then open the URL)"
@@ -31,5 +31,6 @@ def run(args: argparse.Namespace) -> int:
     pipeline = load_pipeline(args)
     untrained = args.checkpoint is None and default_checkpoint() is None
     launch(pipeline, host=args.host, port=args.port, max_pixels=args.max_pixels,
-           max_file_size=args.max_file_size, untrained=untrained)
+           max_file_size=args.max_file_size, untrained=untrained,
+           embedded_default=uses_embedded_default(args))
     return 0

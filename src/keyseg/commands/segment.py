@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 HELP = "answer a question about an image; write mask_K.png, overlay.png and result.json"
@@ -42,14 +43,24 @@ def check_max_pixels(args: argparse.Namespace) -> int:
 def load_pipeline(args: argparse.Namespace):
     """Build the pipeline the shared options describe."""
     from keyseg.errors import KeySegConfigError
-    from keyseg.pipeline import KeySegPipeline
+    from keyseg.pipeline import EMBEDDED_DEFAULT_NOTE, KeySegPipeline
 
     if args.max_new_tokens < 1:
         raise KeySegConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    return KeySegPipeline.from_pretrained(
+    pipeline = KeySegPipeline.from_pretrained(
         args.checkpoint, device=args.device, dtype=args.dtype, load_in=args.load_in,
         max_new_tokens=args.max_new_tokens, max_pixels=check_max_pixels(args),
     )
+    if uses_embedded_default(args):
+        print(EMBEDDED_DEFAULT_NOTE, file=sys.stderr)
+    return pipeline
+
+
+def uses_embedded_default(args: argparse.Namespace) -> bool:
+    """True when no --checkpoint is given and the packaged shapes-world model is the one."""
+    from keyseg.pipeline import default_checkpoint
+
+    return args.checkpoint in (None, "default") and default_checkpoint() is not None
 
 
 def describe(result) -> list[str]:
