@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from keyseg.pipeline import KeySegPipeline, resolve_device, resolve_dtype
+from keyseg.pipeline import KeySegPipeline
+from keyseg.runtime import resolve_device, resolve_dtype
 
 
 class ForcePrefix(LogitsProcessor):

@@ -138,16 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     micro = batches.loader(0, args.steps + 2)
-    state, hooks = TrainState(), Hooks()
+    state, hooks = TrainState(model, optimizer, scheduler), Hooks()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(2):  # warm-up (allocator, kernels)
-        train_step(accelerator, model, optimizer, scheduler, micro, cfg.train, state, hooks)
+        train_step(accelerator, state, micro, cfg.train, hooks)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start, rows0, tokens0 = time.perf_counter(), state.samples_seen, state.tokens_seen
     for _ in range(args.steps):
-        train_step(accelerator, model, optimizer, scheduler, micro, cfg.train, state, hooks)
+        train_step(accelerator, state, micro, cfg.train, hooks)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

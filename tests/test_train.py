@@ -295,3 +295,58 @@ def test_init_from_with_an_adjustable_key_builds_the_requested_model(run_a, tmp_
     assert "model.fusion.variant: 'reference'" in capsys.readouterr().out
     saved = load_file(str(result.last_checkpoint / WEIGHTS))
     assert any(name.startswith("keyword_fusion.norm_mlp.") for name in saved)
+
+
+def test_sanity_validation_runs_two_batches_before_step_one(tmp_path, monkeypatch):
+    from keyseg.train import loop
+
+    events = []
+    original = loop.run_evaluation
+
+    def recorded(model, records, **kwargs):
+        events.append(("validate", kwargs["limit"], kwargs["mode"], model.training))
+        torch.rand(1)  # an evaluation path that draws from the global RNG (sampling, workers)
+        return original(model, records, **kwargs)
+
+    monkeypatch.setattr(loop, "run_evaluation", recorded)
+    hooks = Hooks(before_optimizer_step=lambda model, state: events.append(("step", state.step)))
+    common = ("train.epochs=1", "train.steps_per_epoch=2", "train.val_limit=3")
+    checked = main(tiny_config(tmp_path / "checked", *common), hooks=hooks)
+    assert events == [("validate", 2, "teacher", False), ("step", 0), ("step", 1),
+                      ("validate", 3, "teacher", False)]
+
+    # No validation set, no sanity check; and the check left training as it found it.
+    events.clear()
+    plain = main(tiny_config(tmp_path / "plain", *common, "train.validate_every_epoch=false"),
+                 hooks=hooks)
+    assert events == [("step", 0), ("step", 1)]
+    a = load_file(str(checked.last_checkpoint / WEIGHTS))
+    b = load_file(str(plain.last_checkpoint / WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loss_terms_are_logged_every_log_every_steps(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "train.epochs=1", "train.steps_per_epoch=5",
+                      "train.log_every=2", "train.validate_every_epoch=false")
+    result = main(cfg)
+    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    rows = [row for row in map(json.loads, lines) if "loss" in row]
+    assert [(r["step"], r["steps"]) for r in rows] == [(2, 2), (4, 2), (5, 1)]  # and the last
+    assert len(result.history) == 5  # every step keeps its own terms
+    windows = (result.history[0:2], result.history[2:4], result.history[4:])
+    for row, window in zip(rows, windows, strict=True):
+        for term in ("loss", "ce", "bce", "dice", "key"):
+            assert row[term] == pytest.approx(np.mean([h[term] for h in window]), abs=1e-6)
+        assert row["lr"] == window[-1]["lr"]
+
+
+def test_a_logged_line_averages_the_finite_steps_and_counts_the_skipped():
+    from keyseg.train.logger import summarise
+
+    step = {"loss": 2.0, "ce": 1.0, "bce": 0.5, "dice": 0.5, "key": 0.0, "lr": 1e-3,
+            "grad_norm": 3.0, "skipped": 0.0, "samples_per_s": 4.0, "tokens_per_s": 40.0}
+    bad = {**step, "loss": float("nan"), "grad_norm": float("inf"), "skipped": 1.0, "lr": 2e-3}
+    line = summarise([{**step, "loss": 4.0}, bad, step])
+    assert line["loss"] == 3.0 and line["grad_norm"] == 3.0 and line["ce"] == 1.0
+    assert line["skipped"] == 1.0 and line["lr"] == 1e-3
+    assert np.isnan(summarise([bad])["loss"])

@@ -35,6 +35,7 @@ from keyseg.batch import Batch
 from keyseg.data.images import DEFAULT_MAX_PIXELS, as_rgb_image, load_image
 from keyseg.errors import KeySegConfigError, KeySegError, KeySegInputError
 from keyseg.processor import PreparedImage
+from keyseg.runtime import resolve_device, resolve_dtype
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
@@ -64,74 +65,6 @@ def default_checkpoint() -> Path | None:
     tiny model and say so).
     """
     return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "config.json").is_file() else None
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` as given (checked to exist here), else the best available: CUDA > MPS > CPU.
-
-    Raises:
-        KeySegConfigError: the name is not a device, or this machine / torch build has no
-            such device (one line naming it and what is available).
-    """
-    if device is not None and str(device) != "auto":
-        try:
-            target = torch.device(device)
-        except (RuntimeError, TypeError) as error:
-            raise KeySegConfigError(
-                f"--device {device!r}: not a torch device name (use cpu, cuda, cuda:N or mps)"
-            ) from error
-        _check_device_available(target)
-        return target
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def _check_device_available(device: torch.device) -> None:
-    """Refuse a CUDA / MPS device this process cannot use, in one line."""
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU-only torch build" if torch.version.cuda is None else "no visible GPU"
-            raise KeySegConfigError(
-                f"--device {device}: CUDA is not available ({build}, torch "
-                f"{torch.__version__}); use --device cpu"
-            )
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise KeySegConfigError(
-                f"--device {device}: only {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
-            )
-    elif device.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise KeySegConfigError(
-                f"--device {device}: MPS (Apple GPU) is not available on this machine; "
-                "use --device cpu"
-            )
-
-
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``dtype`` as given (a torch dtype or "fp32"/"bf16"/"fp16"), else bf16 on CUDA (fp16
-    where bf16 is unsupported) and fp32 elsewhere."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is not None:
-        if str(dtype).lower() not in _DTYPES:
-            raise KeySegConfigError(f"unknown dtype {dtype!r} (use one of {', '.join(_DTYPES)})")
-        return _DTYPES[str(dtype).lower()]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 # What may stand between [SEG] tokens of a list answer ("[SEG], [SEG] and [SEG]").

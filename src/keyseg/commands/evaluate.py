@@ -73,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "accelerate launch)")
     parser.add_argument("--dtype", default="auto",
                         choices=["auto", "float32", "bfloat16", "float16"],
-                        help="weights dtype (auto: bfloat16 on CUDA with bf16 support, "
-                             "else float32)")
+                        help="weights dtype (auto: bfloat16 on CUDA, float16 on a GPU "
+                             "without bf16 support, else float32)")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="skip images larger than this (width*height, default 64 MP)")
     parser.add_argument("--overwrite", action="store_true",
@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from keyseg.errors import KeySegConfigError
     from keyseg.evaluate import format_issues, format_metrics, run_evaluation, save_overlays
     from keyseg.io import atomic_write_json
+    from keyseg.runtime import resolve_device, resolve_dtype
 
     for spec in args.dataset:
         parse_spec(spec)  # fail fast on a typo, before opening anything
@@ -104,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
     eval_sets = [resolve_eval_set(spec, args.dataset_dir, protocol=args.protocol)
                  for spec in args.dataset]
     accelerator = _accelerator()
-    device = accelerator.device if accelerator is not None else _device(args.device)
-    dtype = _dtype(args.dtype, device)
+    device = accelerator.device if accelerator is not None else resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     is_main = accelerator is None or accelerator.is_main_process
     if is_main:
         for eval_set in eval_sets:
@@ -293,23 +294,6 @@ def _accelerator():
             f"WORLD_SIZE={world} but Accelerate set up {accelerator.num_processes} process(es) "
             "(on CPU launch with `accelerate launch --cpu` or set ACCELERATE_USE_CPU=1)")
     return accelerator
-
-
-def _device(name: str):
-    """The named device (refused in one line when unavailable), or CUDA > MPS > CPU."""
-    from keyseg.pipeline import resolve_device
-
-    return resolve_device(None if name == "auto" else name)
-
-
-def _dtype(name: str, device):
-    import torch
-
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 def _load_model(checkpoint: Path | None, dtype, known: dict[str, Any] | None = None,
