@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from keyseg.data.images import sam2_preprocess
 from keyseg.model.sam2 import Sam2Segmenter, pack_levels, unpack_levels
+from keyseg.transforms import sam2_preprocess
 
 
 @pytest.fixture(scope="module")
