@@ -213,6 +213,7 @@ def environment_info(accelerator) -> dict[str, Any]:
 def build_model(cfg: KeySegConfig, accelerator, run_dir: Path | None = None):
     """KeySegModel with LoRA, the trainable set applied (printed and logged), frozen weights
     in the compute dtype and gradient checkpointing as configured."""
+    from keyseg.build import build_keyseg
     from keyseg.model.architecture import reconcile
     from keyseg.model.keyseg import KeySegModel
     from keyseg.model.trainable import apply_lora, configure_trainable, format_trainable_table
@@ -230,7 +231,7 @@ def build_model(cfg: KeySegConfig, accelerator, run_dir: Path | None = None):
             for note in notes:
                 print(f"init_from: {note}")
     else:
-        model = KeySegModel.from_config(cfg.model)
+        model = build_keyseg(cfg.model)
     apply_lora(model, cfg.model.lora)
     counts = configure_trainable(model, cfg.model.trainable)  # raises on an empty component
     if accelerator.is_main_process:
