@@ -53,6 +53,15 @@ def sam_resized_size(height: int, width: int, target_length: int = 1024) -> tupl
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
+def _normalised(rgb: Image.Image, mean: tuple[float, float, float],
+                std: tuple[float, float, float]) -> torch.Tensor:
+    """``(3, h, w)`` float32 ``(pixel - mean) / std`` of an RGB image (0-255 statistics)."""
+    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy()).permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (pixels - mean_t) / std_t
+
+
 def sam_preprocess(
     image: str | Path | Image.Image | np.ndarray,
     target_length: int = 1024,
@@ -77,11 +86,8 @@ def sam_preprocess(
     width, height = rgb.size
     new_h, new_w = sam_resized_size(height, width, target_length)
     resized = rgb if (new_w, new_h) == (width, height) else rgb.resize((new_w, new_h), resample)
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()).permute(2, 0, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     padded = torch.zeros(3, target_length, target_length, dtype=torch.float32)
-    padded[:, :new_h, :new_w] = (pixels - mean_t) / std_t
+    padded[:, :new_h, :new_w] = _normalised(resized, mean, std)
     return SamInput(pixel_values=padded, resized_size=(new_h, new_w), original_size=(height, width))
 
 
@@ -104,11 +110,8 @@ def sam2_preprocess(
     width, height = rgb.size
     if (width, height) != (target_length, target_length):
         rgb = rgb.resize((target_length, target_length), resample)
-    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy()).permute(2, 0, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return SamInput(
-        pixel_values=(pixels - mean_t) / std_t,
+        pixel_values=_normalised(rgb, mean, std),
         resized_size=(target_length, target_length),
         original_size=(height, width),
     )
