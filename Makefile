@@ -27,10 +27,12 @@ demo: install
 
 test: install browser
 	$(BIN)/ruff check src tests benchmarks experiments
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks experiments
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache outputs

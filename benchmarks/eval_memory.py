@@ -1,7 +1,7 @@
 """Evaluation memory over a split: peak RSS for a short and a 10x longer split.
 
 Each size runs in a fresh interpreter (so one run's peak cannot hide the other's): the tiny
-random model (``keyseg.model.tiny.build_tiny_model``) scores the shapes world's test split
+random model (``keyseg.build.build_tiny_model``) scores the shapes world's test split
 with :func:`keyseg.evaluate.run_evaluation` as ``keyseg eval`` calls it - rows streamed to a
 JSONL file, overlay candidates kept (``--overlays`` worst and best), merged at the end. A
 thread samples the process RSS with psutil every 20 ms; the peak and the RSS when 10% / 50% /
@@ -32,9 +32,9 @@ def worker(size: int, image_size: int, batch_size: int, overlays: int) -> dict:
     import psutil
     import torch
 
+    from keyseg.build import build_tiny_model
     from keyseg.data.shapes import ShapesConfig, ShapesDataset
     from keyseg.evaluate import run_evaluation
-    from keyseg.model.tiny import build_tiny_model
 
     process = psutil.Process()
     samples: list[tuple[float, int]] = []

@@ -101,7 +101,7 @@ def build_7b(device: torch.device, dtype: torch.dtype, vlm_layers: int, vision_l
 
 def build(preset: str, device: torch.device, dtype: torch.dtype, args) -> torch.nn.Module:
     if preset == "tiny":
-        from keyseg.model.tiny import build_tiny_model
+        from keyseg.build import build_tiny_model
 
         return build_tiny_model(seed=0).to(device=device, dtype=dtype).eval()
     return build_7b(device, dtype, args.vlm_layers, args.vision_layers, args.sam_preset)

@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from keyseg.data.images import sam_preprocess
 from keyseg.data.shapes import KEYWORD_VOCAB, ShapesDataset
 from keyseg.io import atomic_write_json
 from keyseg.metrics import SegMetrics
 from keyseg.model.losses import dice_loss, sigmoid_ce_loss
 from keyseg.model.sam import SamSegmenter
+from keyseg.transforms import sam_preprocess
 
 
 def concept_samples(split: str, count: int, image_size: int, vocab: dict[str, int]) -> list:

@@ -12,7 +12,7 @@ from keyseg.data.collate import Collator, ImageExample, record_to_example
 
 @pytest.fixture(scope="session")
 def tiny_model_factory():
-    from keyseg.model.tiny import build_tiny_model
+    from keyseg.build import build_tiny_model
 
     return build_tiny_model
 

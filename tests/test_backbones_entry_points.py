@@ -55,7 +55,7 @@ def overrides(family: str, decoder: str) -> list[str]:
 def checkpoint(tmp_path_factory):
     """``(family, decoder) -> model directory`` of a random tiny model with LoRA applied,
     built once per combination."""
-    from keyseg.model.keyseg import KeySegModel
+    from keyseg.build import build_keyseg
     from keyseg.model.trainable import apply_lora, configure_trainable
 
     built: dict[tuple[str, str], Path] = {}
@@ -64,7 +64,7 @@ def checkpoint(tmp_path_factory):
         if (family, decoder) not in built:
             torch.manual_seed(0)
             config = model_config(family, decoder)
-            model = KeySegModel.from_config(config)
+            model = build_keyseg(config)
             apply_lora(model, config.lora)
             configure_trainable(model, config.trainable)
             path = tmp_path_factory.mktemp("ckpt") / f"{family}-{decoder}"

@@ -116,7 +116,7 @@ def test_chat_and_batch_over_the_limit_name_max_pixels(tmp_path, capsys, monkeyp
     assert cli.main(["chat", str(picture), "--max-pixels", "1000"]) == 2
     assert "--max-pixels" in one_error_line(capsys.readouterr().err, "chat")
 
-    from keyseg.model.tiny import build_tiny_model
+    from keyseg.build import build_tiny_model
     from keyseg.pipeline import KeySegPipeline
 
     tiny = build_tiny_model(seed=0).eval()
@@ -132,8 +132,8 @@ def test_chat_and_batch_over_the_limit_name_max_pixels(tmp_path, capsys, monkeyp
 
 
 def test_eval_skips_images_over_max_pixels_and_says_which_option(tmp_path, capsys):
+    from keyseg.build import build_tiny_model
     from keyseg.data.shapes import ShapesConfig, ShapesDataset, export_reason_seg
-    from keyseg.model.tiny import build_tiny_model
 
     root = tmp_path / "dataset"
     export_reason_seg(ShapesDataset("val", ShapesConfig(image_size=64, val_size=2)),

@@ -31,7 +31,7 @@ class ScriptedPipeline(KeySegPipeline):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from keyseg.model.tiny import build_tiny_model
+    from keyseg.build import build_tiny_model
 
     return build_tiny_model(seed=4).eval()
 

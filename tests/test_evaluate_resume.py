@@ -56,7 +56,7 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from keyseg.model.tiny import build_tiny_model
+    from keyseg.build import build_tiny_model
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     build_tiny_model(seed=0).save_pretrained(path)
@@ -217,7 +217,7 @@ WORKER = textwrap.dedent("""
     from accelerate import Accelerator
     from keyseg.data.shapes import ShapesConfig, ShapesDataset
     from keyseg.evaluate import run_evaluation
-    from keyseg.model.tiny import build_tiny_model
+    from keyseg.build import build_tiny_model
 
     acc = Accelerator(cpu=True)
     records = ShapesDataset("test", ShapesConfig(image_size=64, test_size=5))

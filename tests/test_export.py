@@ -17,7 +17,7 @@ from keyseg.model.keyseg import KeySegModel
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny LoRA model after a few AdamW steps, saved as a run's final/ model."""
-    from keyseg.model.tiny import build_tiny_model
+    from keyseg.build import build_tiny_model
 
     model = build_tiny_model(seed=3, lora=True)
     return model, tmp_path_factory.mktemp("run")

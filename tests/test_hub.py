@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from keyseg.build import build_keyseg, build_tiny_model
 from keyseg.cli import main as cli_main
 from keyseg.errors import KeySegCheckpointError
 from keyseg.hub import resolve_model_dir
 from keyseg.model.keyseg import KeySegModel
-from keyseg.model.tiny import build_tiny_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -165,7 +165,7 @@ def test_attn_implementation_in_the_config_reaches_the_language_model(tmp_path):
 
     base = tiny_model_config()
     config = replace(base, backbone=replace(base.backbone, attn_implementation="eager"))
-    model = KeySegModel.from_config(config)
+    model = build_keyseg(config)
     language = model.backbone.language_model()
     assert language.config._attn_implementation == "eager"
     model.save_pretrained(tmp_path / "m")

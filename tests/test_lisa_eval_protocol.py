@@ -248,7 +248,7 @@ SAMPLES = {"lisa": {"reason_seg:val": 7, "refcoco:val": 8, "refcoco:testA": 5,
 @pytest.mark.parametrize("protocol", ["lisa", "lisa-bugs"])
 def test_eval_report_counts_dropped_and_degenerate_annotations(protocol, dataset_root,
                                                               tmp_path, capsys):
-    from keyseg.model.tiny import build_tiny_model
+    from keyseg.build import build_tiny_model
 
     checkpoint = tmp_path / "tiny"
     build_tiny_model(seed=0).save_pretrained(checkpoint)

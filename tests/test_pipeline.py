@@ -16,7 +16,7 @@ from keyseg.tokens import Turn
 
 @pytest.fixture(scope="module")
 def model():
-    from keyseg.model.tiny import build_tiny_model
+    from keyseg.build import build_tiny_model
 
     return build_tiny_model(seed=3).eval()
 

@@ -189,7 +189,7 @@ def test_bad_samples_are_skipped_and_counted(tiny_model):
 
 
 def test_micro_batches_are_a_pure_function_of_position(tmp_path):
-    from keyseg.model.tiny import build_tiny_model
+    from keyseg.build import build_tiny_model
 
     cfg = tiny_config(tmp_path)
     model = build_tiny_model(0)

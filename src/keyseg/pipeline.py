@@ -223,7 +223,7 @@ class KeySegPipeline:
             raise KeySegError(f"{load_in} loading needs a model directory or Hub id "
                               "(--checkpoint); the untrained fallback is not quantised")
         if path is None:
-            from keyseg.model.tiny import build_tiny_model
+            from keyseg.build import build_tiny_model
 
             print(UNTRAINED_WARNING, file=sys.stderr)
             model = build_tiny_model(seed=0)

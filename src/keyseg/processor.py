@@ -18,9 +18,9 @@ from PIL import Image
 
 from keyseg import tokens
 from keyseg.config import BackboneConfig
-from keyseg.data.images import SamInput, sam2_preprocess, sam_preprocess
 from keyseg.errors import KeySegCheckpointError
 from keyseg.io import atomic_write_json
+from keyseg.transforms import SamInput, sam2_preprocess, sam_preprocess
 
 PROCESSOR_FILE = "keyseg_processor.json"
 
@@ -70,7 +70,7 @@ class KeySegProcessor:
 
     # --- images ---------------------------------------------------------------------------
     def prepare_image(self, image: Image.Image) -> PreparedImage:
-        """``image``: an RGB PIL image (see ``keyseg.data.images.load_image``)."""
+        """``image``: an RGB PIL image (see :func:`keyseg.images.load_image`)."""
         vision = self.image_processor(images=[image], return_tensors="pt")
         vision_inputs = {k: v for k, v in vision.items() if isinstance(v, torch.Tensor)}
         count = self.num_image_tokens

@@ -213,9 +213,9 @@ def test_cli_convert_sam2_writes_a_loadable_directory(tmp_path, capsys):
 
 
 def test_model_config_sam2_checkpoint_builds_keyseg_on_the_converted_weights(tmp_path):
+    from keyseg.build import build_keyseg
     from keyseg.config import BackboneConfig, ModelConfig, SamSettings
     from keyseg.errors import KeySegConfigError
-    from keyseg.model.keyseg import KeySegModel
 
     layout = official_sam2_layout("tiny", decoder_mlp=64, iou_hidden=32)
     state = {name: torch.randn(shape) for name, shape in layout.items()}
@@ -223,10 +223,10 @@ def test_model_config_sam2_checkpoint_builds_keyseg_on_the_converted_weights(tmp
     config = ModelConfig(backbone=BackboneConfig(preset="tiny"),
                          sam=SamSettings(family="sam2", preset="tiny",
                                          checkpoint=str(tmp_path / "sam2.pt")))
-    model = KeySegModel.from_config(config)
+    model = build_keyseg(config)
     assert isinstance(model.sam, Sam2Segmenter)
     torch.testing.assert_close(model.sam.sam.mask_decoder.obj_score_token.weight,
                                state["sam_mask_decoder.obj_score_token.weight"])
     with pytest.raises(KeySegConfigError, match=r"model\.sam\.preset: unknown SAM2 preset 'vit_h'"):
-        KeySegModel.from_config(ModelConfig(backbone=BackboneConfig(preset="tiny"),
+        build_keyseg(ModelConfig(backbone=BackboneConfig(preset="tiny"),
                                             sam=SamSettings(family="sam2")))

@@ -9,15 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from keyseg.data.images import (
-    SAM_PIXEL_MEAN,
-    SAM_PIXEL_STD,
-    as_rgb_image,
-    load_image,
-    sam_preprocess,
-    sam_resized_size,
-)
+from keyseg.data.images import as_rgb_image, load_image
 from keyseg.errors import KeySegDataError
+from keyseg.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD, sam_preprocess, sam_resized_size
 
 
 def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+from keyseg.build import build_tiny_model
 from keyseg.config import ModelConfig
 from keyseg.errors import KeySegConfigError
 from keyseg.model.architecture import reconcile
-from keyseg.model.tiny import build_tiny_model
 
 
 @pytest.fixture

@@ -11,10 +11,11 @@ import torch
 
 from helpers import make_record
 from keyseg import tokens
+from keyseg.build import build_tiny_model
 from keyseg.data.collate import Collator, Conversation, ImageExample
 from keyseg.errors import KeySegConfigError, KeySegInputError
 from keyseg.model.keyseg import KeySegModel
-from keyseg.model.tiny import build_tiny_model, tiny_model_config
+from keyseg.model.tiny import tiny_model_config
 from keyseg.model.trainable import configure_trainable, parameter_components
 
 

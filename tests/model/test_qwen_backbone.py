@@ -12,6 +12,7 @@ from PIL import Image
 
 from helpers import make_record
 from keyseg import tokens
+from keyseg.build import build_keyseg
 from keyseg.config import BackboneConfig, ModelConfig, SamSettings
 from keyseg.data.collate import Collator, record_to_example
 from keyseg.model.keyseg import KeySegModel
@@ -31,7 +32,7 @@ def qwen_config() -> ModelConfig:
 def qwen_model():
     torch.manual_seed(0)
     config = qwen_config()
-    model = KeySegModel.from_config(config)
+    model = build_keyseg(config)
     apply_lora(model, config.lora)
     configure_trainable(model, config.trainable)
     return model
@@ -150,7 +151,7 @@ def test_qwen_family_freezes_its_vision_tower_and_puts_lora_in_the_lm_only(famil
                                                  system_prompt=QWEN_SYSTEM_PROMPT),
                          sam=SamSettings(preset="tiny"))
     torch.manual_seed(0)
-    model = KeySegModel.from_config(config)
+    model = build_keyseg(config)
     assert type(model.backbone.base).__name__ == QWEN_FAMILY_CLASSES[family]
     assert model.backbone.family == family and model.processor.template == "chatml"
     apply_lora(model, config.lora)
@@ -197,7 +198,7 @@ def test_tied_lm_head_is_not_an_empty_trainable_component(monkeypatch):
     config = ModelConfig(backbone=BackboneConfig(family="qwen2_5_vl", preset="tiny",
                                                  image_token=QWEN_IMAGE_TOKEN),
                          sam=SamSettings(preset="tiny"))
-    model = KeySegModel.from_config(config)
+    model = build_keyseg(config)
     assert model.backbone.output_embeddings().weight is model.backbone.input_embeddings().weight
     apply_lora(model, config.lora)
     counts = configure_trainable(model, config.trainable)
@@ -220,7 +221,7 @@ def test_qwen_pipeline_batches_images_of_different_token_counts_like_single_call
     config = ModelConfig(backbone=BackboneConfig(**{**base.backbone.__dict__, "family": family}),
                          sam=base.sam)
     torch.manual_seed(0)
-    pipe = KeySegPipeline(KeySegModel.from_config(config).eval(), max_new_tokens=8)
+    pipe = KeySegPipeline(build_keyseg(config).eval(), max_new_tokens=8)
     images = [_image(30, 50, 0), _image(44, 20, 1)]
     counts = [pipe.processor.prepare_image(Image.fromarray(i)).num_image_tokens for i in images]
     assert counts[0] != counts[1]
@@ -250,7 +251,7 @@ def test_qwen_at_state_reruns_one_row_with_its_own_patches():
                                                     "hidden_state": "at"}),
                          sam=config.sam)
     torch.manual_seed(0)
-    model = KeySegModel.from_config(config).eval()
+    model = build_keyseg(config).eval()
     pipe = KeySegPipeline(model)
     script = answer_ids(pipe.processor, " Sure,", segs=1)[:-1]  # ends at [SEG], no EOS
     results = pipe([_image(30, 50, 0), _image(44, 20, 1)], ["a?", "b?"],

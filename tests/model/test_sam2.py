@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from keyseg.data.images import sam2_preprocess
 from keyseg.model.sam2 import Sam2Segmenter, pack_levels, unpack_levels
+from keyseg.transforms import sam2_preprocess
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +80,15 @@ def test_keyseg_with_sam2_freezes_the_image_encoder_and_trains_the_decoder_proje
     import random
 
     from helpers import make_record
+    from keyseg.build import build_keyseg
     from keyseg.config import BackboneConfig, ModelConfig, SamSettings
     from keyseg.data.collate import Collator, record_to_example
-    from keyseg.model.keyseg import KeySegModel
     from keyseg.model.trainable import apply_lora, configure_trainable
 
     torch.manual_seed(0)
     config = ModelConfig(backbone=BackboneConfig(preset="tiny"),
                          sam=SamSettings(family="sam2", preset="tiny"))
-    model = KeySegModel.from_config(config)
+    model = build_keyseg(config)
     apply_lora(model, config.lora)
     counts = configure_trainable(model, config.trainable)
     assert counts["sam_image_encoder"].trainable == 0 and counts["sam_image_encoder"].frozen

@@ -174,7 +174,8 @@ def _shapes_export(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from keyseg.data.reason_seg import KEYWORD_FILE_CANDIDATES
-    from keyseg.data.shapes import ShapesConfig, ShapesDataset, export_reason_seg
+    from keyseg.data.reason_seg_export import export_reason_seg
+    from keyseg.data.shapes import ShapesConfig, ShapesDataset
     from keyseg.errors import KeySegConfigError
     from keyseg.io import atomic_directory, atomic_write_json
 

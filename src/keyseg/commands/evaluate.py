@@ -324,7 +324,7 @@ def _load_model(checkpoint: Path | None, dtype, known: dict[str, Any] | None = N
             return found.to(dtype), {"path": None, "default": True, "sha256": None}
     warnings.warn("no --checkpoint and no packaged default model: evaluating a tiny RANDOM "
                   "model (numbers are meaningless)", stacklevel=2)
-    from keyseg.model.tiny import build_tiny_model
+    from keyseg.build import build_tiny_model
 
     return build_tiny_model(seed=0).to(dtype), {"path": None, "default": True,
                                                 "random_tiny": True, "sha256": None}

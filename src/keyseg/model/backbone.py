@@ -17,7 +17,7 @@ from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from keyseg.config import BackboneConfig
-from keyseg.errors import KeySegCheckpointError, KeySegConfigError
+from keyseg.errors import KeySegConfigError
 
 #: Backbone families with Qwen's dynamic resolution and ChatML (keys of
 #: ``keyseg.model.qwen.QWEN_FAMILIES``; literal here so this import stays light).
@@ -94,77 +94,6 @@ def num_image_tokens(config) -> int:
     vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
     return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
-
-
-def build_vlm(cfg: BackboneConfig, tokenizer, dtype: torch.dtype | None = None):
-    """Build the VLM, its image processor and tokenizer.
-
-    ``cfg.name_or_path`` loads a pretrained HF directory of the family ``cfg.family``;
-    otherwise ``cfg.preset`` names a locally built random model (``tiny``). Returns ``(vlm,
-    image_processor, tokenizer)``; the tokenizer is the given one, or the directory's.
-    """
-    if cfg.family not in FAMILIES:
-        raise KeySegConfigError(f"model.backbone.family: unsupported family {cfg.family!r}")
-    if cfg.name_or_path is None:
-        if cfg.family in QWEN_FAMILIES:
-            from keyseg.model import qwen
-
-            if cfg.preset not in qwen.QWEN_PRESETS:
-                raise KeySegConfigError(
-                    f"model.backbone.preset: unknown {cfg.family} preset {cfg.preset!r} without "
-                    f"name_or_path (local presets: {', '.join(qwen.QWEN_PRESETS)})"
-                )
-            vlm, image_processor, tokenizer = qwen.build_tiny_qwen(cfg.preset, tokenizer,
-                                                                   family=cfg.family)
-            return vlm.to(dtype) if dtype is not None else vlm, image_processor, tokenizer
-        from keyseg.model import tiny
-
-        if cfg.preset not in tiny.VLM_PRESETS:
-            raise KeySegConfigError(
-                f"model.backbone.preset: unknown preset {cfg.preset!r} without name_or_path "
-                f"(local presets: {', '.join(tiny.VLM_PRESETS)})"
-            )
-        preset = tiny.VLM_PRESETS[cfg.preset]
-        tokenizer = tokenizer or tiny.build_tiny_tokenizer(tiny.preset_corpus(cfg.preset))
-        vocab = tokenizer.get_vocab()
-        config = tiny.tiny_llava_config(
-            vocab_size=len(tokenizer),
-            image_token_id=vocab[cfg.image_token],
-            pad_token_id=tokenizer.pad_token_id,
-            **preset,
-        )
-        if cfg.attn_implementation is not None:
-            config._attn_implementation = cfg.attn_implementation
-        vlm = apply_projector(LlavaForConditionalGeneration(config), cfg)
-        image_processor = tiny.tiny_image_processor(config.vision_config.image_size)
-        return vlm.to(dtype) if dtype is not None else vlm, image_processor, tokenizer
-
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    try:
-        if cfg.family in QWEN_FAMILIES:
-            from transformers import Qwen2VLImageProcessorPil
-
-            from keyseg.model.qwen import qwen_classes
-
-            _, model_class = qwen_classes(cfg.family)
-            vlm = model_class.from_pretrained(cfg.name_or_path, dtype=dtype,
-                                              attn_implementation=cfg.attn_implementation)
-            # The PIL variant: works without torchvision.
-            image_processor = Qwen2VLImageProcessorPil.from_pretrained(cfg.name_or_path)
-        else:
-            if cfg.projector != "mlp2x_gelu":
-                raise KeySegConfigError(
-                    f"model.backbone.projector={cfg.projector!r} needs a KeySeg directory "
-                    "(keyseg convert lisa ...), not a plain HF LLaVA one"
-                )
-            vlm = LlavaForConditionalGeneration.from_pretrained(
-                cfg.name_or_path, dtype=dtype, attn_implementation=cfg.attn_implementation)
-            image_processor = AutoImageProcessor.from_pretrained(cfg.name_or_path)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.name_or_path)
-    except OSError as error:
-        raise KeySegCheckpointError(f"{cfg.name_or_path}: cannot load VLM: {error}") from error
-    return vlm, image_processor, tokenizer
 
 
 class VisionLanguageBackbone(nn.Module):

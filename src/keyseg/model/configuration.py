@@ -70,35 +70,3 @@ def with_recorded_convention(saved: dict) -> dict:
     backbone = dict(saved.get("backbone") or {})
     backbone.setdefault("convention", "v0")
     return {**saved, "backbone": backbone}
-
-
-class AutoKeySegModel:
-    """Stands in for :class:`~keyseg.model.keyseg.KeySegModel` in transformers' ``AutoModel``
-    mapping, so that ``import keyseg`` registers the Auto classes without importing the model
-    code (LLaVA, SAM, PEFT); the real class is imported on first use."""
-
-    config_class = KeySegModelConfig
-
-    @staticmethod
-    def _model_class():
-        from keyseg.model.keyseg import KeySegModel
-
-        return KeySegModel
-
-    @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any):
-        return cls._model_class().from_pretrained(*args, **kwargs)
-
-    @classmethod
-    def from_config(cls, config: KeySegModelConfig, **kwargs: Any):
-        return cls._model_class()._from_config(config, **kwargs)
-
-    _from_config = from_config
-
-
-def register_auto_classes() -> None:
-    """``AutoConfig`` / ``AutoModel`` know ``model_type: keyseg`` (idempotent)."""
-    from transformers import AutoConfig, AutoModel
-
-    AutoConfig.register(MODEL_TYPE, KeySegModelConfig, exist_ok=True)
-    AutoModel.register(KeySegModelConfig, AutoKeySegModel, exist_ok=True)

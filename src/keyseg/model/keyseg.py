@@ -17,28 +17,40 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, Sam2Config, SamConfig
 
 from keyseg import tokens
 from keyseg.batch import Batch
 from keyseg.config import ModelConfig, to_dict
-from keyseg.errors import KeySegCheckpointError, KeySegInputError
+from keyseg.errors import KeySegCheckpointError, KeySegConfigError, KeySegInputError
 from keyseg.io import atomic_directory
-from keyseg.model.backbone import (
-    VisionLanguageBackbone,
-    build_vlm,
-    num_image_tokens,
-    vlm_from_config,
-)
+from keyseg.model.backbone import VisionLanguageBackbone, vlm_from_config
 from keyseg.model.configuration import MODEL_TYPE, KeySegModelConfig
 from keyseg.model.fusion import KeywordFusion
 from keyseg.model.losses import dice_loss, keyword_alignment_loss, sigmoid_ce_loss
-from keyseg.model.sam import SamSegmenter, build_segmenter, segmenter_from_config
-from keyseg.processor import KeySegProcessor
+from keyseg.model.processing import ModelProcessor, load_processor
+from keyseg.model.sam import SamSegmenter
+from keyseg.model.sam2 import Sam2Segmenter
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"  # single-file layout, still read; new saves are sharded
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+#: ``SamSettings.family`` -> (transformers config class, segmenter class).
+SEGMENTERS: dict[str, tuple[type, type[SamSegmenter]]] = {
+    "sam": (SamConfig, SamSegmenter),
+    "sam2": (Sam2Config, Sam2Segmenter),
+}
+
+
+def segmenter_from_config(family: str, config) -> SamSegmenter:
+    """An untrained segmenter of ``family`` from its transformers config or a saved
+    ``config.to_dict()`` (weights are loaded by the caller)."""
+    if family not in SEGMENTERS:
+        raise KeySegConfigError(
+            f"model.sam.family: {family!r} is not one of {', '.join(map(repr, SEGMENTERS))}")
+    config_class, segmenter_class = SEGMENTERS[family]
+    return segmenter_class(config_class.from_dict(config) if isinstance(config, dict) else config)
 
 
 @contextlib.contextmanager
@@ -86,13 +98,15 @@ def _projection_head(hidden: int, out: int) -> nn.Sequential:
 class KeySegModel(PreTrainedModel):
     """The KeySeg model, a transformers ``PreTrainedModel``.
 
-    Build with :meth:`from_config` (our :class:`~keyseg.config.ModelConfig`; random or
-    pretrained parts) or load with :meth:`from_pretrained` (a directory or a Hub id;
-    ``dtype``, ``device_map``, ``attn_implementation``, ``quantization_config`` and the
-    other transformers options pass through). ``model.settings`` is the frozen KeySeg config
-    (source of truth for training), ``model.config`` its transformers counterpart, and
-    ``model.processor`` the :class:`KeySegProcessor` (tokenizer, image transforms) that
-    every loader attaches.
+    Build with :func:`keyseg.build.build_keyseg` (our :class:`~keyseg.config.ModelConfig`;
+    random or pretrained parts; :meth:`from_parts` around built ones) or load with
+    :meth:`from_pretrained` (a directory or a Hub id; ``dtype``, ``device_map``,
+    ``attn_implementation``, ``quantization_config`` and the other transformers options pass
+    through). ``model.settings`` is the frozen KeySeg config (source of truth for training),
+    ``model.config`` its transformers counterpart, and ``model.processor`` the
+    :class:`~keyseg.processor.KeySegProcessor` (tokenizer, image transforms) that every
+    loader attaches; the model itself reads only its token ids
+    (:class:`~keyseg.model.processing.ModelProcessor`).
     """
 
     config_class = KeySegModelConfig
@@ -116,10 +130,10 @@ class KeySegModel(PreTrainedModel):
         *,
         vlm: nn.Module | None = None,
         sam: SamSegmenter | None = None,
-        processor: KeySegProcessor | None = None,
+        processor: ModelProcessor | None = None,
     ) -> None:
         """Build from ``config`` alone (what ``from_pretrained`` does, weights loaded after),
-        or around already built ``vlm`` / ``sam`` (:meth:`from_config`, converters)."""
+        or around already built ``vlm`` / ``sam`` (:meth:`from_parts`)."""
         super().__init__(config)
         settings = config.settings
         self._settings = settings
@@ -183,26 +197,8 @@ class KeySegModel(PreTrainedModel):
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: ModelConfig, tokenizer=None,
-                    dtype: torch.dtype | None = None) -> KeySegModel:
-        """Build from our config: pretrained VLM if ``backbone.name_or_path`` is set, else a
-        local preset (random); SAM from ``sam.preset`` (+ official checkpoint if given)."""
-        vlm, image_processor, tokenizer = build_vlm(config.backbone, tokenizer, dtype)
-        sam = build_segmenter(config.sam.family, config.sam.preset, prompt_dim=config.fusion.dim,
-                              checkpoint=config.sam.checkpoint)
-        processor = KeySegProcessor(
-            tokenizer, image_processor, config.backbone,
-            num_image_tokens=num_image_tokens(vlm.config), sam_image_size=sam.image_size,
-            sam_family=sam.family,
-        )
-        tokens.resize_embeddings(vlm, tokenizer, new_token_ids=tokenizer.convert_tokens_to_ids(
-            processor.added_tokens))
-        model = cls.from_parts(config, vlm, sam, processor)
-        return model.to(dtype) if dtype is not None else model
-
-    @classmethod
     def from_parts(cls, settings: ModelConfig, vlm: nn.Module, sam: SamSegmenter,
-                   processor: KeySegProcessor) -> KeySegModel:
+                   processor: ModelProcessor) -> KeySegModel:
         """Assemble a model around built parts (the KeySeg heads are created fresh)."""
         # A new composite config sets its (unset) attention choice on its sub-configs: keep
         # the one each part was built with.
@@ -264,7 +260,7 @@ class KeySegModel(PreTrainedModel):
             raise KeySegCheckpointError(
                 f"{directory}: cannot load the weights ({type(error).__name__}: {error})"
                 .splitlines()[0]) from error
-        model.processor = KeySegProcessor.from_pretrained(directory, model.settings.backbone)
+        model.processor = load_processor(directory, model.settings.backbone)
         model.sam.tie_positional_encoding()
         return model
 

@@ -26,7 +26,7 @@ Qwen2-VL differs from LLaVA in three ways the rest of KeySeg must not care about
 This module builds the tiny local presets (tokenizer, config, image processor) used by tests,
 one per family; a real checkpoint (``Qwen/Qwen2-VL-2B-Instruct``,
 ``Qwen/Qwen2.5-VL-3B-Instruct``, ``Qwen/Qwen3-VL-4B-Instruct`` downloaded to a directory) is
-loaded by :func:`keyseg.model.backbone.build_vlm` through the same classes.
+loaded by :func:`keyseg.build.build_vlm` through the same classes.
 """
 
 from __future__ import annotations

@@ -390,36 +390,3 @@ class SamSegmenter(torch.nn.Module):
         masks = masks[..., :resized_h, :resized_w]  # drop the bottom/right zero padding
         masks = F.interpolate(masks, (original_h, original_w), mode="bilinear", align_corners=False)
         return masks.squeeze(1)
-
-
-def build_segmenter(family: str, preset: str, *, prompt_dim: int = DEFAULT_PROMPT_DIM,
-                    checkpoint: str | None = None) -> SamSegmenter:
-    """The mask decoder ``model.sam`` describes: SAM or SAM 2 (``family``) of a preset, with
-    an official checkpoint's weights when ``checkpoint`` is given."""
-    if family == "sam2":
-        if checkpoint:
-            from keyseg.convert.sam2 import load_official_sam2
-
-            return load_official_sam2(checkpoint, preset=preset)
-        from keyseg.model.sam2 import Sam2Segmenter
-
-        return Sam2Segmenter.from_preset(preset, prompt_dim=prompt_dim)
-    if family != "sam":
-        raise KeySegConfigError(f"model.sam.family: {family!r} is not one of 'sam', 'sam2'")
-    if checkpoint:
-        from keyseg.convert.sam import load_official_sam
-
-        return load_official_sam(checkpoint, preset=preset)
-    return SamSegmenter.from_preset(preset, prompt_dim=prompt_dim)
-
-
-def segmenter_from_config(family: str, config) -> SamSegmenter:
-    """An untrained segmenter of ``family`` from its transformers config or a saved
-    ``config.to_dict()`` (weights are loaded by the caller)."""
-    if family == "sam2":
-        from transformers import Sam2Config
-
-        from keyseg.model.sam2 import Sam2Segmenter
-
-        return Sam2Segmenter(Sam2Config.from_dict(config) if isinstance(config, dict) else config)
-    return SamSegmenter(SamConfig.from_dict(config) if isinstance(config, dict) else config)

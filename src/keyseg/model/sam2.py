@@ -20,7 +20,7 @@ What changes against SAM (and why the rest of KeySeg does not notice):
   the "dynamic multimask via stability" fallback is off in every preset, so inference uses
   the same output token as training.
 * the input transform is SAM 2's: resize to ``S x S`` (aspect not kept), ImageNet
-  normalisation (:func:`keyseg.data.images.sam2_preprocess`).
+  normalisation (:func:`keyseg.transforms.sam2_preprocess`).
 
 Presets (:data:`SAM2_PRESETS`): the four released Hiera sizes (``hiera_tiny``,
 ``hiera_small``, ``hiera_base_plus``, ``hiera_large``; SAM 2 and 2.1 share the image-path

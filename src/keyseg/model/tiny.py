@@ -23,7 +23,9 @@ from keyseg.config import BackboneConfig, ModelConfig, SamSettings
 
 BASE_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 
-_DEFAULT_CORPUS = (
+#: Tokenizer training text when no corpus is given. A preset with its own corpus (``shapes``:
+#: the procedural world's queries and answers) has it passed in by ``keyseg.build``.
+DEFAULT_CORPUS = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions.",
     "USER: ASSISTANT: Sure, it is. It is. The segmentation result is. They are.",
@@ -49,7 +51,7 @@ def train_byte_level_bpe(corpus: Iterable[str] | None, vocab_size: int,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(list(corpus or _DEFAULT_CORPUS), trainer=trainer)
+    tok.train_from_iterator(list(corpus or DEFAULT_CORPUS), trainer=trainer)
     return tok
 
 
@@ -148,41 +150,3 @@ def tiny_model_config(**fusion_overrides) -> ModelConfig:
         sam=SamSettings(preset="tiny"),
     )
     return replace(base, fusion=replace(base.fusion, **fusion_overrides))
-
-
-def build_tiny_model(seed: int = 0, config: ModelConfig | None = None, lora: bool = False):
-    """A random tiny :class:`KeySegModel` (same classes as 7B), seeded, in fp32.
-
-    With ``lora=True`` the LoRA adapters are applied and components made trainable as the
-    config says, exactly as training does.
-    """
-    import torch
-
-    from keyseg.model.keyseg import KeySegModel
-    from keyseg.model.trainable import apply_lora, configure_trainable
-
-    torch.manual_seed(seed)
-    config = config or tiny_model_config()
-    model = KeySegModel.from_config(config)
-    if lora:
-        apply_lora(model, config.lora)
-        configure_trainable(model, config.trainable)
-    return model
-
-
-def preset_corpus(preset: str) -> list[str] | None:
-    """Tokenizer training text for a local preset (None: the small default corpus).
-
-    The ``shapes`` preset's tokenizer is trained on the procedural world's own queries and
-    answers, so its few hundred merges cover the words the embedded default will see.
-    """
-    if preset != "shapes":
-        return None
-    from keyseg.data.shapes import ShapesConfig, ShapesDataset
-
-    dataset = ShapesDataset("train", ShapesConfig())
-    corpus = list(_DEFAULT_CORPUS)
-    for index in range(600):
-        for ref in dataset[index].referents:
-            corpus += [ref.text, ref.answer or "", ref.keyword or ""]
-    return corpus

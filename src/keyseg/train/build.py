@@ -24,6 +24,7 @@ def build_model(cfg: KeySegConfig, accelerator: Accelerator,
                 run_dir: Path | None = None) -> KeySegModel:
     """KeySegModel with LoRA, the trainable set applied (printed and logged), frozen weights
     in the compute dtype and gradient checkpointing as configured."""
+    from keyseg.build import build_keyseg
     from keyseg.model.architecture import reconcile
     from keyseg.model.keyseg import KeySegModel
     from keyseg.model.trainable import apply_lora, configure_trainable, format_trainable_table
@@ -41,7 +42,7 @@ def build_model(cfg: KeySegConfig, accelerator: Accelerator,
             for note in notes:
                 print(f"init_from: {note}")
     else:
-        model = KeySegModel.from_config(cfg.model)
+        model = build_keyseg(cfg.model)
     apply_lora(model, cfg.model.lora)
     counts = configure_trainable(model, cfg.model.trainable)  # raises on an empty component
     if accelerator.is_main_process:
