@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from keyseg.batch import Batch
-from keyseg.config import KeySegConfig, TrainConfig, save_config, to_dict
+from keyseg.config import EvalConfig, KeySegConfig, TrainConfig, save_config, to_dict
 from keyseg.data.collate import Collator, record_to_example
 from keyseg.data.datasets import build_mixture, build_val_records
 from keyseg.data.mixture import MixtureSampler
@@ -533,8 +533,9 @@ def validate(accelerator, model, records: Sequence[SegRecord], cfg: KeySegConfig
     unwrapped.eval()
     try:
         with accelerator.autocast():
-            report = run_evaluation(unwrapped, records, mode="teacher",
-                                    limit=cfg.train.val_limit, accelerator=accelerator)
+            report = run_evaluation(unwrapped, records,
+                                    EvalConfig(mode="teacher", limit=cfg.train.val_limit),
+                                    accelerator=accelerator)
     finally:
         model.train()
     return dict(report.metrics)
