@@ -11,7 +11,7 @@ from helpers import make_record
 from keyseg.cli import build_parser
 from keyseg.cli import main as cli_main
 from keyseg.commands import evaluate as command
-from keyseg.config import EvalConfig
+from keyseg.config import EvalConfig, from_dict, to_dict
 from keyseg.errors import KeySegConfigError
 from keyseg.evaluate import run_evaluation
 
@@ -35,6 +35,12 @@ def test_every_problem_is_named_at_once():
         EvalConfig(batch_size=0, limit=-1, mode="x")
     message = str(info.value)
     assert "batch_size" in message and "limit" in message and "evaluation mode" in message
+
+
+def test_yaml_round_trip_preserves_every_setting():
+    config = EvalConfig(mode="generate", limit=3, protocol="lisa-bugs", max_pixels=10,
+                        keep_overlays=2, progress=False)
+    assert from_dict(EvalConfig, to_dict(config)) == config
 
 
 def test_row_settings_are_every_field_but_the_presentation_ones():
