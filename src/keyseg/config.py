@@ -395,3 +395,69 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
 def save_config(config: Any, path: str | os.PathLike) -> None:
     """Write ``config`` as YAML atomically (temp file + rename)."""
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation
+
+EvalMode = Literal["teacher", "generate"]
+EvalProtocol = Literal["lisa", "lisa-bugs"]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How :func:`keyseg.evaluate.run_evaluation` scores one split in one mode.
+
+    ``keyseg eval`` builds one from its arguments per ``--mode``. Every field decides the
+    rows written (and so is part of ``keyseg eval``'s resume fingerprint,
+    :meth:`row_settings`) unless its metadata says ``rows=False``: a field added later
+    counts by default. Bad values raise one :class:`KeySegConfigError` naming every field
+    at fault.
+    """
+
+    mode: EvalMode = "teacher"
+    """``teacher``: LISA's protocol, the answer is fed; ``generate``: the model answers
+    (greedy)."""
+    limit: int | None = None
+    """Evaluate only the first ``limit`` records (images), before sharding; ``None``: all."""
+    batch_size: int = 1
+    """Conversations per forward pass (rows about one image share its SAM encoding)."""
+    all_texts: bool = False
+    """ReasonSeg: score every text of a record, not only the first (they are paraphrases)."""
+    max_new_tokens: int = 64
+    """Generation budget per answer (``generate`` mode)."""
+    protocol: EvalProtocol = "lisa"
+    """``lisa``: targets as read; ``lisa-bugs``: as LISA's metric sees them (pair it with
+    records read under the same protocol, :func:`keyseg.data.eval_sets.resolve_eval_set`)."""
+    max_pixels: int | None = None
+    """Image pixel limit (width * height) when loading images; ``None``: the loader's
+    default (64 MP)."""
+    keep_overlays: int = field(default=0, metadata={"rows": False})
+    """Keep the ``n`` worst and ``n`` best samples for overlays (``EvalResult.overlays``)."""
+    keep_per_sample: bool = field(default=False, metadata={"rows": False})
+    """Also return the per-sample rows in ``EvalResult.per_sample`` (this process's)."""
+    progress: bool = field(default=True, metadata={"rows": False})
+    """Show a progress bar (main process only)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mode not in get_args(EvalMode):
+            problems.append(f"evaluation mode {self.mode!r}: use one of "
+                            f"{', '.join(get_args(EvalMode))}")
+        if self.protocol not in get_args(EvalProtocol):
+            problems.append(f"evaluation protocol {self.protocol!r}: use one of "
+                            f"{', '.join(get_args(EvalProtocol))}")
+        for name, value, least in (("batch_size", self.batch_size, 1),
+                                   ("limit", self.limit, 0),
+                                   ("max_new_tokens", self.max_new_tokens, 0),
+                                   ("max_pixels", self.max_pixels, 1),
+                                   ("keep_overlays", self.keep_overlays, 0)):
+            if value is not None and value < least:
+                problems.append(f"{name} must be >= {least}, got {value}")
+        if problems:
+            raise KeySegConfigError("; ".join(problems))
+
+    def row_settings(self) -> dict[str, Any]:
+        """``{field: value}`` of the fields that decide the rows (all but ``rows=False``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("rows", True)}

@@ -1,4 +1,8 @@
-"""Overlays (one colour per mask) and the files a segmentation run writes.
+"""Overlays and the files a segmentation run writes.
+
+Two overlays, drawn with the same tint and outline: :func:`overlay_masks` (one colour per
+mask: ``keyseg segment``, the demo) and :func:`render_overlay` (a prediction against its
+target: ``keyseg eval --save-overlays``).
 
 ``save_result`` is what ``keyseg segment``/``chat``/``batch`` write for one answer:
 ``mask_K.png`` (binary, 0/255, original image size; ``K`` from 0 in ``[SEG]`` order),
@@ -52,13 +56,63 @@ def overlay_masks(image: Image.Image, masks: np.ndarray, alpha: float = 0.5,
     if masks.shape[0] and masks.shape[1:] != base.shape[:2]:
         raise ValueError(f"masks {masks.shape[1:]} do not match the image {base.shape[:2]}")
     for index, mask in enumerate(masks.astype(bool)):
-        colour = np.array(mask_colour(index), dtype=np.float32)
-        base[mask] = (1 - alpha) * base[mask] + alpha * colour
-        if outline and mask.any():
-            edge_img = Image.fromarray(mask.astype(np.uint8) * 255)
-            inner = np.asarray(edge_img.filter(ImageFilter.MinFilter(3))) > 0
-            base[mask & ~inner] = colour
-    return Image.fromarray(np.clip(base + 0.5, 0, 255).astype(np.uint8))
+        colour = mask_colour(index)
+        _tint(base, mask, colour, alpha)
+        if outline:
+            _tint(base, mask_outline(mask), colour, 1.0)
+    return Image.fromarray(_to_uint8(base))
+
+
+#: :func:`render_overlay`'s colours: the prediction's tint and the target's outline.
+PREDICTION_COLOUR: tuple[int, int, int] = (255, 40, 40)
+TARGET_COLOUR: tuple[int, int, int] = (40, 255, 40)
+#: How much of an ignored pixel's brightness :func:`render_overlay` keeps.
+IGNORE_BRIGHTNESS = 0.4
+
+
+def render_overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray,
+                   ignore: np.ndarray | None = None) -> np.ndarray:
+    """A prediction against its target: ``image (H, W, 3)`` uint8 with ``pred (H, W)``
+    tinted red, the outline of ``target (H, W)`` in green and ``ignore (H, W)`` darkened
+    -> ``(H, W, 3)`` uint8.
+
+    Raises:
+        ValueError: a mask whose size is not the image's (both sizes quoted).
+    """
+    base = np.asarray(image, dtype=np.float32).copy()
+    for mask in (pred, target) + ((ignore,) if ignore is not None else ()):
+        if mask.shape != base.shape[:2]:
+            raise ValueError(f"mask {mask.shape} does not match the image {base.shape[:2]}")
+    if ignore is not None:
+        _tint(base, ignore.astype(bool), (0, 0, 0), 1.0 - IGNORE_BRIGHTNESS)
+    _tint(base, pred.astype(bool), PREDICTION_COLOUR, 0.5)
+    _tint(base, mask_outline(target.astype(bool)), TARGET_COLOUR, 1.0)
+    return _to_uint8(base)
+
+
+def mask_outline(mask: np.ndarray) -> np.ndarray:
+    """The boundary of ``mask (H, W)`` bool: its pixels with a neighbour (of 8) outside it;
+    the image border does not count as outside. -> ``(H, W)`` bool."""
+    if not mask.any():
+        return mask
+    inner = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255)
+                       .filter(ImageFilter.MinFilter(3))) > 0
+    return mask & ~inner
+
+
+def _tint(canvas: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int],
+          alpha: float) -> None:
+    """Blend ``colour`` over ``canvas (H, W, 3)`` float32 where ``mask (H, W)``, in place;
+    ``alpha = 1`` paints it."""
+    if alpha == 1.0:
+        canvas[mask] = np.array(colour, dtype=np.float32)
+    else:
+        canvas[mask] = (1 - alpha) * canvas[mask] + alpha * np.array(colour, dtype=np.float32)
+
+
+def _to_uint8(canvas: np.ndarray) -> np.ndarray:
+    """``canvas`` float rounded to uint8 (clipped to 0..255)."""
+    return np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
 
 
 def png_bytes(image: Image.Image) -> bytes:

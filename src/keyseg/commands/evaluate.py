@@ -21,6 +21,7 @@ existing ``--out`` are refused (one line naming the first differences) unless
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,7 +30,10 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from keyseg.config import EvalConfig
 
 HELP = "evaluate a checkpoint: gIoU/cIoU per split (teacher-forced or generated answers)"
 EXAMPLE = ("keyseg eval --checkpoint checkpoints/keyseg-7b --dataset reason_seg:val "
@@ -86,19 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from keyseg.data.check import totals_lines
     from keyseg.data.eval_sets import parse_spec, resolve_eval_set
-    from keyseg.errors import KeySegConfigError
     from keyseg.evaluate import format_issues, format_metrics, run_evaluation, save_overlays
     from keyseg.io import atomic_write_json
     from keyseg.runtime import resolve_device, resolve_dtype
 
     for spec in args.dataset:
         parse_spec(spec)  # fail fast on a typo, before opening anything
-    if args.limit is not None and args.limit < 0:
-        raise KeySegConfigError(f"--limit must be >= 0, got {args.limit}")
-    if args.max_pixels is not None and args.max_pixels < 1:
-        raise KeySegConfigError(f"--max-pixels must be >= 1, got {args.max_pixels}")
-    if args.save_overlays < 0:
-        raise KeySegConfigError(f"--save-overlays must be >= 0, got {args.save_overlays}")
+    settings = eval_config(args)  # checks the values, before opening anything
 
     started = time.perf_counter()
     # Open every split before loading the model: a missing folder fails in seconds.
@@ -119,12 +117,13 @@ def run(args: argparse.Namespace) -> int:
         folder = resolve_model_dir(args.checkpoint)  # a Hub id -> its cached folder
     known = checkpoint_hash(folder) if folder is not None else None
     if known is not None:  # refuse a mismatched --out before loading a large model
-        resume = prepare_out(args.out, run_fingerprint(args, dtype, known["sha256"], eval_sets),
-                             args.overwrite, accelerator)
+        resume = prepare_out(args.out, run_fingerprint(args, settings, dtype, known["sha256"],
+                                                       eval_sets), args.overwrite, accelerator)
     model, checkpoint = _load_model(folder, dtype, known, device)
     if known is None:
-        resume = prepare_out(args.out, run_fingerprint(args, dtype, checkpoint["sha256"],
-                                                       eval_sets), args.overwrite, accelerator)
+        resume = prepare_out(args.out, run_fingerprint(args, settings, dtype,
+                                                       checkpoint["sha256"], eval_sets),
+                             args.overwrite, accelerator)
     model.to(device)
     if resume and is_main:
         print(f"{args.out}: resuming (same arguments); rows already on disk are not scored "
@@ -137,14 +136,9 @@ def run(args: argparse.Namespace) -> int:
         for mode in args.mode:
             stem = f"{eval_set.name}_{eval_set.split}_{mode}".replace("+", "plus")
             jsonl = args.out / "samples" / f"{stem}.jsonl"
-            result = run_evaluation(
-                model, eval_set.records, mode=mode, limit=args.limit,
-                batch_size=args.batch_size, accelerator=accelerator,
-                all_texts=args.all_texts, max_new_tokens=args.max_new_tokens,
-                jsonl_path=jsonl, resume=resume, progress=not args.no_progress,
-                keep_overlays=args.save_overlays, protocol=args.protocol,
-                max_pixels=args.max_pixels,
-            )
+            result = run_evaluation(model, eval_set.records,
+                                    dataclasses.replace(settings, mode=mode),
+                                    accelerator=accelerator, jsonl_path=jsonl, resume=resume)
             resumed.setdefault(eval_set.spec, {})[mode] = result.resumed_rows
             entry = dict(result.metrics)
             entry["reader_skipped"] = eval_set.reader_skipped()
@@ -172,10 +166,10 @@ def run(args: argparse.Namespace) -> int:
             "config": {
                 "model": _model_config(model),
                 "eval": {
-                    "datasets": args.dataset, "modes": args.mode, "protocol": args.protocol,
-                    "dataset_dir": str(args.dataset_dir), "limit": args.limit,
-                    "all_texts": args.all_texts, "batch_size": args.batch_size,
-                    "max_new_tokens": args.max_new_tokens, "dtype": str(dtype),
+                    "datasets": args.dataset, "modes": args.mode,
+                    "dataset_dir": str(args.dataset_dir),
+                    **{k: v for k, v in settings.row_settings().items() if k != "mode"},
+                    "dtype": str(dtype),
                 },
             },
             "versions": _versions(),
@@ -188,11 +182,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- settings
+
+#: ``keyseg eval`` argument -> the :class:`~keyseg.config.EvalConfig` field it sets (besides
+#: ``mode``: one config per ``--mode``, and ``progress``: ``not --no-progress``).
+CONFIG_ARGUMENTS: dict[str, str] = {
+    "limit": "limit", "batch_size": "batch_size", "all_texts": "all_texts",
+    "max_new_tokens": "max_new_tokens", "protocol": "protocol", "max_pixels": "max_pixels",
+    "save_overlays": "keep_overlays",
+}
+#: Arguments that decide the rows besides the config's (:func:`run_fingerprint`).
+RUN_ARGUMENTS = frozenset({"checkpoint", "dataset", "dataset_dir", "dtype", "mode"})
+#: Arguments that do not change a row, so a resume may change them.
+NOT_FINGERPRINTED = frozenset({"out", "overwrite", "no_progress", "device", "debug",
+                               "command"})
+
+
+def eval_config(args: argparse.Namespace, mode: str | None = None) -> EvalConfig:
+    """The :class:`~keyseg.config.EvalConfig` of the parsed arguments, in ``mode`` (default:
+    the first ``--mode``).
+
+    Raises:
+        KeySegConfigError: a value out of range (naming the field).
+    """
+    from keyseg.config import EvalConfig
+
+    return EvalConfig(mode=mode or args.mode[0], progress=not args.no_progress,
+                      **{name: getattr(args, arg) for arg, name in CONFIG_ARGUMENTS.items()})
+
+
 # --------------------------------------------------------------------------- resume
 
-#: Arguments that do not change a row, so a resume may change them.
-NOT_FINGERPRINTED = frozenset({"out", "overwrite", "no_progress", "device", "save_overlays",
-                               "debug", "command", "checkpoint"})
 RUN_FILE = "run.json"
 #: What ``keyseg eval`` writes under ``--out`` (all that ``--overwrite`` removes).
 OUTPUTS = (RUN_FILE, "report.json", "samples", "overlays")
@@ -206,21 +226,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def run_fingerprint(args: argparse.Namespace, dtype, checkpoint_sha256: str | None,
-                    eval_sets) -> dict[str, Any]:
-    """The arguments that decide the rows: every parsed option except
-    :data:`NOT_FINGERPRINTED` (so options added later count by default), the resolved
-    dataset folder and dtype, the weights' sha256 (the path when there are no weight files)
-    and the number of records of each split (a dataset that changed is not resumed)."""
-    values = {key: _plain(value) for key, value in sorted(vars(args).items())
-              if key not in NOT_FINGERPRINTED and not callable(value)
-              and not key.startswith("_")}
-    values["dataset_dir"] = str(Path(args.dataset_dir).resolve())
-    values["dtype"] = str(dtype)
-    values["checkpoint"] = checkpoint_sha256 or (str(args.checkpoint) if args.checkpoint
-                                                 else None)
-    values["records"] = {s.spec: len(s.records) for s in eval_sets}
-    return json.loads(json.dumps(values))
+def run_fingerprint(args: argparse.Namespace, settings: EvalConfig, dtype,
+                    checkpoint_sha256: str | None, eval_sets) -> dict[str, Any]:
+    """The settings that decide the rows: the config's
+    (:meth:`~keyseg.config.EvalConfig.row_settings`, so fields added later count by
+    default) but its one ``mode``, and the run's (:data:`RUN_ARGUMENTS`): the datasets and
+    modes asked for, the resolved dataset folder and dtype, the weights' sha256 (the path
+    when there are no weight files), plus the number of records of each split (a dataset
+    that changed is not resumed).
+
+    Every parsed argument must be one of :data:`CONFIG_ARGUMENTS`, :data:`RUN_ARGUMENTS`
+    or :data:`NOT_FINGERPRINTED` (asserted: an argument added later is placed on purpose).
+    """
+    parsed = {key for key, value in vars(args).items()
+              if not key.startswith("_") and not callable(value)}
+    unplaced = parsed - set(CONFIG_ARGUMENTS) - RUN_ARGUMENTS - NOT_FINGERPRINTED
+    assert not unplaced, f"place keyseg eval argument(s) {sorted(unplaced)} in a table above"
+    values = {key: _plain(value) for key, value in settings.row_settings().items()
+              if key != "mode"}
+    values.update(
+        dataset=_plain(args.dataset), mode=_plain(args.mode),
+        dataset_dir=str(Path(args.dataset_dir).resolve()), dtype=str(dtype),
+        checkpoint=checkpoint_sha256 or (str(args.checkpoint) if args.checkpoint else None),
+        records={s.spec: len(s.records) for s in eval_sets},
+    )
+    return json.loads(json.dumps(dict(sorted(values.items()))))
 
 
 def prepare_out(out: Path, fingerprint: dict[str, Any], overwrite: bool,

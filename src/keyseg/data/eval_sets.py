@@ -27,13 +27,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from keyseg.config import EvalProtocol
 from keyseg.data.sample import SegRecord
 from keyseg.errors import KeySegConfigError
 
 #: ``keyseg eval --protocol`` values: LISA's validation inputs, without / with LISA's bugs.
-PROTOCOLS: tuple[str, ...] = ("lisa", "lisa-bugs")
+PROTOCOLS: tuple[str, ...] = get_args(EvalProtocol)
 
 #: dataset name -> splits it has (REFER's splitBy decides refcocog's).
 EVAL_SPLITS: dict[str, tuple[str, ...]] = {

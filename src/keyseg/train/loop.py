@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from keyseg.config import KeySegConfig, TrainConfig, save_config
+from keyseg.config import EvalConfig, KeySegConfig, TrainConfig, save_config
 from keyseg.data.datasets import build_mixture, build_val_records
 from keyseg.data.mixture import MixtureSampler
 from keyseg.data.sample import SegRecord
@@ -326,8 +326,9 @@ def validate(accelerator: Accelerator, model: torch.nn.Module, records: Sequence
     unwrapped.eval()
     try:
         with accelerator.autocast():
-            report = run_evaluation(unwrapped, records, mode="teacher", limit=limit,
-                                    accelerator=accelerator, progress=progress)
+            report = run_evaluation(unwrapped, records,
+                                    EvalConfig(mode="teacher", limit=limit, progress=progress),
+                                    accelerator=accelerator)
     finally:
         model.train()
     return dict(report.metrics)
