@@ -303,10 +303,10 @@ def test_sanity_validation_runs_two_batches_before_step_one(tmp_path, monkeypatc
     events = []
     original = loop.run_evaluation
 
-    def recorded(model, records, **kwargs):
-        events.append(("validate", kwargs["limit"], kwargs["mode"], model.training))
+    def recorded(model, records, config, **kwargs):
+        events.append(("validate", config.limit, config.mode, model.training))
         torch.rand(1)  # an evaluation path that draws from the global RNG (sampling, workers)
-        return original(model, records, **kwargs)
+        return original(model, records, config, **kwargs)
 
     monkeypatch.setattr(loop, "run_evaluation", recorded)
     hooks = Hooks(before_optimizer_step=lambda model, state: events.append(("step", state.step)))
