@@ -423,7 +423,7 @@ def fit(accelerator, model, optimizer, scheduler, batches: MicroBatches,
     train = cfg.train
     total = train.epochs * train.steps_per_epoch
     result = TrainResult(run_dir=run_dir, state=state, last_checkpoint=None)
-    logger = RunLogger(run_dir, accelerator, total, start=state.step)
+    logger = RunLogger(run_dir, accelerator, total, start=state.step, every=train.log_every)
     micro_batches = batches.loader(state.step, total)
     model.train()
     with logger, StopSignal() as stop:
@@ -746,11 +746,13 @@ def _card_datasets(cfg: KeySegConfig) -> list[str]:
 
 
 class RunLogger:
-    """Rich progress bar (loss parts, throughput), TensorBoard scalars, ``metrics.jsonl``."""
+    """Rich progress bar (loss parts, throughput), TensorBoard scalars, ``metrics.jsonl``;
+    the loss terms every ``every`` steps (``train.log_every``) and at the last step."""
 
-    def __init__(self, run_dir: Path, accelerator, total: int, start: int = 0) -> None:
+    def __init__(self, run_dir: Path, accelerator, total: int, start: int = 0,
+                 every: int = 1) -> None:
         self.run_dir, self.accelerator = run_dir, accelerator
-        self.total, self.start = total, start
+        self.total, self.start, self.every = total, start, every
         self.main = accelerator.is_main_process
         self.writer = None
         self.progress = None
@@ -781,6 +783,9 @@ class RunLogger:
 
     def log_step(self, state: TrainState, m: dict[str, float]) -> None:
         if not self.main:
+            return
+        if state.step % self.every and state.step != self.total:
+            self.progress.update(self.task, completed=state.step)
             return
         self.progress.update(self.task, completed=state.step, description=(
             f"loss {m['loss']:.3f} (ce {m['ce']:.2f} bce {m['bce']:.3f} dice {m['dice']:.3f} "
