@@ -31,6 +31,7 @@ from PIL import Image
 
 from keyseg import tokens
 from keyseg.batch import Batch
+from keyseg.config import torch_dtype_name
 from keyseg.data.images import DEFAULT_MAX_PIXELS, as_rgb_image, load_image
 from keyseg.errors import KeySegConfigError, KeySegError, KeySegInputError
 from keyseg.processor import PreparedImage
@@ -107,22 +108,15 @@ def _check_device_available(device: torch.device) -> None:
             )
 
 
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}
-
-
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``dtype`` as given (a torch dtype or "fp32"/"bf16"/"fp16"), else bf16 on CUDA (fp16
+    """``dtype`` as given (a torch dtype, or a name :func:`keyseg.config.dtype_name` reads:
+    fp32/bf16/fp16 or float32/bfloat16/float16), else (None or "auto") bf16 on CUDA (fp16
     where bf16 is unsupported) and fp32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype is not None:
-        if str(dtype).lower() not in _DTYPES:
-            raise KeySegConfigError(f"unknown dtype {dtype!r} (use one of {', '.join(_DTYPES)})")
-        return _DTYPES[str(dtype).lower()]
+    name = torch_dtype_name(dtype) if dtype is not None else None
+    if name is not None:
+        return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32

@@ -31,6 +31,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from keyseg.commands import DTYPE_METAVAR, dtype_argument
+
 HELP = "evaluate a checkpoint: gIoU/cIoU per split (teacher-forced or generated answers)"
 EXAMPLE = ("keyseg eval --checkpoint checkpoints/keyseg-7b --dataset reason_seg:val "
            "--dataset refcoco:testA --mode teacher --dataset-dir ./dataset --out eval/run1")
@@ -71,10 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:1, mps or auto (default; ignored under "
                              "accelerate launch)")
-    parser.add_argument("--dtype", default="auto",
-                        choices=["auto", "float32", "bfloat16", "float16"],
-                        help="weights dtype (auto: bfloat16 on CUDA with bf16 support, "
-                             "else float32)")
+    parser.add_argument("--dtype", default="auto", type=dtype_argument, metavar=DTYPE_METAVAR,
+                        help="weights dtype (auto: bf16 on CUDA with bf16 support, else fp32)")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="skip images larger than this (width*height, default 64 MP)")
     parser.add_argument("--overwrite", action="store_true",
@@ -305,8 +305,10 @@ def _device(name: str):
 def _dtype(name: str, device):
     import torch
 
-    if name != "auto":
-        return getattr(torch, name)
+    from keyseg.config import torch_dtype_name
+
+    if torch_dtype_name(name) is not None:
+        return getattr(torch, torch_dtype_name(name))
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
