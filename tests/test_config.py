@@ -369,12 +369,12 @@ def test_name_tables_match_the_modules_that_implement_them():
     assert set(DATASET_NAMES) == {"reason_seg", "refer_seg", "shapes"}
 
 
-def test_config_module_imports_no_torch():
+@pytest.mark.parametrize("module", ["keyseg.config", "keyseg.schema"])
+def test_config_modules_import_no_torch(module):
     import ast
+    import importlib
 
-    import keyseg.config
-
-    tree = ast.parse(Path(keyseg.config.__file__).read_text())
+    tree = ast.parse(Path(importlib.import_module(module).__file__).read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree)
                 if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
