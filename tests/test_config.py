@@ -134,7 +134,6 @@ BAD_VALUES = [
     ("train.batch_size=-1", "train.batch_size"),
     ("train.grad_accumulation=0", "train.grad_accumulation"),
     ("train.lr=-1", "train.lr"),
-    ("train.lr=0", "train.lr"),
     ("train.betas=[0.9,1.0]", "train.betas[1]"),
     ("train.betas=[-0.1,0.9]", "train.betas[0]"),
     ("train.weight_decay=-0.01", "train.weight_decay"),

@@ -487,8 +487,9 @@ class TrainConfig(Checked):
     """Samples per micro-batch and process."""
     grad_accumulation: PositiveInt = 10
     """Micro-batches per optimizer step."""
-    lr: PositiveFloat = 3e-4
-    """Peak learning rate (AdamW)."""
+    lr: NonNegativeFloat = 3e-4
+    """Peak learning rate (AdamW); 0 trains nothing (a dry run that still loads, steps and
+    checkpoints)."""
     betas: tuple[OpenUnit, OpenUnit] = (0.9, 0.95)
     """AdamW's betas, each in [0, 1)."""
     weight_decay: NonNegativeFloat = 0.0

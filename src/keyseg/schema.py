@@ -106,6 +106,9 @@ class ConfigProblems(KeySegConfigError):
             f"{len(self.lines)} config problems:\n  " + "\n  ".join(self.lines))
         super().__init__(text)
 
+    def __reduce__(self):  # pickles (e.g. from a DataLoader worker) with its lines
+        return type(self), (self.lines,)
+
 
 class Checked:
     """Base of every config dataclass: ``__post_init__`` normalises old spellings and raises
