@@ -349,7 +349,7 @@ def test_name_tables_match_the_modules_that_implement_them():
         DATASET_NAMES,
         LOCAL_VLM_PRESETS,
         REFER_NAMES,
-        SAM_PRESETS,
+        SAM_PRESET_NAMES,
         SHAPES_DIFFICULTIES,
         TRAINABLE_COMPONENTS,
     )
@@ -357,8 +357,8 @@ def test_name_tables_match_the_modules_that_implement_them():
     from keyseg.data.shapes import DIFFICULTIES
     from keyseg.model import qwen, sam, sam2, tiny, trainable
 
-    assert set(SAM_PRESETS["sam"]) == set(sam.SAM_PRESETS)
-    assert set(SAM_PRESETS["sam2"]) == set(sam2.SAM2_PRESETS)
+    assert set(SAM_PRESET_NAMES["sam"]) == set(sam.SAM_PRESETS)
+    assert set(SAM_PRESET_NAMES["sam2"]) == set(sam2.SAM2_PRESETS)
     assert set(LOCAL_VLM_PRESETS["llava"]) == set(tiny.VLM_PRESETS)
     for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         assert set(LOCAL_VLM_PRESETS[family]) == set(qwen.QWEN_PRESETS)

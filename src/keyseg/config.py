@@ -106,7 +106,7 @@ NameList = Annotated[tuple[str, ...], Normalise(_names_list)]
 # Tables of names the config is checked against. The modules that implement them import
 # torch, so the names are kept here; tests/test_config.py checks both stay in step.
 
-SAM_PRESETS: dict[str, tuple[str, ...]] = {
+SAM_PRESET_NAMES: dict[str, tuple[str, ...]] = {
     "sam": ("vit_h", "vit_l", "vit_b", "tiny", "shapes"),  # keyseg.model.sam.SAM_PRESETS
     "sam2": ("hiera_tiny", "hiera_small", "hiera_base_plus", "hiera_large", "tiny"),
 }
@@ -215,7 +215,7 @@ class SamSettings(Checked):
     """Official weights to load (None: random, or the weights of train.init_from)."""
 
     def relations(self) -> Iterable[Problem]:
-        known = SAM_PRESETS.get(self.family, ())
+        known = SAM_PRESET_NAMES.get(self.family, ())
         if known and self.preset not in known:
             yield Problem("preset", f"unknown {self.family.upper()} preset {self.preset!r} "
                           f"(known for family {self.family}: {', '.join(known)})", ("family",))
