@@ -244,9 +244,8 @@ def test_learning_rate_schedule_warms_up_then_decays():
 def test_unknown_validation_dataset_is_a_config_error(tmp_path):
     from keyseg.data.datasets import build_val_records
 
-    cfg = tiny_config(tmp_path, "data.val_dataset=coco:val")
-    with pytest.raises(KeySegConfigError, match=r"data\.val_dataset"):
-        build_val_records(cfg.data)
+    with pytest.raises(KeySegConfigError, match=r"data\.val_dataset"):  # now at load
+        build_val_records(tiny_config(tmp_path, "data.val_dataset=coco:val").data)
     assert build_val_records(tiny_config(tmp_path, "data.val_dataset=none").data) is None
 
 

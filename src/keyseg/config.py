@@ -4,35 +4,146 @@ Defaults equal the reference recipe (SPEC §3-§4). Sizes are named presets (``t
 ``7b``) chosen by :class:`BackboneConfig.preset` / :class:`SamSettings.preset`; YAML files
 in ``configs/`` only say what differs.
 
-Loading rejects unknown keys and wrong types with a :class:`KeySegConfigError` that names
-the key path and the file, e.g.::
+Every field has a docstring and a type; a ranged type (``PositiveInt``, ``Probability``,
+...) states the values it accepts. Loading rejects unknown keys, wrong types and values
+out of range, gathering *every* problem before it raises one :class:`KeySegConfigError`
+whose lines name the source (the YAML file, or ``command line`` for an override) and the
+dotted key::
 
     configs/x.yaml: train.lr: expected float, got str ('fast')
+    command line: train.save_every: must be >= 1, got 0
+
+Constructing a config in Python runs the same checks (``__post_init__``); the machinery
+(ranged types, gathering problems, strict loading) is :mod:`keyseg.schema`. This module
+imports no torch: it is read before anything heavy is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
-
-import yaml
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 from keyseg.errors import KeySegConfigError
-from keyseg.io import atomic_write_text
+from keyseg.schema import (
+    COMMAND_LINE,
+    Checked,
+    ConfigProblems,
+    NonNegativeFloat,
+    NonNegativeInt,
+    Normalise,
+    OpenUnit,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    Problem,
+    Range,
+    from_dict,
+    load_yaml,
+    problems_of,
+    save_config,
+    to_dict,
+)
+
+__all__ = [
+    "COMMAND_LINE", "DTYPES", "BackboneConfig", "Checked", "ConfigProblems", "DataConfig",
+    "FusionConfig", "KeySegConfig", "LoraSettings", "LossConfig", "ModelConfig",
+    "NonNegativeFloat", "NonNegativeInt", "OpenUnit", "PositiveFloat", "PositiveInt",
+    "Probability", "Problem", "Range", "SamSettings", "ShapesConfig", "TrainConfig",
+    "dtype_name", "from_dict", "load_config", "problems_of", "save_config", "to_dict",
+    "torch_dtype_name",
+]
+
+# ---------------------------------------------------------------------------------------
+# dtypes: one spelling for every command and the training precision
+
+DTYPES: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+"""The canonical dtype names; ``auto`` lets the command choose (see each command's help)."""
+
+_DTYPE_ALIASES: dict[str, str] = {
+    "auto": "auto", "fp32": "fp32", "float32": "fp32", "float": "fp32",
+    "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
+}
+TORCH_DTYPE_NAMES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""Canonical name -> attribute of ``torch`` (``getattr(torch, TORCH_DTYPE_NAMES[name])``)."""
+
+
+def dtype_name(value: str) -> str:
+    """The canonical name (one of :data:`DTYPES`) of a dtype spelled ``fp32``/``bf16``/
+    ``fp16``/``auto`` or as torch names it (``float32``, ``bfloat16``, ``torch.float16``)."""
+    text = str(value).strip().lower().removeprefix("torch.")
+    if text not in _DTYPE_ALIASES:
+        raise KeySegConfigError(
+            f"unknown dtype {value!r}: use auto, fp32, bf16 or fp16 (float32, bfloat16 and "
+            "float16 also work)")
+    return _DTYPE_ALIASES[text]
+
+
+def torch_dtype_name(value: str) -> str | None:
+    """``"float32"``/``"bfloat16"``/``"float16"`` for a dtype spelled any accepted way;
+    ``None`` for ``auto``."""
+    name = dtype_name(value)
+    return None if name == "auto" else TORCH_DTYPE_NAMES[name]
+
+
+def _precision_alias(value: Any) -> Any:
+    return _DTYPE_ALIASES.get(value.strip().lower(), value) if isinstance(value, str) else value
+
+
+def _names_list(value: Any) -> Any:
+    """``"a||b"`` (the reference's spelling, and that of configs written before lists) ->
+    ``("a", "b")``; a list -> a tuple."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split("||") if part.strip())
+    return tuple(value) if isinstance(value, list) else value
+
+
+Precision = Annotated[Literal["fp32", "bf16", "fp16"], Normalise(_precision_alias)]
+NameList = Annotated[tuple[str, ...], Normalise(_names_list)]
+
+# ---------------------------------------------------------------------------------------
+# Tables of names the config is checked against. The modules that implement them import
+# torch, so the names are kept here; tests/test_config.py checks both stay in step.
+
+SAM_PRESET_NAMES: dict[str, tuple[str, ...]] = {
+    "sam": ("vit_h", "vit_l", "vit_b", "tiny", "shapes"),  # keyseg.model.sam.SAM_PRESETS
+    "sam2": ("hiera_tiny", "hiera_small", "hiera_base_plus", "hiera_large", "tiny"),
+}
+LOCAL_VLM_PRESETS: dict[str, tuple[str, ...]] = {
+    "llava": ("tiny", "shapes"),  # keyseg.model.tiny.VLM_PRESETS
+    "qwen2_vl": ("tiny",), "qwen2_5_vl": ("tiny",), "qwen3_vl": ("tiny",),  # qwen.QWEN_PRESETS
+}
+TRAINABLE_COMPONENTS: tuple[str, ...] = (  # keyseg.model.trainable.COMPONENTS
+    "lora", "embed_tokens", "lm_head", "language_model", "vision_tower", "mm_projector",
+    "sam_image_encoder", "sam_prompt_encoder", "sam_mask_decoder", "text_hidden_fcs",
+    "fusion", "table_projection",
+)
+DATASET_NAMES: tuple[str, ...] = ("reason_seg", "refer_seg", "shapes")
+"""Names allowed in ``data.datasets`` (keyseg.data.datasets builds them)."""
+VAL_NAMES: tuple[str, ...] = ("reason_seg", "shapes", "refcoco", "refcoco+", "refcocog")
+"""Names allowed before the colon of ``data.val_dataset``."""
+REFER_NAMES: tuple[str, ...] = ("refcoco", "refcoco+", "refcocog")  # data.refer.REFER_DATASETS
+SHAPES_DIFFICULTIES: tuple[str, ...] = ("direct", "relational", "indirect", "multi", "negative")
+"""Query difficulties of the shapes world (``ShapesConfig.difficulty_weights`` keys)."""
+
+
+def _known(value: str, known: Sequence[str]) -> str:
+    return f"{value!r} is not one of {', '.join(known)}"
+
+
+# ---------------------------------------------------------------------------------------
+# The configs
+
 
 HiddenStateChoice = Literal["before", "at"]
 FusionVariant = Literal["reference", "residual", "none"]
 KeywordTarget = Literal["first", "all"]
-Precision = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass(frozen=True)
-class BackboneConfig:
+class BackboneConfig(Checked):
     """The multimodal LLM that reads image + query.
 
     ``hidden_state`` chooses which last-layer state represents a special token:
@@ -44,96 +155,148 @@ class BackboneConfig:
     ``"at"`` takes the state at the special token itself.
     """
 
-    # "llava": HF LLaVA (LLaMA + CLIP, llava_v1 template); "qwen2_vl" / "qwen2_5_vl" /
-    # "qwen3_vl": Qwen-VL (ChatML, dynamic image-token counts; set
-    # image_token="<|image_pad|>" and a Qwen system prompt).
+    section: ClassVar[str] = "model.backbone"
+
     family: Literal["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "llava"
-    preset: str = "tiny"  # used when name_or_path is None: "tiny" builds a random few-MB VLM
-    name_or_path: str | None = None  # HF directory or hub name of the VLM
+    """"llava": HF LLaVA (LLaMA + CLIP, llava_v1 template); "qwen2_vl" / "qwen2_5_vl" /
+    "qwen3_vl": Qwen-VL (ChatML, dynamic image-token counts; set
+    image_token="<|image_pad|>" and a Qwen system prompt)."""
+    preset: str = "tiny"
+    """Used when name_or_path is None: a random local VLM of that size (llava: "tiny" (a
+    few MB) or "shapes"; Qwen families: "tiny"). Checked at load unless train.init_from."""
+    name_or_path: str | None = None
+    """HF directory or hub name of the VLM."""
     hidden_state: HiddenStateChoice = "before"
+    """Which state stands for a special token (see the class docstring)."""
     image_token: str = "<image>"
-    # LLaVA-v1 (LISA-7B-v1) wraps the image tokens in <im_start>/<im_end>.
+    """The placeholder the processor expands into image tokens."""
     use_im_start_end: bool = False
-    # LLaVA's image->text projector: "mlp2x_gelu" (HF LLaVA-1.5) or "linear" (LLaVA-v1 /
-    # LISA-7B-v1: one Linear(vision_hidden, text_hidden)).
+    """LLaVA-v1 (LISA-7B-v1) wraps the image tokens in <im_start>/<im_end>."""
     projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
-    # How the added tokens ([SEG], [KEY] and LLaVA-v1's <im_start>/<im_end>) meet the text
-    # around them. "lisa": they absorb the whitespace on both sides, as the slow LLaMA
-    # tokenizer (transformers 4.31) did for LISA and the KeySeg reference, so "it is [SEG]."
-    # gives "▁is [SEG] ▁." and the "\n" after <im_end> disappears; <im_start><image><im_end>
-    # is written into the prompt text. "v0": the whitespace is kept (a SentencePiece tokenizer
-    # then emits a lone "▁" before each added token) and the image markers are inserted as
-    # ids; the convention of KeySeg directories written before this field existed, which
-    # load as "v0".
+    """LLaVA's image->text projector: "mlp2x_gelu" (HF LLaVA-1.5) or "linear" (LLaVA-v1 /
+    LISA-7B-v1: one Linear(vision_hidden, text_hidden))."""
     convention: Literal["lisa", "v0"] = "lisa"
-    # The language model's attention kernel: None = transformers' default (sdpa), "eager",
-    # "sdpa", "flash_attention_2" (needs flash-attn), ... Applied when the VLM is built or
-    # loaded (KeySegModel.from_pretrained also takes attn_implementation directly).
+    """How the added tokens ([SEG], [KEY] and LLaVA-v1's <im_start>/<im_end>) meet the text
+    around them. "lisa": they absorb the whitespace on both sides, as the slow LLaMA
+    tokenizer (transformers 4.31) did for LISA and the KeySeg reference, so "it is [SEG]."
+    gives "▁is [SEG] ▁." and the "\\n" after <im_end> disappears; <im_start><image><im_end>
+    is written into the prompt text. "v0": the whitespace is kept (a SentencePiece tokenizer
+    then emits a lone "▁" before each added token) and the image markers are inserted as
+    ids; the convention of KeySeg directories written before this field existed, which
+    load as "v0"."""
     attn_implementation: str | None = None
-    # LLaVA's llava_v1 template as LISA and the KeySeg reference run it ("human", not the
-    # "user" of the LLaVA paper's text): imported checkpoints were trained on exactly this.
+    """The language model's attention kernel: None = transformers' default (sdpa), "eager",
+    "sdpa", "flash_attention_2" (needs flash-attn), ... Applied when the VLM is built or
+    loaded (KeySegModel.from_pretrained also takes attn_implementation directly)."""
     system_prompt: str = (
         "A chat between a curious human and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the human's questions."
     )
+    """LLaVA's llava_v1 template as LISA and the KeySeg reference run it ("human", not the
+    "user" of the LLaVA paper's text): imported checkpoints were trained on exactly this."""
+
+    def relations(self) -> Iterable[Problem]:
+        if not self.image_token:
+            yield Problem("image_token", "must not be empty")
 
 
 @dataclass(frozen=True)
-class SamSettings:
-    """The mask decoder. ``family`` ``sam``: SAM, ``preset`` in {vit_h, vit_l, vit_b, tiny};
-    ``sam2``: SAM 2 (Hiera), ``preset`` in {hiera_tiny, hiera_small, hiera_base_plus,
-    hiera_large, tiny}. ``checkpoint`` is an official ``sam_vit_*.pth`` /
+class SamSettings(Checked):
+    """The mask decoder. ``checkpoint`` is an official ``sam_vit_*.pth`` /
     ``sam2.1_hiera_*.pt`` (or converted safetensors) loaded with ``weights_only=True``."""
 
+    section: ClassVar[str] = "model.sam"
+
     family: Literal["sam", "sam2"] = "sam"
+    """"sam": SAM (ViT); "sam2": SAM 2 (Hiera)."""
     preset: str = "vit_h"
+    """The size: for sam one of vit_h, vit_l, vit_b, tiny, shapes; for sam2 one of
+    hiera_tiny, hiera_small, hiera_base_plus, hiera_large, tiny."""
     checkpoint: str | None = None
+    """Official weights to load (None: random, or the weights of train.init_from)."""
+
+    def relations(self) -> Iterable[Problem]:
+        known = SAM_PRESET_NAMES.get(self.family, ())
+        if known and self.preset not in known:
+            yield Problem("preset", f"unknown {self.family.upper()} preset {self.preset!r} "
+                          f"(known for family {self.family}: {', '.join(known)})", ("family",))
 
 
 @dataclass(frozen=True)
-class FusionConfig:
+class FusionConfig(Checked):
     """Keyword fusion of ``[KEY]`` into ``[SEG]`` (SPEC §2.4)."""
 
-    dim: int = 256  # width of [SEG]/[KEY] embeddings after text_hidden_fcs (= SAM prompt width)
-    num_queries: int = 12  # [SEG] rows are resampled to this many before attention
+    section: ClassVar[str] = "model.fusion"
+
+    dim: Annotated[int, Range(8, multiple_of=8)] = 256
+    """Width of [SEG]/[KEY] embeddings after text_hidden_fcs (= SAM prompt width); a
+    multiple of 8."""
+    num_queries: PositiveInt = 12
+    """[SEG] rows are resampled to this many before attention."""
     variant: FusionVariant = "reference"
-    mlp_ratio: float = 4.0  # residual variant only
-    dropout: float = 0.0
-    # Inner width of the cross-attention (q/k/v: dim -> inner_dim, out: inner_dim -> dim;
-    # scale 1/sqrt(inner_dim)); None = dim. The reference fixes it at 256 whatever its
-    # fusion_dim, so a reference checkpoint at another width converts with inner_dim=256.
-    inner_dim: int | None = None
-    # Which [KEY] rows of a generated answer are fused: "all" (as in training), or "first"
-    # (the reference's evaluate(), which uses only a sample's first [KEY]).
+    """"reference" (SPEC §2.4), "residual" (pre-norm blocks with an MLP) or "none"."""
+    mlp_ratio: PositiveFloat = 4.0
+    """MLP width / dim (residual variant only)."""
+    dropout: OpenUnit = 0.0
+    """Dropout in the MLP (residual variant only), in [0, 1)."""
+    inner_dim: PositiveInt | None = None
+    """Inner width of the cross-attention (q/k/v: dim -> inner_dim, out: inner_dim -> dim;
+    scale 1/sqrt(inner_dim)); None = dim. The reference fixes it at 256 whatever its
+    fusion_dim, so a reference checkpoint at another width converts with inner_dim=256."""
     generation_keys: Literal["all", "first"] = "all"
+    """Which [KEY] rows of a generated answer are fused: "all" (as in training), or "first"
+    (the reference's evaluate(), which uses only a sample's first [KEY])."""
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(Checked):
     """Loss weights (KeySeg reference defaults; LISA used ce_weight=1.0)."""
 
-    ce_weight: float = 1e-4
-    bce_weight: float = 2.0
-    dice_weight: float = 0.5
-    key_weight: float = 1.0
-    key_temperature: float = 0.07
-    key_target: KeywordTarget = "first"  # "all": multi-positive over every keyword token
-    dice_scale: float = 1000.0
-    dice_eps: float = 1e-6
-    # Pixels labelled 255 ("ignore" shapes) are left out of BCE/Dice. The reference treated
-    # them as background; set to None to reproduce that.
-    ignore_index: int | None = 255
+    section: ClassVar[str] = "model.loss"
+
+    ce_weight: NonNegativeFloat = 1e-4
+    """Weight of the answer's next-token cross-entropy."""
+    bce_weight: NonNegativeFloat = 2.0
+    """Weight of the per-pixel binary cross-entropy of the masks."""
+    dice_weight: NonNegativeFloat = 0.5
+    """Weight of the Dice loss of the masks."""
+    key_weight: NonNegativeFloat = 1.0
+    """Weight of the keyword (contrastive [KEY]) loss."""
+    key_temperature: PositiveFloat = 0.07
+    """Softmax temperature of the keyword loss."""
+    key_target: KeywordTarget = "first"
+    """"first": the keyword's first token is the positive; "all": multi-positive over every
+    keyword token."""
+    dice_scale: PositiveFloat = 1000.0
+    """Scale of the Dice loss (the reference's)."""
+    dice_eps: PositiveFloat = 1e-6
+    """Smoothing term of the Dice loss."""
+    ignore_index: Annotated[int, Range(0, 255)] | None = 255
+    """Pixels with this mask value ("ignore" shapes) are left out of BCE/Dice. The
+    reference treated them as background; set to None to reproduce that."""
 
 
 @dataclass(frozen=True)
-class LoraSettings:
+class LoraSettings(Checked):
     """LoRA on the language model only (not the fusion's own projections)."""
 
+    section: ClassVar[str] = "model.lora"
+
     enabled: bool = True
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    """Wrap the language model's target_modules with LoRA adapters."""
+    r: PositiveInt = 8
+    """Rank of the adapters."""
+    alpha: PositiveInt = 16
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: OpenUnit = 0.05
+    """Dropout on the adapters' input, in [0, 1)."""
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Names of the language model's linears that get adapters."""
+
+    def relations(self) -> Iterable[Problem]:
+        if self.enabled and not self.target_modules:
+            yield Problem("target_modules", "must name at least one module when enabled",
+                          ("enabled",))
 
 
 TRAINABLE_DEFAULT: tuple[str, ...] = (
@@ -148,253 +311,256 @@ TRAINABLE_DEFAULT: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Checked):
+    """The model: backbone, mask decoder, fusion, losses, LoRA and what trains."""
+
+    section: ClassVar[str] = "model"
+
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    """The multimodal LLM."""
     sam: SamSettings = field(default_factory=SamSettings)
+    """The mask decoder."""
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    """Keyword fusion."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """Loss weights."""
     lora: LoraSettings = field(default_factory=LoraSettings)
-    use_keyword: bool = True  # False: no [KEY] in targets and no keyword loss (ablation)
-    # [KEY] goes through text_hidden_fcs like [SEG] (SPEC §2.3), or its own projection.
+    """LoRA adapters."""
+    use_keyword: bool = True
+    """False: no [KEY] in targets and no keyword loss (ablation)."""
     key_projection: Literal["shared", "separate"] = "shared"
+    """[KEY] goes through text_hidden_fcs like [SEG] (SPEC §2.3), or its own projection."""
     trainable: tuple[str, ...] = TRAINABLE_DEFAULT
+    """Components that train (the rest is frozen); names from TRAINABLE_COMPONENTS."""
+
+    def relations(self) -> Iterable[Problem]:
+        unknown = [name for name in self.trainable if name not in TRAINABLE_COMPONENTS]
+        if unknown:
+            yield Problem("trainable", f"unknown component(s) {', '.join(map(repr, unknown))} "
+                          f"(known: {', '.join(TRAINABLE_COMPONENTS)})")
 
 
 @dataclass(frozen=True)
-class ShapesSettings:
-    """Options of the procedural ``shapes`` dataset (``keyseg.data.shapes.ShapesConfig``)."""
+class ShapesConfig(Checked):
+    """How the procedural shapes world (``keyseg.data.shapes``) is generated: the one
+    definition, used by the generator and settable from YAML under ``data.shapes``."""
 
-    image_size: int = 192
-    train_size: int = 20000
-    val_size: int = 200
-    test_size: int = 500
-    min_objects: int = 2
-    max_objects: int = 6
-    queries_per_image: int = 1
-    seed: int = 0
+    section: ClassVar[str] = "data.shapes"
+
+    image_size: Annotated[int, Range(64, 1024)] = 192
+    """Side of the square images in pixels (64-1024; 160-256 advised; 192 keeps CPU
+    training of the embedded default within ~30 minutes)."""
+    min_objects: Annotated[int, Range(1, 8)] = 2
+    """Fewest objects per image (1-8, <= max_objects)."""
+    max_objects: Annotated[int, Range(1, 8)] = 6
+    """Most objects per image (1-8)."""
+    min_radius: Annotated[float, Range(0, 0.3, low_open=True)] = 0.07
+    """Smallest object circumradius as a fraction of image_size, in (0, 0.3]."""
+    max_radius: Annotated[float, Range(0, 0.3, low_open=True)] = 0.15
+    """Largest object circumradius as a fraction of image_size, in (0, 0.3]."""
+    min_visible: Probability = 0.6
+    """An object must keep at least this fraction of its pixels visible after later
+    (higher) objects are drawn over it."""
+    train_size: PositiveInt = 20000
+    """Records in the train split."""
+    val_size: NonNegativeInt = 200
+    """Records in the val split."""
+    test_size: NonNegativeInt = 500
+    """Records in the test split."""
+    queries_per_image: PositiveInt = 1
+    """Referents per record (each its own query and target)."""
+    difficulty_weights: tuple[tuple[str, NonNegativeFloat], ...] = (
+        ("direct", 0.2),
+        ("relational", 0.2),
+        ("indirect", 0.35),
+        ("multi", 0.125),
+        ("negative", 0.125),
+    )
+    """Relative frequency of each query difficulty (names from SHAPES_DIFFICULTIES); YAML
+    takes a mapping (``{direct: 1.0, multi: 0.5}``) or a list of pairs."""
+    seed: NonNegativeInt = 0
+    """World seed mixed into every image's random stream."""
+
+    def relations(self) -> Iterable[Problem]:
+        if self.min_objects > self.max_objects:
+            yield Problem("min_objects", f"must be <= max_objects ({self.max_objects}), got "
+                          f"{self.min_objects}", ("max_objects",))
+        if self.min_radius > self.max_radius:
+            yield Problem("min_radius", f"must be <= max_radius ({self.max_radius}), got "
+                          f"{self.min_radius}", ("max_radius",))
+        names = [name for name, _ in self.difficulty_weights]
+        unknown = [n for n in names if n not in SHAPES_DIFFICULTIES]
+        if unknown:
+            yield Problem("difficulty_weights", f"unknown difficulty {unknown[0]!r} (known: "
+                          f"{', '.join(SHAPES_DIFFICULTIES)})")
+        elif len(set(names)) != len(names):
+            yield Problem("difficulty_weights", "a difficulty is named twice")
+        if not any(isinstance(w, int | float) and w > 0 for _, w in self.difficulty_weights):
+            yield Problem("difficulty_weights", "needs at least one positive weight")
+
+    def split_size(self, split: str) -> int:
+        """Number of records in ``split``."""
+        sizes = {"train": self.train_size, "val": self.val_size, "test": self.test_size}
+        if split not in sizes:
+            raise KeySegConfigError(f"unknown shapes split {split!r} (use train, val or test)")
+        return sizes[split]
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Checked):
+    """What the model trains and validates on."""
+
+    section: ClassVar[str] = "data"
+
     dataset_dir: str = "./dataset"
-    # "name||name" with matching sample_rates, as in the reference.
-    datasets: str = "refer_seg||reason_seg"
-    sample_rates: tuple[float, ...] = (9.0, 3.0)
-    refer_seg_data: str = "refcoco||refcoco+||refcocog"
-    reason_seg_split: str = "train"
-    # "auto": the first keyword_outputs.json found in the usual places; null: none.
+    """Root of the on-disk datasets (SPEC §5)."""
+    datasets: NameList = ("refer_seg", "reason_seg")
+    """The training mixture: names from DATASET_NAMES, one rate each in sample_rates. The
+    reference's "refer_seg||reason_seg" string is read too."""
+    sample_rates: tuple[NonNegativeFloat, ...] = (9.0, 3.0)
+    """Relative sampling weight of each dataset in datasets (same length, positive sum)."""
+    refer_seg_data: NameList = ("refcoco", "refcoco+", "refcocog")
+    """The REFER datasets refer_seg concatenates (REFER_NAMES; "a||b" is read too)."""
+    reason_seg_split: Literal["train", "val", "test"] = "train"
+    """The ReasonSeg split trained on."""
     keyword_file: str | None = "auto"
+    """"auto": the first keyword_outputs.json found in the usual places; null: none; else a
+    path (relative to dataset_dir)."""
     refer_keyword: Literal["sentence", "head-noun"] = "sentence"
-    max_referents_per_image: int = 3
-    explanatory: float = 1.0
+    """The keyword of a REFER expression: the whole sentence, or its head noun."""
+    max_referents_per_image: PositiveInt = 3
+    """At most this many referents of one image go into one training sample."""
+    explanatory: Probability = 1.0
+    """Probability of using an explanatory answer (ReasonSeg) where there is one."""
     val_dataset: str = "reason_seg:val"
-    max_image_pixels: int = 64_000_000
-    num_workers: int = 2
-    shapes: ShapesSettings = field(default_factory=ShapesSettings)  # used by "shapes" data
+    """Validation set "NAME:SPLIT" (NAME from VAL_NAMES); "" or "none" disables it."""
+    max_image_pixels: PositiveInt = 64_000_000
+    """Images larger than this (width*height) are refused as bad samples."""
+    num_workers: NonNegativeInt = 2
+    """DataLoader worker processes (0: load in the training process)."""
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    """Options of the procedural "shapes" data."""
+
+    def relations(self) -> Iterable[Problem]:
+        if not self.datasets:
+            yield Problem("datasets", "names no dataset")
+        for name in self.datasets:
+            if name not in DATASET_NAMES:
+                yield Problem("datasets", _known(name, DATASET_NAMES))
+        if len(set(self.datasets)) != len(self.datasets):
+            yield Problem("datasets", "a dataset is named twice")
+        if len(self.sample_rates) != len(self.datasets):
+            yield Problem("sample_rates", f"{len(self.sample_rates)} rates for "
+                          f"{len(self.datasets)} datasets ({', '.join(self.datasets)})",
+                          ("datasets",))
+        elif self.sample_rates and not any(r > 0 for r in self.sample_rates
+                                           if isinstance(r, int | float)):
+            yield Problem("sample_rates", "needs at least one positive rate")
+        for name in self.refer_seg_data:
+            if name not in REFER_NAMES:
+                yield Problem("refer_seg_data", _known(name, REFER_NAMES))
+        spec = self.val_dataset.strip()
+        name = spec.partition(":")[0].strip()
+        if spec.lower() not in ("", "none") and name not in VAL_NAMES:
+            yield Problem("val_dataset", f"{spec!r}: unknown dataset {name!r} (expected "
+                          f"NAME:SPLIT with NAME one of {', '.join(VAL_NAMES)}, or none)")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Checked):
+    """The optimisation, checkpointing and logging of one run."""
+
+    section: ClassVar[str] = "train"
+
     output_dir: str = "runs/keyseg"
-    # A KeySeg model directory (save_pretrained / `keyseg convert lisa`) to start from; its
-    # architecture wins, while model.lora / model.loss / model.trainable come from this config.
+    """The run directory (config, logs, checkpoints/, best/, final/)."""
     init_from: str | None = None
-    seed: int = 42
-    epochs: int = 20
-    steps_per_epoch: int = 200
-    batch_size: int = 2
-    grad_accumulation: int = 10
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
+    """A KeySeg model directory (save_pretrained / `keyseg convert lisa`) to start from; its
+    architecture wins, while model.lora / model.loss / model.trainable come from this
+    config."""
+    seed: NonNegativeInt = 42
+    """Seed of the data order, initialisation and dropout."""
+    epochs: PositiveInt = 20
+    """Epochs (a validation after each)."""
+    steps_per_epoch: PositiveInt = 200
+    """Optimizer steps per epoch."""
+    batch_size: PositiveInt = 2
+    """Samples per micro-batch and process."""
+    grad_accumulation: PositiveInt = 10
+    """Micro-batches per optimizer step."""
+    lr: NonNegativeFloat = 3e-4
+    """Peak learning rate (AdamW); 0 trains nothing (a dry run that still loads, steps and
+    checkpoints)."""
+    betas: tuple[OpenUnit, OpenUnit] = (0.9, 0.95)
+    """AdamW's betas, each in [0, 1)."""
+    weight_decay: NonNegativeFloat = 0.0
+    """AdamW's decoupled weight decay."""
+    warmup_steps: NonNegativeInt = 100
+    """Steps of linear warm-up from 0 to lr."""
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
-    grad_clip: float = 1.0
+    """Decay after warm-up (to 0 at the last step, except "constant")."""
+    grad_clip: NonNegativeFloat = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
     precision: Precision = "bf16"
+    """Mixed precision: fp32, bf16 or fp16 (float32, bfloat16, float16 are read too)."""
     gradient_checkpointing: bool = True
-    save_every: int = 200
-    keep_last: int = 3
-    log_every: int = 10
+    """Recompute the language model's activations in backward (less memory)."""
+    save_every: PositiveInt = 200
+    """Write checkpoints/step-N every this many steps (and at the end)."""
+    keep_last: NonNegativeInt = 3
+    """Keep this many step checkpoints (0: keep all)."""
+    log_every: PositiveInt = 10
+    """Log the loss terms (progress line, TensorBoard, metrics.jsonl) every this many
+    steps (and at the last step)."""
     validate_every_epoch: bool = True
-    val_limit: int | None = None
-    early_stopping_patience: int | None = None
-    max_consecutive_nonfinite: int = 10
+    """Validate on data.val_dataset after each epoch (and keep best/)."""
+    val_limit: PositiveInt | None = None
+    """Validate on the first this many records only (None: all)."""
+    early_stopping_patience: PositiveInt | None = None
+    """Stop after this many validations without a better gIoU (None: never)."""
+    max_consecutive_nonfinite: PositiveInt = 10
+    """Stop when this many optimizer steps in a row have a non-finite loss or gradient."""
+
+    def relations(self) -> Iterable[Problem]:
+        if not self.output_dir.strip():
+            yield Problem("output_dir", "must not be empty")
 
 
 @dataclass(frozen=True)
-class KeySegConfig:
+class KeySegConfig(Checked):
+    """A training run: model, data and training settings."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The data."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The run."""
+
+    def relations(self) -> Iterable[Problem]:
+        backbone = self.model.backbone
+        local = LOCAL_VLM_PRESETS.get(backbone.family, ())
+        if backbone.name_or_path is None and self.train.init_from is None and (
+                local and backbone.preset not in local):
+            yield Problem("model.backbone.preset",
+                          f"unknown {backbone.family} preset {backbone.preset!r} without "
+                          f"name_or_path (local presets: {', '.join(local)})",
+                          ("model.backbone.family", "model.backbone.name_or_path"))
 
 
 T = TypeVar("T")
 
 
-# ---------------------------------------------------------------------------------------
-# dict <-> dataclass, strict
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """Plain nested dict (tuples become lists) suitable for YAML/JSON."""
-
-    def convert(value: Any) -> Any:
-        if dataclasses.is_dataclass(value):
-            return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, tuple | list):
-            return [convert(v) for v in value]
-        return value
-
-    return convert(config)
-
-
-def from_dict(cls: type[T], data: dict[str, Any] | None, *, source: str = "<dict>") -> T:
-    """Build ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
-    return _build(cls, data or {}, path="", source=source)
-
-
-def _build(cls: type[T], data: Any, *, path: str, source: str) -> T:
-    if not isinstance(data, dict):
-        raise KeySegConfigError(
-            f"{source}: {path or '<root>'}: expected a mapping, got {type(data).__name__}"
-        )
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{path}." if path else ""
-        raise KeySegConfigError(
-            f"{source}: unknown key '{where}{unknown[0]}' (valid keys: {', '.join(sorted(names))})"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        key_path = f"{path}.{name}" if path else name
-        kwargs[name] = _coerce(hints[name], value, path=key_path, source=source)
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, *, path: str, source: str) -> Any:
-    origin = get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path=path, source=source)
-    if origin in (typing.Union, types.UnionType):
-        options = get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(option, value, path=path, source=source)
-            except KeySegConfigError as error:
-                errors.append(str(error))
-        raise KeySegConfigError(errors[0])
-    if origin is Literal:
-        choices = get_args(hint)
-        if value not in choices:
-            raise KeySegConfigError(
-                f"{source}: {path}: {value!r} is not one of {', '.join(map(repr, choices))}"
-            )
-        return value
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise _type_error(path, source, "a list", value)
-        args = get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, path=f"{path}[{i}]", source=source)
-                         for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise KeySegConfigError(
-                f"{source}: {path}: expected {len(args)} values, got {len(value)}"
-            )
-        return tuple(_coerce(a, v, path=f"{path}[{i}]", source=source)
-                     for i, (a, v) in enumerate(zip(args, value, strict=True)))
-    if hint is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "1e-4" (no dot) as a string; accept any float literal.
-            try:
-                return float(value)
-            except ValueError:
-                raise _type_error(path, source, "float", value) from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _type_error(path, source, "float", value)
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _type_error(path, source, "int", value)
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise _type_error(path, source, "bool", value)
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise _type_error(path, source, "str", value)
-        return value
-    raise KeySegConfigError(f"{source}: {path}: unsupported config type {hint!r}")
-
-
-def _type_error(path: str, source: str, expected: str, value: Any) -> KeySegConfigError:
-    return KeySegConfigError(
-        f"{source}: {path}: expected {expected}, got {type(value).__name__} ({value!r})"
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# YAML files and --key=value overrides
-
-
-def load_config(
-    path: str | os.PathLike | None = None,
-    overrides: typing.Sequence[str] = (),
-    cls: type[T] = KeySegConfig,  # type: ignore[assignment]
-) -> T:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+                cls: type[T] = KeySegConfig) -> T:  # type: ignore[assignment]
+    """Load a YAML config (the defaults when ``path`` is None) and apply overrides.
 
     Overrides are ``section.key=value`` strings (a leading ``--`` is allowed); values are
     parsed as YAML, so ``train.lr=1e-4``, ``model.lora.target_modules=[q_proj,k_proj]``.
+    Every problem is reported at once, naming its source: the file, or ``command line``
+    for an overridden key.
     """
-    source = str(path) if path is not None else "<defaults>"
-    data: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise KeySegConfigError(f"{file}: config file not found")
-        try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            raise KeySegConfigError(f"{file}: not valid YAML: {error}") from error
-        data = loaded or {}
-        if not isinstance(data, dict):
-            raise KeySegConfigError(f"{file}: top level must be a mapping")
-    for override in overrides:
-        _apply_override(data, override)
-    return from_dict(cls, data, source=source)
-
-
-def _apply_override(data: dict[str, Any], override: str) -> None:
-    text = override.removeprefix("--")
-    if "=" not in text:
-        raise KeySegConfigError(f"override {override!r}: expected section.key=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as error:
-        raise KeySegConfigError(f"override {override!r}: value is not valid YAML") from error
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise KeySegConfigError(f"override {override!r}: '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def save_config(config: Any, path: str | os.PathLike) -> None:
-    """Write ``config`` as YAML atomically (temp file + rename)."""
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
+    return load_yaml(cls, path, overrides)
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from keyseg.config import torch_dtype_name
 from keyseg.errors import KeySegConfigError
 
 
@@ -60,27 +61,19 @@ def _check_device_available(device: torch.device) -> None:
             )
 
 
-#: Dtype names accepted everywhere (configs, ``--dtype``), short and torch spellings.
-DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}
-
-
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``dtype`` as given (a torch dtype or one of :data:`DTYPES`' names), else (None or
-    ``"auto"``) bf16 on CUDA (fp16 where bf16 is unsupported) and fp32 elsewhere.
+    """``dtype`` as given (a torch dtype, or any spelling :func:`keyseg.config.dtype_name`
+    reads: fp32/bf16/fp16 or float32/bfloat16/float16), else (None or ``"auto"``) bf16 on
+    CUDA (fp16 where bf16 is unsupported) and fp32 elsewhere.
 
     Raises:
         KeySegConfigError: an unknown name (one line listing the known ones).
     """
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype is not None and str(dtype).lower() != "auto":
-        if str(dtype).lower() not in DTYPES:
-            raise KeySegConfigError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
-        return DTYPES[str(dtype).lower()]
+    name = torch_dtype_name(dtype) if dtype is not None else None
+    if name is not None:
+        return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from keyseg.commands import DTYPE_METAVAR, dtype_argument
+
 HELP = "convert a foreign checkpoint (e.g. the official SAM .pth) into KeySeg's format"
 EXAMPLE = "keyseg convert sam sam_vit_h_4b8939.pth checkpoints/sam-vit-h"
 
@@ -58,13 +60,13 @@ def _sam2_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
 def _dtype(name: str):
     import torch
 
-    return None if name == "auto" else getattr(torch, _DTYPES[name])
+    from keyseg.config import torch_dtype_name
+
+    torch_name = torch_dtype_name(name)
+    return None if torch_name is None else getattr(torch, torch_name)
 
 
 def _finish(model, report, args: argparse.Namespace) -> int:
@@ -104,7 +106,7 @@ def _lisa_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vision-tower", default=None, metavar="DIR",
                         help="local CLIP directory (default: mm_vision_tower from config.json "
                              "if it is a local directory, else SRC/vision_tower)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
+    parser.add_argument("--dtype", default="auto", type=dtype_argument, metavar=DTYPE_METAVAR,
                         help="dtype of the written weights (auto: fp32)")
 
 

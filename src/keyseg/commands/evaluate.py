@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from keyseg.config import EvalConfig
 
+from keyseg.commands import DTYPE_METAVAR, dtype_argument
+
 HELP = "evaluate a checkpoint: gIoU/cIoU per split (teacher-forced or generated answers)"
 EXAMPLE = ("keyseg eval --checkpoint checkpoints/keyseg-7b --dataset reason_seg:val "
            "--dataset refcoco:testA --mode teacher --dataset-dir ./dataset --out eval/run1")
@@ -75,10 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:1, mps or auto (default; ignored under "
                              "accelerate launch)")
-    parser.add_argument("--dtype", default="auto",
-                        choices=["auto", "float32", "bfloat16", "float16"],
-                        help="weights dtype (auto: bfloat16 on CUDA, float16 on a GPU "
-                             "without bf16 support, else float32)")
+    parser.add_argument("--dtype", default="auto", type=dtype_argument, metavar=DTYPE_METAVAR,
+                        help="weights dtype (auto: bf16 on CUDA, fp16 on a GPU without bf16 "
+                             "support, else fp32)")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="skip images larger than this (width*height, default 64 MP)")
     parser.add_argument("--overwrite", action="store_true",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from keyseg.commands import DTYPE_METAVAR, dtype_argument
 from keyseg.errors import KeySegConfigError
 
 HELP = "export a run or model as a self-contained directory (optionally merging LoRA)"
@@ -19,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fold the LoRA adapters into the weights (no PEFT needed to load)")
     parser.add_argument("--weights", default=None, metavar="best|latest|FILE",
                         help="lay these trainable weights over the run's final model")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    parser.add_argument("--dtype", default="auto", type=dtype_argument, metavar=DTYPE_METAVAR,
                         help="dtype of the written weights (auto: as loaded)")
     parser.add_argument("--max-shard-size", type=float, default=2.0, metavar="GIB",
                         help="largest safetensors shard in GiB (default 2)")
@@ -36,10 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from keyseg.config import torch_dtype_name
     from keyseg.export import export_model
 
-    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16,
-             "fp16": torch.float16}[args.dtype]
+    name = torch_dtype_name(args.dtype)
+    dtype = None if name is None else getattr(torch, name)
     if args.private and not args.push_to_hub:
         raise KeySegConfigError("--private needs --push-to-hub REPO")
     result = export_model(args.src, args.dst, merge=args.merge_lora, weights=args.weights,

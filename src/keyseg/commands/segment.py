@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from keyseg.commands import DTYPE_METAVAR, dtype_argument
+
 HELP = "answer a question about an image; write mask_K.png, overlay.png and result.json"
 EXAMPLE = ('keyseg segment kitchen.jpg "What would you use to eat soup?" '
            "--checkpoint runs/keyseg-7b/final --out outputs/kitchen")
@@ -17,8 +19,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model directory (save_pretrained); default: the embedded model")
     parser.add_argument("--device", default=None,
                         help="torch device, e.g. cpu, cuda:0, mps (default: cuda > mps > cpu)")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                        help="precision (default: bf16 on CUDA, fp32 elsewhere)")
+    parser.add_argument("--dtype", default="auto", type=dtype_argument, metavar=DTYPE_METAVAR,
+                        help="precision (auto, the default: bf16 on CUDA, fp32 elsewhere)")
     parser.add_argument("--load-in", default=None, choices=["4bit", "8bit"],
                         help="quantise the language model with bitsandbytes (CUDA only)")
     parser.add_argument("--max-new-tokens", type=int, default=64,

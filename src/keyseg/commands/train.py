@@ -23,10 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from keyseg.config import load_config
-    from keyseg.train import main
 
-    # `train.lr=1e-4`; `--train.lr=1e-4` also works after a `--` separator.
+    # `train.lr=1e-4`; `--train.lr=1e-4` also works after a `--` separator. Every config
+    # problem is reported here, before torch is imported or a run directory is written.
     cfg = load_config(args.config, args.overrides)
+    from keyseg.train import main
     result = main(cfg, resume=args.resume)
     state = result.state
     print(f"{result.stopped} at step {state.step}; last checkpoint: {result.last_checkpoint}; "

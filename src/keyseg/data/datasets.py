@@ -1,14 +1,14 @@
 """Datasets named in a :class:`~keyseg.config.DataConfig`, built for training and validation.
 
 Training data is a :class:`~keyseg.data.mixture.MixtureSampler` over the datasets in
-``DataConfig.datasets`` (``"name||name"``, rates from ``sample_rates``):
+``DataConfig.datasets`` (a list of names, rates from ``sample_rates``):
 
 ===============  =============================================================================
 name             what it reads
 ===============  =============================================================================
 ``reason_seg``   ReasonSeg ``reason_seg_split`` (+ keyword file, explanations) under
                  ``dataset_dir``
-``refer_seg``    the REFER datasets of ``refer_seg_data`` (``refcoco||refcoco+||refcocog``),
+``refer_seg``    the REFER datasets of ``refer_seg_data`` (``[refcoco, refcoco+, refcocog]``),
                  train split, concatenated
 ``shapes``       the procedural shapes world (``DataConfig.shapes`` options), no files needed
 ===============  =============================================================================
@@ -24,13 +24,10 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from keyseg.config import DataConfig
+from keyseg.config import DATASET_NAMES, VAL_NAMES, DataConfig
 from keyseg.data.mixture import MixtureSampler
 from keyseg.data.sample import SegRecord
 from keyseg.errors import KeySegConfigError
-
-DATASET_NAMES: tuple[str, ...] = ("reason_seg", "refer_seg", "shapes")
-VAL_NAMES: tuple[str, ...] = ("reason_seg", "shapes", "refcoco", "refcoco+", "refcocog")
 
 
 class ConcatRecords(Sequence[SegRecord]):
@@ -56,15 +53,8 @@ class ConcatRecords(Sequence[SegRecord]):
 
 
 def shapes_config(cfg: DataConfig):
-    """The :class:`keyseg.data.shapes.ShapesConfig` described by ``cfg.shapes``."""
-    from keyseg.data.shapes import ShapesConfig
-
-    s = cfg.shapes
-    return ShapesConfig(
-        image_size=s.image_size, train_size=s.train_size, val_size=s.val_size,
-        test_size=s.test_size, min_objects=s.min_objects, max_objects=s.max_objects,
-        queries_per_image=s.queries_per_image, seed=s.seed,
-    )
+    """The :class:`keyseg.config.ShapesConfig` of the shapes world (``cfg.shapes``)."""
+    return cfg.shapes
 
 
 def _keyword_file(cfg: DataConfig) -> Path | bool | None:
@@ -104,10 +94,10 @@ def build_dataset(name: str, cfg: DataConfig, split: str = "train",
     if name in ("refer_seg", "refcoco", "refcoco+", "refcocog"):
         from keyseg.data.refer import ReferDataset
 
-        names = cfg.refer_seg_data.split("||") if name == "refer_seg" else [name]
-        parts = [ReferDataset(cfg.dataset_dir, name=n.strip(), split=split,
+        names = cfg.refer_seg_data if name == "refer_seg" else [name]
+        parts = [ReferDataset(cfg.dataset_dir, name=n, split=split,
                               keyword_mode=cfg.refer_keyword, lisa_bugs=lisa_bugs)
-                 for n in names if n.strip()]
+                 for n in names]
         return parts[0] if len(parts) == 1 else ConcatRecords(parts)
     raise KeySegConfigError(
         f"data.datasets: unknown dataset {name!r} (known: {', '.join(DATASET_NAMES)})"
@@ -116,16 +106,7 @@ def build_dataset(name: str, cfg: DataConfig, split: str = "train",
 
 def build_mixture(cfg: DataConfig, seed: int) -> MixtureSampler:
     """The training mixture of ``cfg.datasets`` with ``cfg.sample_rates``."""
-    names = [n.strip() for n in cfg.datasets.split("||") if n.strip()]
-    if not names:
-        raise KeySegConfigError("data.datasets: no dataset named")
-    if len(names) != len(cfg.sample_rates):
-        raise KeySegConfigError(
-            f"data.sample_rates: {len(cfg.sample_rates)} rates for {len(names)} datasets "
-            f"({cfg.datasets!r})"
-        )
-    if len(set(names)) != len(names):
-        raise KeySegConfigError(f"data.datasets: a dataset is named twice in {cfg.datasets!r}")
+    names = list(cfg.datasets)  # checked by DataConfig: known, unique, one rate each
     datasets = {name: build_dataset(name, cfg, cfg.reason_seg_split if name == "reason_seg"
                                     else "train") for name in names}
     weights = dict(zip(names, cfg.sample_rates, strict=True))

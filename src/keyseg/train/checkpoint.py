@@ -204,7 +204,7 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path,
 def _card_datasets(cfg: KeySegConfig) -> list[str]:
     """Dataset names of the training mixture, for the model card's metadata."""
     names = {"reason_seg": "ReasonSeg", "refer_seg": "refCOCO", "shapes": "keyseg-shapes"}
-    return [names.get(n, n) for n in cfg.data.datasets.split("||") if n]
+    return [names.get(n, n) for n in cfg.data.datasets]
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
