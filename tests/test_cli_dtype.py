@@ -38,8 +38,8 @@ def test_every_command_defaults_to_auto_and_refuses_unknown_dtypes(command, caps
 
 def test_names_map_to_torch_dtypes_wherever_they_are_resolved():
     from keyseg.commands.convert import _dtype as convert_dtype
-    from keyseg.commands.evaluate import _dtype as eval_dtype
     from keyseg.pipeline import resolve_dtype
+    from keyseg.runtime import resolve_dtype as eval_dtype  # what keyseg eval and train use
 
     cpu = torch.device("cpu")
     for name, expected in (("fp32", torch.float32), ("bf16", torch.bfloat16),

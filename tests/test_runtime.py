@@ -24,5 +24,5 @@ def test_auto_and_none_mean_fp32_on_cpu():
 
 
 def test_unknown_dtype_is_one_config_error_listing_the_names():
-    with pytest.raises(KeySegConfigError, match=r"unknown dtype 'half'.*fp32.*bfloat16"):
-        resolve_dtype("half", torch.device("cpu"))
+    with pytest.raises(KeySegConfigError, match=r"unknown dtype 'int4'.*fp32.*bfloat16"):
+        resolve_dtype("int4", torch.device("cpu"))

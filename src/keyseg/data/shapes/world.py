@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 # ShapesConfig (the world's settings) is defined with the other configs: YAML sets all of it.
-from keyseg.config import SHAPES_DIFFICULTIES
+from keyseg.config import SHAPES_DIFFICULTIES, ShapesConfig  # noqa: F401 (re-exported)
 from keyseg.errors import KeySegConfigError
 
 Split = Literal["train", "val", "test"]
