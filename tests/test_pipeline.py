@@ -43,13 +43,90 @@ def test_result_types_and_shapes_with_two_seg_answer(pipe):
     assert result.scores.shape == (2,) and result.scores.dtype == np.float32
     assert result.mask_logits.shape == (2, 30, 50)
     assert np.array_equal(result.masks, (result.mask_logits > 0).numpy())
-    assert result.message is None or "empty" in result.message
+    # a note exactly when no pixel is selected (the empty-mask cases are tested below)
+    assert (result.message is None) == bool(result.masks.any())
     (neighbours,) = result.keyword_neighbours
     assert len(neighbours) == pipe.num_neighbours
     cosines = [c for _, c in neighbours]
     assert all(isinstance(t, str) and t for t, _ in neighbours)
-    assert cosines == sorted(cosines, reverse=True) and all(-1.0 <= c <= 1.0 for c in cosines)
+    assert cosines == sorted(cosines, reverse=True)
     assert "[SEG]" not in result.text and "spoon" not in result.text
+
+
+def _neighbours_by_hand(pipe, key, k):
+    """Brute force: cosine of ``key`` with every projected row, special tokens and pieces
+    that decode to nothing readable skipped, best first."""
+    tokenizer = pipe.processor.tokenizer
+    ids = pipe.processor.ids
+    with torch.no_grad():
+        table = pipe.model.projected_table().float()
+    special = {ids.seg, ids.key, ids.image, ids.eos, ids.pad, *tokenizer.all_special_ids}
+    scored = []
+    for token in range(table.shape[0]):
+        if token in special:
+            continue
+        cosine = float(torch.dot(key, table[token]) / (key.norm() * table[token].norm()))
+        text = tokenizer.decode([token]).strip()
+        if text and "\ufffd" not in text:
+            scored.append((cosine, text))
+    scored.sort(key=lambda item: -item[0])
+    return [(text, cosine) for cosine, text in scored[:k]]
+
+
+def test_keyword_neighbours_are_the_best_cosines_of_the_whole_vocabulary(pipe, monkeypatch):
+    seen = []
+    original = pipe.keyword_neighbours
+
+    def recording(key, k=None):
+        seen.append(key.detach().clone())
+        return original(key, k)
+
+    monkeypatch.setattr(pipe, "keyword_neighbours", recording)
+    result = pipe(image(30, 50), "What would you use to eat soup?",
+                  logits_processor=scripted(pipe, segs=1))
+    (key,) = seen
+    assert key.shape[0] == 1
+    (got,) = result.keyword_neighbours
+    expected = _neighbours_by_hand(pipe, key[0].float(), pipe.num_neighbours)
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    for (_, a), (_, b) in zip(got, expected, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_keyword_neighbours_never_list_special_tokens(pipe):
+    ids = pipe.processor.ids
+    with torch.no_grad():
+        table = pipe.model.projected_table()
+    # a [KEY] equal to the [SEG] row: [SEG] itself is not a word to show
+    (row,) = pipe.keyword_neighbours(table[ids.seg][None], k=4)
+    texts = [t for t, _ in row]
+    assert "[SEG]" not in texts and "[KEY]" not in texts
+    assert texts == [t for t, _ in _neighbours_by_hand(pipe, table[ids.seg].float(), 4)]
+
+
+def _fixed_masks(monkeypatch, model, value):
+    """Make SAM's post-processing return logits of one sign everywhere."""
+    original = model.sam.postprocess_masks
+
+    def fixed(low, resized, original_size):
+        out = original(low, resized, original_size)
+        return torch.full_like(out, value)
+
+    monkeypatch.setattr(model.sam, "postprocess_masks", fixed)
+
+
+def test_empty_mask_gets_the_empty_mask_message(pipe, model, monkeypatch):
+    _fixed_masks(monkeypatch, model, -5.0)
+    result = pipe(image(30, 50), "the dog", logits_processor=scripted(pipe, segs=1))
+    assert result.masks.shape == (1, 30, 50) and not result.masks.any()
+    assert result.message is not None and "empty" in result.message
+    assert result.message != NO_SEG_MESSAGE
+
+
+def test_non_empty_mask_has_no_message(pipe, model, monkeypatch):
+    _fixed_masks(monkeypatch, model, 5.0)
+    result = pipe(image(30, 50), "the dog", logits_processor=scripted(pipe, segs=1))
+    assert result.masks.all() and result.message is None
 
 
 def test_masks_have_original_size_for_non_square_inputs_of_every_form(pipe, tmp_path):
@@ -124,13 +201,20 @@ def test_history_changes_the_prompt(pipe):
 
 
 def test_keyword_neighbours_of_a_projected_token_rank_that_token_first(pipe):
+    """A key near (not at) a word's projected row lists that word first, and the rest in
+    the order a brute-force search gives."""
     tokenizer = pipe.processor.tokenizer
     token = tokenizer(" spoon", add_special_tokens=False)["input_ids"][0]
     with torch.no_grad():
-        key = pipe.model.projected_table()[token][None]
-    (row,) = pipe.keyword_neighbours(key, k=3)
+        table = pipe.model.projected_table()
+    torch.manual_seed(0)
+    direction = torch.randn_like(table[token])
+    key = table[token] + 0.05 * table[token].norm() * direction / direction.norm()
+    (row,) = pipe.keyword_neighbours(key[None], k=3)
     assert row[0][0] == tokenizer.decode([token]).strip()
-    assert row[0][1] == pytest.approx(1.0, abs=1e-4)
+    assert 0.9 < row[0][1] < 1.0
+    expected = _neighbours_by_hand(pipe, key.float(), 3)
+    assert [t for t, _ in row] == [t for t, _ in expected]
 
 
 def test_from_pretrained_without_default_builds_random_model_with_warning(monkeypatch, capsys,

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import shared_path
 from keyseg.cli import main as cli_main
 from keyseg.commands import convert as convert_command
 from keyseg.convert.sam import (
@@ -24,13 +25,14 @@ from keyseg.convert.sam import (
 from keyseg.errors import KeySegCheckpointError
 from keyseg.model.sam import SAM_PRESETS, SamSegmenter
 
-# CI checks out shared/ beside the repository, as on the development machines.
-MANIFEST = Path(__file__).resolve().parents[3] / "shared/data/sam_vit_h_4b8939.keys.json"
+# CI checks out shared/ beside the repository, as on the development machines; without it
+# the manifest tests skip (helpers.shared_path).
+MANIFEST = "data/sam_vit_h_4b8939.keys.json"
 TIED = "prompt_encoder.shared_embedding.positional_embedding"
 
 
 def _manifest() -> dict[str, list[int]]:
-    return json.loads(MANIFEST.read_text())["tensors"]
+    return json.loads(shared_path(MANIFEST).read_text())["tensors"]
 
 
 def test_manifest_maps_all_594_vit_h_tensors_onto_a_meta_model() -> None:
@@ -207,11 +209,17 @@ def test_loaded_tiny_checkpoint_matches_by_value(tiny_official, tmp_path: Path) 
 
 
 def test_safetensors_source_and_preset_inference(tiny_official, tmp_path: Path) -> None:
-    _, official = tiny_official
+    model, official = tiny_official
     path = tmp_path / "sam_tiny.safetensors"
     save_file({k: v.contiguous() for k, v in official.items()}, str(path))
     loaded = load_official_sam(path, preset=None)
     assert loaded.image_size == 256
+    # the preset is inferred from the tensors, and every value is the file's
+    state = loaded.sam.state_dict()
+    for name, tensor in model.sam.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+    assert torch.equal(loaded.sam.vision_encoder.neck.conv2.weight,
+                       official["image_encoder.neck.2.weight"])
 
 
 def test_save_and_load_directory(tiny_official, tmp_path: Path) -> None:
@@ -244,8 +252,13 @@ def test_cli_preset_choices_match_the_registry() -> None:
     convert_command.add_arguments(parser)
     args = parser.parse_args(["sam", "a.pth", "out", "--preset", "vit_b"])
     assert args.preset == "vit_b"
-    for name in SAM_PRESETS:
-        parser.parse_args(["sam", "a.pth", "out", "--preset", name])
+    # the --preset choices are exactly the registry's presets, plus "auto" (inferred)
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sam_parser = subparsers.choices["sam"]
+    preset = next(a for a in sam_parser._actions if "--preset" in a.option_strings)
+    assert set(preset.choices) == {"auto", *SAM_PRESETS}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sam", "a.pth", "out", "--preset", "vit_x"])
 
 
 # --- bad files ---------------------------------------------------------------------------

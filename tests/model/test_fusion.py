@@ -75,13 +75,35 @@ def test_none_variant_has_no_parameters_and_is_identity():
 
 @pytest.mark.parametrize("variant", ["reference", "residual"])
 def test_low_precision_input_is_computed_in_fp32_and_returned_in_its_dtype(variant):
+    """bf16 weights and inputs: the result is the fp32 computation on the same (bf16-valued)
+    numbers, rounded once at the end — not a chain of bf16 roundings."""
+    import copy
+
     torch.manual_seed(0)
-    fusion = KeywordFusion(FusionConfig(dim=16, variant=variant))
-    seg, key = torch.randn(3, 16), torch.randn(2, 16)
-    full = fusion(seg, key)
-    half = fusion.to(torch.bfloat16)(seg.bfloat16(), key.bfloat16())
-    assert half.dtype == torch.bfloat16
-    torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05)
+    fusion = KeywordFusion(FusionConfig(dim=64, variant=variant, num_queries=12)).eval()
+    half = fusion.to(torch.bfloat16)
+    seg, key = torch.randn(5, 64).bfloat16(), torch.randn(3, 64).bfloat16()
+    full = copy.deepcopy(half).float()  # the same bf16 values, held in fp32
+    with torch.no_grad():
+        got = half(seg, key)
+        expected = full(seg.float(), key.float())
+    assert got.dtype == torch.bfloat16
+    # one rounding of the fp32 result: at most half a bf16 ulp (2**-9 relative) away
+    torch.testing.assert_close(got.float(), expected, rtol=2**-8, atol=1e-6)
+    assert float((got.float() - expected).abs().max()) <= float(
+        (expected.abs() * 2**-8).max())
+
+
+@pytest.mark.parametrize("variant", ["reference", "residual"])
+def test_autocast_does_not_lower_the_fusion_precision(variant):
+    torch.manual_seed(0)
+    fusion = KeywordFusion(FusionConfig(dim=64, variant=variant)).eval()
+    seg, key = torch.randn(5, 64), torch.randn(3, 64)
+    plain = fusion(seg, key)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = fusion(seg, key)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, plain, rtol=1e-6, atol=1e-6)
 
 
 def test_inner_width_shapes_and_scale():
