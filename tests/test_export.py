@@ -16,11 +16,30 @@ from keyseg.model.keyseg import KeySegModel
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny LoRA model after a few AdamW steps, saved as a run's final/ model."""
+    """A tiny LoRA model after a few AdamW steps (its LoRA B matrices are no longer zero, so
+    an export that dropped the adapters would change the outputs), and a run directory."""
+    import random
+
+    from helpers import make_record
+    from keyseg.data.collate import Collator, record_to_example
     from keyseg.model.tiny import build_tiny_model
 
     model = build_tiny_model(seed=3, lora=True)
+    example = record_to_example(make_record(seed=0), random.Random(0),
+                                use_keyword=model.config.use_keyword)
+    batch = Collator(model.processor, mode="train")([example])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(batch).loss.backward()
+        optimizer.step()
+    model.eval()
     return model, tmp_path_factory.mktemp("run")
+
+
+def _lora_b(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
 
 
 def _outputs(model, batch):
@@ -35,12 +54,6 @@ def _outputs(model, batch):
 def test_merged_export_reproduces_the_unmerged_model(trained, make_batch):
     model, run_dir = trained
     batch = make_batch(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(batch).loss.backward()
-        optimizer.step()
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(float(p.abs().max()) > 0 for p in lora_b)  # LoRA really trained
     logits, masks = _outputs(model, batch)
@@ -75,6 +88,11 @@ def test_unmerged_export_keeps_adapters_and_loads(trained, make_batch, tmp_path)
     assert result.merged_lora == 0 and result.shards == 1
     loaded = KeySegModel.from_pretrained(tmp_path / "out")
     assert hasattr(loaded.backbone.vlm, "peft_config")
+    original, again = _lora_b(model), _lora_b(loaded)
+    assert original and any(float(t.abs().max()) > 0 for t in original.values())
+    assert set(again) == set(original)
+    for name, tensor in original.items():
+        assert torch.equal(again[name], tensor), name
     batch = make_batch(model)
     for a, b in zip(_outputs(loaded, batch)[1], _outputs(model, batch)[1], strict=True):
         torch.testing.assert_close(a, b)

@@ -107,7 +107,7 @@ def test_shape_mismatch_is_reported() -> None:
         intersection_union(np.zeros((2, 2)), np.zeros((3, 2)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_and_cpu_counts_are_identical() -> None:
     gen = torch.Generator().manual_seed(2)
     preds = torch.randn(8, 64, 64, generator=gen)

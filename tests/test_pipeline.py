@@ -9,7 +9,7 @@ from PIL import Image
 
 from helpers import answer_ids, forced
 from keyseg import pipeline as pipeline_module
-from keyseg.errors import KeySegError
+from keyseg.errors import KeySegError, KeySegInputError
 from keyseg.pipeline import NO_SEG_MESSAGE, KeySegPipeline, Result
 from keyseg.tokens import Turn
 
@@ -242,3 +242,193 @@ def test_oversized_array_is_refused(pipe):
     small = KeySegPipeline(pipe.model, max_pixels=100)
     with pytest.raises(KeySegError, match="over the limit"):
         small(image(20, 20), "q")
+
+
+# --- question wrapping, reset, device / dtype choice, quantisation ---------------------------
+
+
+def test_question_is_wrapped_unless_it_asks_for_a_segmentation_itself(model):
+    pipe = KeySegPipeline(model)
+    assert pipe.format_question("  Where is the cup?  ") == (
+        "Where is the cup? Please output segmentation mask.")
+    assert pipe.format_question("Please SEGMENT the cup.") == "Please SEGMENT the cup."
+    assert pipe.format_question("segmentation of the dog") == "segmentation of the dog"
+    custom = KeySegPipeline(model, question_template="Q: {query} (mask)")
+    assert custom.format_question("the cup") == "Q: the cup (mask)"
+    plain = KeySegPipeline(model, question_template=None)
+    assert plain.format_question(" the cup ") == "the cup"
+    for empty in ("", "   \n"):
+        with pytest.raises(KeySegInputError, match="empty"):
+            pipe.format_question(empty)
+
+
+def test_the_wrapped_question_is_what_the_model_reads(pipe, monkeypatch):
+    seen = []
+    original = pipe.processor.encode
+
+    def recording(turns, *args, **kwargs):
+        seen.append([t.question for t in turns])
+        return original(turns, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.processor, "encode", recording)
+    pipe(image(30, 50), "the cup", max_new_tokens=2)
+    assert seen == [["the cup Please output segmentation mask."]]
+
+
+def test_reset_forgets_the_conversation_but_keeps_the_image(pipe, model, monkeypatch):
+    calls = []
+    original = model.encode_images
+    monkeypatch.setattr(model, "encode_images",
+                        lambda pixels: calls.append(1) or original(pixels))
+    pipe.set_image(image(30, 50, seed=4))
+    pipe.ask("first", logits_processor=scripted(pipe))
+    assert len(pipe.history) == 1
+    assert pipe.history[0].question == "first Please output segmentation mask."
+    pipe.reset()
+    assert pipe.history == []
+    fresh = pipe.ask("first", logits_processor=scripted(pipe), return_logits=True)
+    again = KeySegPipeline(model, max_new_tokens=12)(image(30, 50, seed=4), "first",
+                                                     logits_processor=scripted(pipe),
+                                                     return_logits=True)
+    torch.testing.assert_close(fresh.mask_logits, again.mask_logits)  # no history left
+    assert len(calls) == 2  # set_image once; the second pipeline has its own cache
+    pipe.ask("not remembered", remember=False, logits_processor=scripted(pipe))
+    assert len(pipe.history) == 1
+
+
+def test_ask_before_set_image_is_a_clear_error(model):
+    with pytest.raises(KeySegInputError, match="set_image"):
+        KeySegPipeline(model).ask("where?")
+
+
+def test_device_and_dtype_choice(monkeypatch):
+    from keyseg.errors import KeySegConfigError
+    from keyseg.pipeline import resolve_device, resolve_dtype
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device(None) == torch.device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(None) == torch.device("cuda")
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype(None, cpu) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_dtype(None, cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_dtype(None, cuda) == torch.float16
+    assert resolve_dtype("BF16", cpu) == torch.bfloat16
+    assert resolve_dtype("float16", cpu) == torch.float16
+    assert resolve_dtype(torch.float64, cpu) == torch.float64
+    with pytest.raises(KeySegConfigError, match="unknown dtype 'int8'"):
+        resolve_dtype("int8", cpu)
+
+
+def test_pipeline_moves_the_model_to_the_dtype_it_is_given(tmp_path):
+    from keyseg.model.tiny import build_tiny_model
+
+    build_tiny_model(seed=1).save_pretrained(tmp_path / "m")
+    pipe = KeySegPipeline.from_pretrained(tmp_path / "m", device="cpu", dtype="bf16",
+                                          max_new_tokens=12)
+    assert pipe.dtype == torch.bfloat16 and pipe.device.type == "cpu"
+    assert all(p.dtype == torch.bfloat16 for p in pipe.model.parameters())
+    result = pipe(image(30, 50), "q", logits_processor=scripted(pipe, segs=1))
+    assert result.masks.shape == (1, 30, 50) and result.scores.dtype == np.float32
+    as_float = KeySegPipeline(pipe.model, dtype=torch.float32)
+    assert as_float.dtype == torch.float32
+
+
+def test_quantised_loading_without_bitsandbytes_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from keyseg.errors import KeySegConfigError
+    from keyseg.pipeline import _check_quantization
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
+    with pytest.raises(KeySegError, match="pip install bitsandbytes"):
+        _check_quantization("4bit", torch.device("cuda"))
+    with pytest.raises(KeySegError, match="CUDA"):
+        _check_quantization("8bit", torch.device("cpu"))
+    with pytest.raises(KeySegConfigError, match="'4bit' or '8bit'"):
+        _check_quantization("2bit", torch.device("cuda"))
+
+
+class _FakeBnbLinear(torch.nn.Module):
+    def __init__(self, in_features, out_features, bias=True, **options):
+        super().__init__()
+        self.in_features, self.out_features, self.options = in_features, out_features, options
+
+
+class _FakeParams(torch.nn.Parameter):
+    def __new__(cls, data, requires_grad=False, **options):
+        return super().__new__(cls, data, requires_grad)
+
+
+def _fake_bitsandbytes():
+    import types
+
+    nn = types.SimpleNamespace(Linear4bit=_FakeBnbLinear, Linear8bitLt=_FakeBnbLinear,
+                               Params4bit=_FakeParams, Int8Params=_FakeParams)
+    return types.SimpleNamespace(nn=nn)
+
+
+@pytest.mark.parametrize("load_in", ["4bit", "8bit"])
+def test_quantised_path_swaps_only_the_language_model_linears(monkeypatch, load_in):
+    """The code up to bitsandbytes' CUDA kernels: every nn.Linear of the language model
+    (not lm_head, not the vision tower, SAM or KeySeg's heads) becomes a bnb layer holding
+    the original weights, frozen."""
+    import sys
+
+    from keyseg.model.tiny import build_tiny_model
+    from keyseg.pipeline import _quantize_language_model
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", _fake_bitsandbytes())
+    model = build_tiny_model(seed=0)
+    lm = model.backbone.language_model()
+    before = {n: m.weight.detach().clone() for n, m in lm.named_modules()
+              if isinstance(m, torch.nn.Linear)}
+    others = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and not any(m is x for x in lm.modules())]
+    assert before and others
+    _quantize_language_model(model, load_in, torch.bfloat16)
+    swapped = {n: m for n, m in lm.named_modules() if isinstance(m, _FakeBnbLinear)}
+    assert set(swapped) == set(before)
+    assert not any(isinstance(m, torch.nn.Linear) for m in lm.modules())
+    for name, layer in swapped.items():
+        assert torch.equal(layer.weight.data, before[name]) and not layer.weight.requires_grad
+        if load_in == "4bit":
+            assert layer.options["compute_dtype"] == torch.bfloat16
+            assert layer.options["quant_type"] == "nf4"
+        else:
+            assert layer.options["has_fp16_weights"] is False
+    still = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(others) <= still
+    assert isinstance(model.backbone.output_embeddings(), torch.nn.Linear)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("load_in", ["4bit", "8bit"])
+def test_quantised_pipeline_runs_on_cuda(load_in, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from keyseg.model.tiny import build_tiny_model
+
+    build_tiny_model(seed=1).save_pretrained(tmp_path / "m")
+    pipe = KeySegPipeline.from_pretrained(tmp_path / "m", load_in=load_in, max_new_tokens=12)
+    assert pipe.device.type == "cuda"
+    result = pipe(image(30, 50), "q", logits_processor=scripted(pipe, segs=1))
+    assert result.masks.shape == (1, 30, 50)
+
+
+@pytest.mark.cuda
+def test_default_device_and_dtype_on_cuda(tmp_path):
+    from keyseg.model.tiny import build_tiny_model
+
+    build_tiny_model(seed=1).save_pretrained(tmp_path / "m")
+    pipe = KeySegPipeline.from_pretrained(tmp_path / "m", max_new_tokens=12)
+    assert pipe.device.type == "cuda"
+    assert pipe.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    result = pipe(image(30, 50), "q", logits_processor=scripted(pipe, segs=1))
+    assert result.masks.shape == (1, 30, 50) and result.scores.dtype == np.float32

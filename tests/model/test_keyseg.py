@@ -110,14 +110,34 @@ def test_answer_without_seg_is_a_clear_training_error(tiny_model):
 
 
 def test_answer_without_seg_gives_empty_mask_list_in_prediction(tiny_model):
-    collator = Collator(tiny_model.processor, mode="train")
-    collator.mode = "teacher"  # feed the answer without the training check
+    """``predict`` on a teacher-forced row whose answer has no [SEG] (and a row that has
+    one): an empty ``(0, H, W)`` tensor for the first, a mask for the second."""
+    from keyseg.batch import Batch
+
+    processor = tiny_model.processor
     example = _no_seg_example(tiny_model)
-    encoded = tiny_model.processor.encode(example.conversations[0].turns)
-    assert int((encoded.input_ids == tiny_model.processor.ids.seg).sum()) == 0
-    batch = Collator(tiny_model.processor, mode="prompt")([example])
-    masks = tiny_model.predict(batch)
-    assert masks[0].shape == (0, 40, 60)
+    prepared = processor.prepare_image(example.image)
+    rows = [processor.encode(example.conversations[0].turns, prepared.num_image_tokens),
+            processor.encode([tokens.Turn("where?", "It is [SEG].")],
+                             prepared.num_image_tokens)]
+    assert int((rows[0].input_ids == processor.ids.seg).sum()) == 0
+    answer = processor.decode(rows[0].input_ids[rows[0].labels != tokens.IGNORE_INDEX])
+    assert "I cannot tell." in answer  # the answer really is in the row
+    length = max(r.input_ids.shape[0] for r in rows)
+    input_ids = torch.full((2, length), processor.ids.pad, dtype=torch.long)
+    attention = torch.zeros((2, length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : r.input_ids.shape[0]] = r.input_ids
+        attention[i, : r.input_ids.shape[0]] = 1
+    batch = Batch(
+        input_ids=input_ids, attention_mask=attention,
+        vision_inputs={k: torch.cat([v, v]) for k, v in prepared.vision_inputs.items()},
+        sam_pixel_values=prepared.sam.pixel_values[None],
+        image_index=torch.zeros(2, dtype=torch.long),
+        resized_sizes=[prepared.sam.resized_size], original_sizes=[prepared.sam.original_size],
+    )
+    masks = tiny_model.eval().predict(batch)
+    assert [tuple(m.shape) for m in masks] == [(0, 40, 60), (1, 40, 60)]
 
 
 def test_model_forward_rejects_seg_mask_count_mismatch(tiny_model, make_batch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from keyseg.model.losses import dice_loss, keyword_alignment_loss, sigmoid_ce_loss
@@ -148,3 +149,54 @@ def test_mask_losses_ignore_invalid_pixels_and_average_over_num_masks():
     assert math.isclose(float(dice_loss(logits, target, 4, valid, scale=1.0, eps=0.5)),
                         (dice([sig(2), sig(-3)], [1, 0], 1.0, 0.5)
                          + dice([sig(-1), sig(1)], [0, 1], 1.0, 0.5)) / 4, rel_tol=1e-4)
+
+
+def test_mask_losses_accept_integer_and_boolean_targets():
+    logits = torch.tensor([[[0.5, -2.0], [3.0, -0.1]]])
+    target = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    for other in (target.bool(), target.to(torch.uint8)):
+        assert torch.equal(sigmoid_ce_loss(logits, other, 1), sigmoid_ce_loss(logits, target, 1))
+        assert torch.equal(dice_loss(logits, other, 1), dice_loss(logits, target, 1))
+
+
+def test_dice_default_scale_is_the_reference_1000():
+    """With one half-on pixel and no target the score is 1 - eps / (0.5 / scale + eps):
+    only the scale sets how far from 1 it is."""
+    logits = torch.zeros(1, 1, 1, dtype=torch.float64)
+    target = torch.zeros(1, 1, 1, dtype=torch.float64)
+    expected = 1 - 1e-6 / (0.5 / 1000 + 1e-6)
+    # (1001 would give 0.998002; the num_masks epsilon moves it by 1e-8)
+    assert math.isclose(float(dice_loss(logits, target, 1)), expected, rel_tol=1e-7)
+
+
+def test_keyword_loss_all_target_sums_the_probabilities_of_every_keyword_token():
+    """Two equally likely keyword tokens: "all" gives -log(p3 + p5) = "first" - log 2."""
+    torch.manual_seed(0)
+    key = torch.randn(1, 8)
+    table = torch.randn(10, 8)
+    table[3] = table[5] = key[0]
+    ids = [torch.tensor([3, 5])]
+    first = keyword_alignment_loss(key, table, ids, temperature=0.5, target="first")
+    every = keyword_alignment_loss(key, table, ids, temperature=0.5, target="all")
+    assert math.isclose(float(first) - float(every), math.log(2), rel_tol=1e-5)
+
+
+def test_keyword_loss_excluded_id_at_the_table_edge():
+    """An excluded id equal to the table size is no row of it (ignored, not an error)."""
+    torch.manual_seed(0)
+    key, table = torch.randn(1, 8), torch.randn(6, 8)
+    ids = [torch.tensor([4])]
+    torch.testing.assert_close(
+        keyword_alignment_loss(key, table, ids, exclude_ids=(6, 7)),
+        keyword_alignment_loss(key, table, ids))
+
+
+@pytest.mark.cuda
+def test_keyword_loss_on_cuda_equals_cpu():
+    torch.manual_seed(0)
+    key, table = torch.randn(3, 16), torch.randn(40, 16)
+    ids = [torch.tensor([3, 5]), torch.tensor([0]), torch.tensor([7])]
+    cpu = keyword_alignment_loss(key, table, ids, ignore_ids=(0,), exclude_ids=(9,))
+    gpu = keyword_alignment_loss(key.cuda(), table.cuda(), ids, ignore_ids=(0,),
+                                 exclude_ids=(9,))
+    torch.testing.assert_close(gpu.cpu(), cpu)
