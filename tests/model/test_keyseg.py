@@ -210,3 +210,27 @@ def test_image_placeholder_is_not_a_class_of_the_text_loss(tiny_model_factory, m
         model.backbone.output_embeddings().weight[image] += 3.0
     torch.testing.assert_close(model(batch).ce, base)
     assert image in model.non_output_ids
+
+
+def test_without_keyword_there_are_no_key_rows_to_fuse(tiny_model_factory, make_batch):
+    config = replace(tiny_model_config(), use_keyword=False)
+    model = build_tiny_model(config=config).eval()
+    ids = model.processor.encode([tokens.Turn("q?", "It is [SEG] [SEG]. [KEY] cup")]).input_ids
+    hidden = torch.randn(ids.shape[0], model.text_hidden_fcs[0].in_features)
+    with torch.no_grad():
+        seg, key = model.special_embeddings(ids, hidden)
+    assert seg.shape == (2, model.config.fusion.dim)
+    assert key.shape == (0, model.config.fusion.dim)
+
+
+def test_hidden_state_at_choice_reads_the_key_token_itself_too(tiny_model_factory):
+    config = tiny_model_config()
+    model = build_tiny_model(config=replace(config, backbone=replace(config.backbone,
+                                                                     hidden_state="at")))
+    ids = model.processor.encode([tokens.Turn("q?", "It is [SEG]. [KEY] red cup")]).input_ids
+    hidden = torch.randn(ids.shape[0], model.text_hidden_fcs[0].in_features)
+    key_at = int((ids == model.processor.ids.key).nonzero()[0])
+    with torch.no_grad():
+        _, key = model.special_embeddings(ids, hidden)
+        head = model.keyword_text_proj or model.text_hidden_fcs
+        torch.testing.assert_close(key[0], head(hidden[key_at]))
