@@ -234,3 +234,16 @@ def test_hidden_state_at_choice_reads_the_key_token_itself_too(tiny_model_factor
         _, key = model.special_embeddings(ids, hidden)
         head = model.keyword_text_proj or model.text_hidden_fcs
         torch.testing.assert_close(key[0], head(hidden[key_at]))
+
+
+@pytest.mark.cuda
+def test_predict_on_cuda_matches_cpu(tiny_model_factory, make_batch):
+    """Row -> image indices, per-row [SEG] counts and the fused prompts all follow the
+    embeddings onto the GPU; the masks equal the CPU ones."""
+    model = tiny_model_factory(seed=0).eval()
+    batch = make_batch(model, records=[make_record(seed=0), make_record(seed=1)])
+    expected = model.predict(batch)
+    gpu = model.cuda()
+    got = gpu.predict(batch.to(torch.device("cuda"), torch.float32))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3)
