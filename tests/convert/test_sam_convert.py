@@ -312,3 +312,24 @@ def test_wrong_preset_is_refused(tiny_official, tmp_path: Path) -> None:
     torch.save(official, tmp_path / "tiny.pth")
     with pytest.raises(KeySegCheckpointError, match=r"tiny\.pth.*vit_b"):
         load_official_sam(tmp_path / "tiny.pth", preset="vit_b")
+
+
+def test_report_against_a_hand_made_target() -> None:
+    """A mismatched Fourier matrix is reported once (under its origin) and the check goes
+    on past its tied copy; a renamed tensor the model lacks is unused under its source name;
+    a target nothing maps to is unset."""
+    z = torch.zeros
+    fourier = "shared_image_embedding.positional_embedding"
+    src = {"prompt_encoder.pe_layer.positional_encoding_gaussian_matrix": z(2, 8),
+           "image_encoder.neck.2.weight": z(4, 4),
+           "image_encoder.blocks.9.norm1.bias": z(4)}
+    target = {TIED: z(2, 16), fourier: z(2, 16),
+              "vision_encoder.neck.conv2.weight": z(4, 4),
+              "vision_encoder.neck.conv1.weight": z(4, 4)}
+    converted, report = convert_sam_state_dict(src, target)
+    assert report.shape_mismatches == [
+        ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", fourier, (2, 8), (2, 16))]
+    assert report.unset_target == ["vision_encoder.neck.conv1.weight"]
+    assert report.unused_source == ["image_encoder.blocks.9.norm1.bias"]
+    assert report.derived == {TIED: fourier} and converted[TIED] is converted[fourier]
+    assert report.duplicates == [] and not report.ok
