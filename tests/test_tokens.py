@@ -132,3 +132,100 @@ def test_tidy_spacing_gives_readable_text_that_encodes_to_the_same_ids(tokenizer
     raw = "Sure,[SEG].[KEY]apple"
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     assert encode(tokens.tidy_spacing(raw)) == encode(raw)
+
+
+def test_question_templates_wrap_the_query_as_given_or_as_a_class_name():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(20):
+        sentence = tokens.format_question("  Where would you sit?  ", True, rng)
+        assert sentence in {t.format(sent="Where would you sit?") for t in tokens.LONG_QUESTIONS}
+        short = tokens.format_question(" Red Cup ", False, rng)
+        assert short in {t.format(class_name="red cup") for t in tokens.SHORT_QUESTIONS}
+
+
+def test_answer_templates_list_the_segs_with_commas_and_and():
+    import random
+
+    rng = random.Random(0)
+    assert {tokens.format_answer(1, rng) for _ in range(30)} <= set(tokens.ANSWERS)
+    three = tokens.format_answer(3, rng)
+    assert "[SEG], [SEG] and [SEG]" in three
+    assert three in {t.format(segs="[SEG], [SEG] and [SEG]") for t in tokens.MULTI_ANSWERS}
+
+
+def test_tidy_spacing_collapses_runs_of_spaces():
+    assert tokens.tidy_spacing("It is   [SEG]  .") == tokens.tidy_spacing("It is [SEG] .")
+    assert "  " not in tokens.tidy_spacing("a    b   c")
+    assert tokens.tidy_spacing("a    b") == "a b"
+
+
+def test_chatml_rendering_matches_the_qwen_format():
+    turns = [tokens.Turn("q1", "a1"), tokens.Turn("q2", "a2"), tokens.Turn("q3")]
+    text, spans = tokens.render_chatml_conversation(turns, "SYS")
+    assert text == (
+        "<|im_start|>system\nSYS<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>q1<|im_end|>\n"
+        "<|im_start|>assistant\na1<|im_end|>\n"
+        "<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\na2<|im_end|>\n"
+        "<|im_start|>user\nq3<|im_end|>\n<|im_start|>assistant\n")
+    assert [text[s:e] for s, e in spans] == ["a1<|im_end|>", "a2<|im_end|>"]
+    custom, _ = tokens.render_chatml_conversation([tokens.Turn("q", "a")], "S",
+                                                  image_token="<img>", eos_token="<e>")
+    assert custom == ("<|im_start|>system\nS<e>\n<|im_start|>user\n<|vision_start|><img>"
+                      "<|vision_end|>q<e>\n<|im_start|>assistant\na<e>\n")
+
+
+def test_llava_rendering_matches_the_llava_v1_format():
+    turns = [tokens.Turn("q1", "a1"), tokens.Turn("q2")]
+    text, spans = tokens.render_conversation(turns, "SYS")
+    assert text == "SYS USER: <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT:"
+    assert [text[s:e] for s, e in spans] == [" a1</s>"]
+    with pytest.raises(KeySegInputError, match="only the last turn"):
+        tokens.render_conversation([tokens.Turn("q1"), tokens.Turn("q2", "a")], "S")
+
+
+def test_keyword_ids_of_an_empty_keyword_are_an_empty_long_tensor(tokenizer, ids):
+    encoded = tokens.encode_conversation(tokenizer, [tokens.Turn("q?", "It is [SEG]. [KEY]")],
+                                         ids, num_image_tokens=2, system_prompt=SYSTEM)
+    (keyword,) = tokens.keyword_token_ids(encoded.input_ids, ids)
+    assert keyword.dtype == torch.long and keyword.numel() == 0
+    encoded = tokens.encode_conversation(tokenizer, [tokens.Turn("q?", "It is [SEG]. [KEY] cup")],
+                                         ids, num_image_tokens=2, system_prompt=SYSTEM)
+    (keyword,) = tokens.keyword_token_ids(encoded.input_ids, ids)
+    assert keyword.dtype == torch.long
+    assert tokenizer.decode(keyword).strip() == "cup"
+
+
+class _Sized:
+    def __init__(self, size):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+
+def test_resize_embeddings_grows_to_the_tokenizer_with_mean_rows_and_never_shrinks():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         tie_word_embeddings=False))
+    inputs = model.get_input_embeddings().weight.detach().clone()
+    outputs = model.get_output_embeddings().weight.detach().clone()
+    tokens.resize_embeddings(model, _Sized(13))
+    grown_in = model.get_input_embeddings().weight
+    grown_out = model.get_output_embeddings().weight
+    assert grown_in.shape == (13, 8) and grown_out.shape == (13, 8)
+    torch.testing.assert_close(grown_in[:10], inputs, rtol=0, atol=0)
+    torch.testing.assert_close(grown_out[:10], outputs, rtol=0, atol=0)
+    for row in range(10, 13):
+        torch.testing.assert_close(grown_in[row], inputs.mean(0))
+        torch.testing.assert_close(grown_out[row], outputs.mean(0))
+    tokens.resize_embeddings(model, _Sized(11))  # fewer tokens than rows: kept as is
+    assert model.get_input_embeddings().weight.shape == (13, 8)
+    tokens.resize_embeddings(model, _Sized(15), init_from_mean=False)
+    assert model.get_input_embeddings().weight.shape == (15, 8)
+    assert not torch.allclose(model.get_input_embeddings().weight[14], inputs.mean(0))
