@@ -34,39 +34,15 @@ test-cuda: install
 	$(BIN)/python -m pytest -m cuda -rs
 
 # Mutation testing of the core modules (docs/BENCHMARKS.md): a measurement, not a CI gate.
-# mutmut copies src/ and tests/ into mutants/ (works from a clean clone); one module at a
-# time, one worker, niced. MUTATE=... narrows it to one pattern, e.g.
-#   make mutation MUTATE='keyseg.model.losses.*'
-MUTATION_SCOPE = \
-  'keyseg.model.losses.*' \
-  'keyseg.model.fusion.*' \
-  'keyseg.metrics.*' \
-  'keyseg.tokens.*' \
-  'keyseg.processor.*' \
-  'keyseg.model.keyseg.*special_embeddings__mutmut_*' \
-  'keyseg.model.keyseg.*masks_from_hidden__mutmut_*' \
-  'keyseg.model.keyseg.*decode_rows__mutmut_*' \
-  'keyseg.model.keyseg.*projected_table__mutmut_*' \
-  'keyseg.convert.lisa.x__compile__mutmut_*' \
-  'keyseg.convert.lisa.x_rename__mutmut_*' \
-  'keyseg.convert.lisa.x__ignored__mutmut_*' \
-  'keyseg.convert.lisa.x_map_state__mutmut_*' \
-  'keyseg.convert.keyseg_ref.x__normalise_names__mutmut_*' \
-  'keyseg.convert.keyseg_ref.x_merge_lora_tensors__mutmut_*' \
-  'keyseg.convert.sam.x_official_to_hf_key__mutmut_*' \
-  'keyseg.convert.sam.x_convert_sam_state_dict__mutmut_*'
-MUTATE ?= $(MUTATION_SCOPE)
-
+# One mutmut run per module against that module's own tests, in mutants-work/<group>/
+# (works from a clean clone); one worker, niced. GROUPS=... narrows it, e.g.
+#   make mutation GROUPS="losses fusion"
+GROUPS ?=
 mutation: install
-	@for pattern in $(MUTATE); do \
-	  echo "== mutmut run $$pattern"; \
-	  OMP_NUM_THREADS=1 nice -n 10 $(BIN)/mutmut run --max-children 1 "$$pattern" \
-	    > /dev/null || exit 1; \
-	done
-	$(BIN)/python benchmarks/mutation_score.py $(MUTATION_SCOPE)
+	$(BIN)/python benchmarks/mutation.py $(GROUPS)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks experiments
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache outputs mutants
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache outputs mutants mutants-work

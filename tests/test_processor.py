@@ -1,0 +1,87 @@
+"""KeySegProcessor on its own: image token counts, template, decode, save / load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from keyseg import tokens
+from keyseg.config import BackboneConfig
+from keyseg.errors import KeySegCheckpointError
+from keyseg.model.tiny import build_tiny_tokenizer, tiny_image_processor
+from keyseg.processor import PROCESSOR_FILE, KeySegProcessor
+
+
+@pytest.fixture
+def processor():
+    return KeySegProcessor(build_tiny_tokenizer(), tiny_image_processor(32), BackboneConfig(),
+                           num_image_tokens=16, sam_image_size=64)
+
+
+class _GridProcessor:
+    """A Qwen2-VL-like image processor: a (t, h, w) patch grid per image, 2x2 merge."""
+
+    merge_size = 2
+
+    def __call__(self, images, return_tensors):
+        width, height = images[0].size
+        return {"pixel_values": torch.zeros(1, 3), "image_grid_thw":
+                torch.tensor([[1, height // 14, width // 14]]), "note": "not a tensor"}
+
+
+def test_prepared_image_has_both_encoders_inputs_and_the_fixed_count(processor):
+    prepared = processor.prepare_image(Image.new("RGB", (50, 20)))
+    assert prepared.num_image_tokens == 16
+    assert tuple(prepared.vision_inputs["pixel_values"].shape) == (1, 3, 32, 32)
+    assert prepared.sam.pixel_values.shape == (3, 64, 64)
+    assert prepared.sam.original_size == (20, 50) and prepared.sam.resized_size == (26, 64)
+
+
+def test_dynamic_resolution_counts_merged_patches(processor):
+    processor.image_processor = _GridProcessor()
+    prepared = processor.prepare_image(Image.new("RGB", (14 * 8, 14 * 6)))
+    assert prepared.num_image_tokens == 6 * 8 // 4
+    assert set(prepared.vision_inputs) == {"pixel_values", "image_grid_thw"}
+    processor.image_processor.merge_size = 1
+    assert processor.prepare_image(Image.new("RGB", (28, 28))).num_image_tokens == 4
+
+
+def test_template_follows_the_backbone_family(processor):
+    assert processor.template == "llava_v1"
+    processor.backbone = BackboneConfig(family="qwen2_vl")
+    assert processor.template == "chatml"
+
+
+def test_encode_uses_the_given_image_token_count(processor):
+    turns = [tokens.Turn("what?", "It is [SEG].")]
+    image = processor.ids.image
+    assert int((processor.encode(turns).input_ids == image).sum()) == 16
+    assert int((processor.encode(turns, 5).input_ids == image).sum()) == 5
+
+
+def test_decode_keeps_seg_and_key_and_drops_end_of_sequence(processor):
+    ids = processor.tokenizer("It is", add_special_tokens=False)["input_ids"]
+    text = processor.decode([*ids, processor.ids.seg, processor.ids.key, processor.ids.eos])
+    assert text == "It is [SEG] [KEY]"
+
+
+def test_save_and_load_round_trip(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / PROCESSOR_FILE).read_text())
+    assert meta == {"num_image_tokens": 16, "sam_image_size": 64}
+    loaded = KeySegProcessor.from_pretrained(tmp_path, BackboneConfig())
+    assert loaded.num_image_tokens == 16 and loaded.sam_image_size == 64
+    assert loaded.ids == processor.ids
+    turns = [tokens.Turn("where?", "It is [SEG]. [KEY] cup")]
+    assert torch.equal(loaded.encode(turns).input_ids, processor.encode(turns).input_ids)
+    picture = Image.new("RGB", (40, 30), (200, 10, 10))
+    torch.testing.assert_close(loaded.prepare_image(picture).vision_inputs["pixel_values"],
+                               processor.prepare_image(picture).vision_inputs["pixel_values"])
+
+
+def test_loading_a_directory_without_the_processor_file_names_it(tmp_path):
+    with pytest.raises(KeySegCheckpointError, match=rf"{PROCESSOR_FILE}: missing"):
+        KeySegProcessor.from_pretrained(tmp_path, BackboneConfig())
