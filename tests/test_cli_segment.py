@@ -257,6 +257,8 @@ def test_debug_traceback_and_interrupt_status_of_the_real_process(tmp_path):
     assert "missing.png" in debug.stderr.strip().splitlines()[-1]
     script = textwrap.dedent("""
         import os, signal, sys
+        # as in a terminal: a job started in the background inherits SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from keyseg import cli
         from keyseg.commands import segment
         segment.run = lambda args: os.kill(os.getpid(), signal.SIGINT)
