@@ -200,3 +200,13 @@ def test_keyword_loss_on_cuda_equals_cpu():
     gpu = keyword_alignment_loss(key.cuda(), table.cuda(), ids, ignore_ids=(0,),
                                  exclude_ids=(9,))
     torch.testing.assert_close(gpu.cpu(), cpu)
+
+
+def test_keyword_loss_default_target_is_the_first_token():
+    torch.manual_seed(0)
+    key, table = torch.randn(1, 8), torch.randn(10, 8)
+    table[3] = table[5] = key[0]
+    ids = [torch.tensor([3, 5])]
+    default = keyword_alignment_loss(key, table, ids)
+    assert torch.equal(default, keyword_alignment_loss(key, table, ids, target="first"))
+    assert not torch.allclose(default, keyword_alignment_loss(key, table, ids, target="all"))
