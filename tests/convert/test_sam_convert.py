@@ -333,3 +333,13 @@ def test_report_against_a_hand_made_target() -> None:
     assert report.unused_source == ["image_encoder.blocks.9.norm1.bias"]
     assert report.derived == {TIED: fourier} and converted[TIED] is converted[fourier]
     assert report.duplicates == [] and not report.ok
+
+
+def test_an_unknown_name_does_not_stop_the_conversion() -> None:
+    z = torch.zeros
+    src = {"image_encoder.blocks.0.attn.scale": z(1), "image_encoder.neck.2.weight": z(4, 4),
+           "mask_decoder.iou_token.weight": z(1, 4)}
+    converted, report = convert_sam_state_dict(src)
+    assert report.unused_source == ["image_encoder.blocks.0.attn.scale"]
+    assert set(report.mapped) == {"image_encoder.neck.2.weight", "mask_decoder.iou_token.weight"}
+    assert set(converted) == set(report.mapped.values())

@@ -247,3 +247,15 @@ def test_predict_on_cuda_matches_cpu(tiny_model_factory, make_batch):
     got = gpu.predict(batch.to(torch.device("cuda"), torch.float32))
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3)
+
+
+def test_key_embedding_is_read_before_the_key_token_by_default(tiny_model_factory):
+    model = tiny_model_factory(seed=0)
+    assert model.config.backbone.hidden_state == "before"
+    ids = model.processor.encode([tokens.Turn("q?", "It is [SEG]. [KEY] red cup")]).input_ids
+    hidden = torch.randn(ids.shape[0], model.text_hidden_fcs[0].in_features)
+    key_at = int((ids == model.processor.ids.key).nonzero()[0])
+    with torch.no_grad():
+        _, key = model.special_embeddings(ids, hidden)
+        head = model.keyword_text_proj or model.text_hidden_fcs
+        torch.testing.assert_close(key[0], head(hidden[key_at - 1]))
