@@ -194,15 +194,18 @@ def test_normalised_names_keep_the_file_each_tensor_came_from():
     z = torch.zeros
     checkpoint = Checkpoint(
         {"module.base_model.model.m.q.base_layer.weight": z(3, 4),
+         "module.base_model.model.m.q.base_layer.bias": z(3),
          "module.base_model.model.m.q.lora_A.default.weight": z(2, 4),
          "module.base_model.model.m.q.lora_B.default.weight": z(3, 2),
          "module.head.weight": z(1), "loose.bias": z(1)},
         origin={"module.base_model.model.m.q.base_layer.weight": Path("shard-1.bin"),
+                "module.base_model.model.m.q.base_layer.bias": Path("shard-3.bin"),
                 "module.head.weight": Path("shard-2.bin")},
         source=Path("run/ckpt"))
     normalised, merged = _normalise_names(checkpoint, lora_alpha=2.0)
     assert merged == 1 and normalised.source == Path("run/ckpt")
     assert normalised.origin == {"m.q.weight": Path("shard-1.bin"),
+                                 "m.q.bias": Path("shard-3.bin"),
                                  "head.weight": Path("shard-2.bin"),
                                  "loose.bias": Path("run/ckpt")}
     assert normalised.where("m.q.weight") == "shard-1.bin: m.q.weight"
