@@ -13,6 +13,7 @@ Usage::
     python benchmarks/mutation.py                 # every group, then the score table
     python benchmarks/mutation.py losses fusion   # some groups
     python benchmarks/mutation.py --report        # the table from the results so far
+    python benchmarks/mutation.py --survivors     # retest the survivors (after new tests)
 """
 
 from __future__ import annotations
@@ -95,12 +96,17 @@ def prepare(group: str) -> Path:
     return folder
 
 
-def run(group: str) -> None:
+def run(group: str, survivors_only: bool = False) -> None:
     folder = prepare(group)
     _, patterns, _ = GROUPS[group]
+    if survivors_only:  # after adding tests: retest just the mutants that survived
+        patterns = results(group)[1]
+        if not patterns:
+            return
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)  # mutmut puts its mutated copy first on the path
-    print(f"== {group}: mutmut run {' '.join(patterns)}", flush=True)
+    print(f"== {group}: mutmut run {' '.join(patterns[:4])}"
+          + (f" (+{len(patterns) - 4})" if len(patterns) > 4 else ""), flush=True)
     with open(folder / "mutmut.log", "w", encoding="utf-8") as log:
         subprocess.run(["nice", "-n", "10", _mutmut(), "run", "--max-children", "1",
                         *patterns], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -149,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("groups", nargs="*", metavar="GROUP",
                         help=f"groups to run (default: all of {', '.join(GROUPS)})")
     parser.add_argument("--report", action="store_true", help="only print the table")
+    parser.add_argument("--survivors", action="store_true",
+                        help="retest only the mutants that survived the last run")
     args = parser.parse_args(argv)
     groups = args.groups or list(GROUPS)
     unknown = [g for g in groups if g not in GROUPS]
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
     if not args.report:
         for group in groups:
-            run(group)
+            run(group, survivors_only=args.survivors)
     report(groups)
     return 0
 
