@@ -367,3 +367,13 @@ def test_map_state_report_names_every_kind_of_problem():
                               "sam.sam.vision_encoder.neck.layer_norm2.bias",
                               "sam.sam." + fourier, "sam.sam." + tied}
     assert not report.ok
+
+
+def test_map_state_without_a_sam_part_reports_mismatches_too():
+    from keyseg.convert.lisa import LisaConversionReport, SourceTensors, _compile, map_state
+
+    report = LisaConversionReport()
+    source = SourceTensors(tensors={"w": torch.zeros(3)})
+    map_state(source, {"x.w": torch.zeros(2)}, _compile(((r"w", "x.w"),)), {}, (), report)
+    assert report.shape_mismatches == [("w", "x.w", (3,), (2,))]
+    assert report.mapped == {"w": "x.w"} and report.unused_source == []
