@@ -22,9 +22,12 @@ def processor():
 
 
 class _GridProcessor:
-    """A Qwen2-VL-like image processor: a (t, h, w) patch grid per image, 2x2 merge."""
+    """A Qwen2-VL-like image processor: a (t, h, w) patch grid per image, 2x2 merge (no
+    ``merge_size`` attribute at all when ``merge_size=None``)."""
 
-    merge_size = 2
+    def __init__(self, merge_size: int | None = 2) -> None:
+        if merge_size is not None:
+            self.merge_size = merge_size
 
     def __call__(self, images, return_tensors):
         width, height = images[0].size
@@ -85,3 +88,37 @@ def test_save_and_load_round_trip(processor, tmp_path):
 def test_loading_a_directory_without_the_processor_file_names_it(tmp_path):
     with pytest.raises(KeySegCheckpointError, match=rf"{PROCESSOR_FILE}: missing"):
         KeySegProcessor.from_pretrained(tmp_path, BackboneConfig())
+
+
+def test_dynamic_resolution_without_a_merge_size_counts_every_patch(processor):
+    processor.image_processor = _GridProcessor(merge_size=None)  # does not merge patches
+    prepared = processor.prepare_image(Image.new("RGB", (14 * 4, 14 * 3)))
+    assert prepared.num_image_tokens == 12 and type(prepared.num_image_tokens) is int
+    processor.image_processor = _GridProcessor()
+    merged = processor.prepare_image(Image.new("RGB", (14 * 4, 14 * 3))).num_image_tokens
+    assert merged == 3 and type(merged) is int
+
+
+def test_encode_follows_the_backbone_image_token_and_template():
+    turns = [tokens.Turn("what?", "It is [SEG].")]
+    custom = KeySegProcessor(build_tiny_tokenizer(), tiny_image_processor(32),
+                             BackboneConfig(image_token="<picture>"), 4, 64)
+    assert int((custom.encode(turns).input_ids == custom.ids.image).sum()) == 4
+    chat = KeySegProcessor(build_tiny_tokenizer(), tiny_image_processor(32),
+                           BackboneConfig(family="qwen2_vl"), 4, 64)
+    text = chat.tokenizer.decode(chat.encode(turns).input_ids)
+    assert text.removeprefix(chat.tokenizer.bos_token or "").startswith("<|im_start|>system")
+
+
+def test_qwen_family_directory_loads_the_qwen_image_processor(tmp_path):
+    from transformers import Qwen2VLImageProcessorPil
+
+    backbone = BackboneConfig(family="qwen2_vl")
+    saved = KeySegProcessor(build_tiny_tokenizer(), Qwen2VLImageProcessorPil(), backbone,
+                            num_image_tokens=0, sam_image_size=64)
+    saved.save_pretrained(tmp_path)
+    loaded = KeySegProcessor.from_pretrained(tmp_path, backbone)
+    assert type(loaded.image_processor) is Qwen2VLImageProcessorPil
+    picture = Image.new("RGB", (56, 84))
+    assert loaded.prepare_image(picture).num_image_tokens == (
+        saved.prepare_image(picture).num_image_tokens) > 0
