@@ -122,3 +122,29 @@ def test_qwen_family_directory_loads_the_qwen_image_processor(tmp_path):
     picture = Image.new("RGB", (56, 84))
     assert loaded.prepare_image(picture).num_image_tokens == (
         saved.prepare_image(picture).num_image_tokens) > 0
+
+
+def _raw_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    from keyseg.model.tiny import BASE_SPECIAL_TOKENS, train_byte_level_bpe
+
+    raw = train_byte_level_bpe(None, 600, BASE_SPECIAL_TOKENS, unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+
+
+@pytest.mark.parametrize("convention", ["lisa", "v0"])
+def test_the_processor_registers_the_backbone_tokens(convention):
+    backbone = BackboneConfig(image_token="<picture>", use_im_start_end=True,
+                              convention=convention)
+    processor = KeySegProcessor(_raw_tokenizer(), tiny_image_processor(32), backbone, 4, 64)
+    vocab = processor.tokenizer.get_vocab()
+    assert processor.ids.image == vocab["<picture>"] and "<image>" not in vocab
+    assert (processor.ids.im_start, processor.ids.im_end) == (vocab["<im_start>"],
+                                                              vocab["<im_end>"])
+    seg = next(t for t in processor.tokenizer.added_tokens_decoder.values()
+               if str(t) == "[SEG]")
+    assert seg.lstrip is seg.rstrip is (convention == "lisa")
+    plain = KeySegProcessor(_raw_tokenizer(), tiny_image_processor(32), BackboneConfig(), 4, 64)
+    assert plain.ids.im_start is None and "<im_start>" not in plain.tokenizer.get_vocab()
