@@ -386,3 +386,45 @@ def test_resize_without_mean_init_leaves_new_rows_far_from_the_mean():
     new_rows = model.get_input_embeddings().weight.detach()[10:]
     # a fresh initialisation, not HF's mean resizing (rows within ~1e-3 of the mean)
     assert float((new_rows - mean).abs().max()) > 1e-2
+
+
+def test_encoding_defaults_to_the_lisa_convention():
+    tokenizer = _raw_tokenizer()
+    tokens.add_special_tokens(tokenizer, use_im_start_end=True)
+    ids = tokens.special_token_ids(tokenizer, use_im_start_end=True)
+    turns = [tokens.Turn("what?", "It is [SEG].")]
+    default = tokens.encode_conversation(tokenizer, turns, ids, 2, system_prompt=SYSTEM)
+    lisa = tokens.encode_conversation(tokenizer, turns, ids, 2, system_prompt=SYSTEM,
+                                      convention="lisa")
+    assert torch.equal(default.input_ids, lisa.input_ids)
+
+
+def test_answers_end_with_the_tokenizers_own_end_token():
+    tokenizer = _raw_tokenizer()
+    tokenizer.eos_token = "<pad>"  # not LLaMA's "</s>"
+    tokens.add_special_tokens(tokenizer)
+    ids = tokens.special_token_ids(tokenizer)
+    encoded = tokens.encode_conversation(tokenizer, [tokens.Turn("q?", "It is [SEG].")], ids,
+                                         2, system_prompt=SYSTEM)
+    assert encoded.input_ids[-1] == tokenizer.convert_tokens_to_ids("<pad>")
+    assert tokenizer.convert_tokens_to_ids("</s>") not in encoded.input_ids.tolist()
+
+
+def test_two_image_placeholders_are_counted_in_the_error(tokenizer, ids):
+    with pytest.raises(KeySegInputError, match=r"expected exactly one <image> in the prompt, "
+                                               r"found 2$"):
+        tokens.encode_conversation(tokenizer, [tokens.Turn("a <image> here?", "It is [SEG].")],
+                                   ids, 2, system_prompt=SYSTEM)
+
+
+def test_the_tokenizers_own_special_tokens_keep_their_flags():
+    from tokenizers import AddedToken
+
+    tokenizer = _raw_tokenizer()
+    tokenizer.add_tokens([AddedToken("<|image_pad|>", special=True, normalized=False)],
+                         special_tokens=True)
+    tokens.add_special_tokens(tokenizer, image_token="<|image_pad|>")
+    pad = next(t for t in tokenizer.added_tokens_decoder.values() if str(t) == "<|image_pad|>")
+    assert pad.special is True
+    assert tokenizer.decode(tokenizer("a<|image_pad|>b")["input_ids"],
+                            skip_special_tokens=True).replace(" ", "") == "ab"
