@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: install browser demo test lint clean
+.PHONY: install browser demo test test-cuda lint mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,21 @@ test: install browser
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
+# On a machine with a CUDA device: only the tests marked `cuda` (they skip elsewhere).
+test-cuda: install
+	$(BIN)/python -m pytest -m cuda -rs
+
+# Mutation testing of the core modules (docs/BENCHMARKS.md): a measurement, not a CI gate.
+# One mutmut run per module against that module's own tests, in mutants-work/<group>/
+# (works from a clean clone); one worker, niced. GROUPS=... narrows it, e.g.
+#   make mutation GROUPS="losses fusion"
+GROUPS ?=
+mutation: install
+	$(BIN)/python benchmarks/mutation.py $(GROUPS)
+
 lint: install
 	$(BIN)/ruff check src tests benchmarks experiments
 	$(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache outputs
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache outputs mutants mutants-work

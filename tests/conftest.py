@@ -10,6 +10,21 @@ from helpers import make_record
 from keyseg.data.collate import Collator, ImageExample, record_to_example
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cuda`` tests skip where no CUDA device is present (``make test-cuda``
+    runs just them on a GPU machine)."""
+    cuda_items = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in cuda_items:
+        item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_factory():
     from keyseg.build import build_tiny_model

@@ -86,8 +86,17 @@ def answer_ids(processor: KeySegProcessor, text: str, segs: int = 0,
 
 
 # The steering repository's shared/ folder (reference fixtures made by other code) sits
-# beside the checkout on the development machines and in CI.
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# beside the checkout on the development machines and in CI. It is looked for upwards from
+# tests/, so a copy of the tests one level deeper (mutmut's mutants/) finds it too.
+def _find_shared() -> Path:
+    here = Path(__file__).resolve().parent
+    for folder in here.parents:
+        if (folder / "shared").is_dir():
+            return folder / "shared"
+    return here.parents[1] / "shared"
+
+
+SHARED = _find_shared()
 
 
 def shared_path(relative: str) -> Path:

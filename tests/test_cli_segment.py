@@ -166,3 +166,114 @@ def test_the_shapes_world_note_is_for_the_embedded_default_only(tmp_path):
     assert uses_embedded_default(argparse.Namespace(checkpoint=None))
     assert not uses_embedded_default(argparse.Namespace(checkpoint=tmp_path))
     assert not uses_embedded_default(argparse.Namespace(checkpoint="org/name"))
+
+def test_batch_folder_with_query_segments_every_image_and_lists_failures(tmp_path, scripted,
+                                                                       capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    write_image(folder / "b.png")
+    write_image(folder / "a.jpg", 20, 40, seed=1)
+    (folder / "a.png").write_text("not an image")  # same stem as a.jpg: named a.png
+    (folder / "notes.txt").write_text("not an image suffix: not an item")
+    out = tmp_path / "out"
+    assert cli.main(["batch", str(folder), "--query", "the red shape", "--out", str(out)]) == 1
+    summary = capsys.readouterr()
+    assert "3 items: 2 segmented, 0 already done (skipped), 1 failed" in summary.out
+    assert str(out / "failures.json") in summary.out
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "b", "failures.json"]
+    for item in ("a.jpg", "b"):
+        result = json.loads((out / item / "result.json").read_text())
+        assert result["query"] == "the red shape" and result["id"] == item
+        assert result["image"] == str(folder / ("a.jpg" if item == "a.jpg" else "b.png"))
+    (failure,) = json.loads((out / "failures.json").read_text())
+    assert failure["id"] == "a.png"
+    assert "a.png" in failure["error"] and "not a readable image file" in failure["error"]
+    assert set(failure) == {"id", "error"}
+
+
+def test_batch_jsonl_line_errors_are_listed_in_failures_json(tmp_path, scripted, capsys):
+    write_image(tmp_path / "a.png")
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join([
+        "{not json",
+        json.dumps({"query": "no image"}),
+        json.dumps({"image": "a.png"}),
+        json.dumps({"image": "a.png", "query": "q", "id": "x"}),
+        json.dumps({"image": "a.png", "query": "q again", "id": "x"}),
+    ]) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["batch", str(source), "--out", str(out)]) == 1
+    failures = {f["id"]: f["error"] for f in json.loads((out / "failures.json").read_text())}
+    assert set(failures) == {"line_1", "line_2", "line_3", "x"}
+    assert failures["line_1"].startswith(f"{source}:1: not JSON")
+    assert failures["line_2"] == f"{source}:2: 'image' missing"
+    assert failures["line_3"] == f"{source}:3: 'query' missing"
+    assert failures["x"] == "duplicate id 'x'"
+    assert json.loads((out / "x" / "result.json").read_text())["query"] == "q"
+    # --query fills in lines without one
+    again = tmp_path / "again"
+    assert cli.main(["batch", str(source), "--out", str(again), "--query", "default q"]) == 1
+    assert "line_3" not in {f["id"] for f in json.loads((again / "failures.json").read_text())}
+    capsys.readouterr()
+
+
+def _raising_command(monkeypatch, error):
+    from keyseg.commands import segment
+
+    def run(args):
+        raise error
+
+    monkeypatch.setattr(segment, "run", run)
+
+
+def test_errors_are_one_line_unless_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    from keyseg.errors import KeySegInputError
+
+    _raising_command(monkeypatch, KeySegInputError("the query is empty"))
+    argv = ["segment", str(tmp_path / "a.png"), "q"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "keyseg segment: error: the query is empty\n"
+    with pytest.raises(KeySegInputError, match="the query is empty"):
+        cli.main(["--debug", *argv])
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
+    _raising_command(monkeypatch, KeyboardInterrupt())
+    assert cli.main(["segment", str(tmp_path / "a.png"), "q"]) == 130
+    assert capsys.readouterr().err == "keyseg segment: interrupted\n"
+
+
+def test_unexpected_errors_are_not_swallowed(tmp_path, monkeypatch):
+    _raising_command(monkeypatch, RuntimeError("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["segment", str(tmp_path / "a.png"), "q"])
+
+
+def test_debug_traceback_and_interrupt_status_of_the_real_process(tmp_path):
+    """The installed entry point: --debug prints the traceback; SIGINT gives status 130."""
+    import textwrap
+
+    missing = tmp_path / "missing.png"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    plain = subprocess.run([sys.executable, "-m", "keyseg.cli", "segment", str(missing), "q"],
+                           capture_output=True, text=True, env=env)
+    debug = subprocess.run([sys.executable, "-m", "keyseg.cli", "--debug", "segment",
+                            str(missing), "q"], capture_output=True, text=True, env=env)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert len(plain.stderr.strip().splitlines()) == 1 and "missing.png" in plain.stderr
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    assert "missing.png" in debug.stderr.strip().splitlines()[-1]
+    script = textwrap.dedent("""
+        import os, signal, sys
+        # as in a terminal: a job started in the background inherits SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from keyseg import cli
+        from keyseg.commands import segment
+        segment.run = lambda args: os.kill(os.getpid(), signal.SIGINT)
+        sys.exit(cli.main(["segment", "x.png", "q"]))
+    """)
+    interrupted = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                                 text=True, env=env)
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert interrupted.stderr.strip() == "keyseg segment: interrupted"

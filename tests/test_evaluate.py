@@ -56,6 +56,17 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _by_hand(rows: list[dict]) -> tuple[float, float, int]:
+    """gIoU, cIoU and mask count of per-sample rows: mean of I/(U+1e-5) (1 when U = 0) and
+    sum I / (sum U + 1e-10)."""
+    scores, inter, union = [], 0, 0
+    for row in rows:
+        for i, u in zip(row["I"], row["U"], strict=True):
+            scores.append(1.0 if u == 0 else i / (u + 1e-5))
+            inter, union = inter + i, union + u
+    return sum(scores) / len(scores), inter / (union + 1e-10), len(scores)
+
+
 # --------------------------------------------------------------------------- prompts
 
 
@@ -142,6 +153,11 @@ def test_cli_report_matches_jsonl_in_both_modes_and_honours_limit(
         assert recomputed["n"] == entry["n"]
         assert recomputed["giou"] == pytest.approx(entry["giou"], abs=1e-12)
         assert recomputed["ciou"] == pytest.approx(entry["ciou"], abs=1e-12)
+        # and by hand from the per-mask counts (SPEC §6), not through SegMetrics
+        giou, ciou, n = _by_hand(lines)
+        assert n == entry["n"] > 0
+        assert entry["giou"] == pytest.approx(giou, abs=1e-12)
+        assert entry["ciou"] == pytest.approx(ciou, abs=1e-12)
         assert sum(sum(row["I"]) for row in lines) == entry["intersection"]
         assert sum(sum(row["U"]) for row in lines) == entry["union"]
         assert entry["no_seg"] == sum(row["no_seg"] for row in lines)
@@ -237,11 +253,24 @@ def test_keyword_accuracy_counts_decoded_keywords_equal_to_the_referents(tiny_mo
 
 
 def test_per_difficulty_breakdown_sums_to_the_whole(tiny_model_factory):
-    result = run_evaluation(tiny_model_factory(seed=0), ShapesDataset("test", SMALL), limit=2,
-                            progress=False, batch_size=2)
+    """Each difficulty's gIoU/cIoU are those of its own masks (recomputed by hand from the
+    per-sample rows), and the parts add up to the whole."""
+    result = run_evaluation(tiny_model_factory(seed=0), ShapesDataset("test", SMALL), limit=3,
+                            progress=False, batch_size=2, keep_per_sample=True)
     parts = result.metrics["by_difficulty"]
     assert sum(p["n"] for p in parts.values()) == result.metrics["n"]
-    assert result.metrics["records"] == 2
+    assert result.metrics["records"] == 3
+    groups: dict[str, list[dict]] = {}
+    for row in result.per_sample:
+        groups.setdefault(row["difficulty"], []).append(row)
+    assert set(parts) == set(groups) and len(groups) > 1
+    for label, rows in groups.items():
+        giou, ciou, n = _by_hand(rows)
+        assert parts[label]["n"] == n
+        assert parts[label]["giou"] == pytest.approx(giou, abs=1e-12)
+        assert parts[label]["ciou"] == pytest.approx(ciou, abs=1e-12)
+    overall = _by_hand(result.per_sample)
+    assert result.metrics["giou"] == pytest.approx(overall[0], abs=1e-12)
 
 
 # --------------------------------------------------------------------------- distributed

@@ -16,11 +16,30 @@ from keyseg.model.keyseg import KeySegModel
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny LoRA model after a few AdamW steps, saved as a run's final/ model."""
+    """A tiny LoRA model after a few AdamW steps (its LoRA B matrices are no longer zero, so
+    an export that dropped the adapters would change the outputs), and a run directory."""
+    import random
+
+    from helpers import make_record
     from keyseg.build import build_tiny_model
+    from keyseg.data.collate import Collator, record_to_example
 
     model = build_tiny_model(seed=3, lora=True)
+    example = record_to_example(make_record(seed=0), random.Random(0),
+                                use_keyword=model.settings.use_keyword)
+    batch = Collator(model.processor, mode="train")([example])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(batch).loss.backward()
+        optimizer.step()
+    model.eval()
     return model, tmp_path_factory.mktemp("run")
+
+
+def _lora_b(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
 
 
 def _outputs(model, batch):
@@ -35,12 +54,6 @@ def _outputs(model, batch):
 def test_merged_export_reproduces_the_unmerged_model(trained, make_batch):
     model, run_dir = trained
     batch = make_batch(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(batch).loss.backward()
-        optimizer.step()
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(float(p.abs().max()) > 0 for p in lora_b)  # LoRA really trained
     logits, masks = _outputs(model, batch)
@@ -77,6 +90,11 @@ def test_unmerged_export_keeps_adapters_and_loads(trained, make_batch, tmp_path)
     assert result.merged_lora == 0 and result.shards == 1
     loaded = KeySegModel.from_pretrained(tmp_path / "out")
     assert hasattr(loaded.backbone.vlm, "peft_config")
+    original, again = _lora_b(model), _lora_b(loaded)
+    assert original and any(float(t.abs().max()) > 0 for t in original.values())
+    assert set(again) == set(original)
+    for name, tensor in original.items():
+        assert torch.equal(again[name], tensor), name
     batch = make_batch(model)
     for a, b in zip(_outputs(loaded, batch)[1], _outputs(model, batch)[1], strict=True):
         torch.testing.assert_close(a, b)
@@ -105,3 +123,79 @@ def test_single_file_model_directory_still_loads(trained, make_batch, tmp_path):
     batch = make_batch(model)
     for a, b in zip(_outputs(loaded, batch)[1], _outputs(model, batch)[1], strict=True):
         torch.testing.assert_close(a, b)
+
+
+def _run_with_weights(model, run_dir):
+    """A run directory: final/ plus best/ and two step checkpoints whose trainable weights
+    differ from final/ by a known constant each."""
+    from safetensors.torch import save_file
+
+    model.save_pretrained(run_dir / "final")
+    name = "embedding_table_proj.weight"
+    base = model.state_dict()[name]
+    files = {"best": run_dir / "best", "step-0000009": run_dir / "checkpoints" / "step-0000009",
+             "step-0000010": run_dir / "checkpoints" / "step-0000010",
+             "file": run_dir / "elsewhere"}
+    shifts = {"best": 1.0, "step-0000009": 2.0, "step-0000010": 3.0, "file": 4.0}
+    for key, folder in files.items():
+        folder.mkdir(parents=True)
+        save_file({name: (base + shifts[key]).contiguous()},
+                  str(folder / "trainable.safetensors"))
+    return name, base, shifts
+
+
+@pytest.mark.parametrize(("weights", "shift"),
+                         [(None, 0.0), ("best", 1.0), ("latest", 3.0), ("file", 4.0)])
+def test_export_weights_choice_lays_those_weights_over_final(trained, tmp_path, weights,
+                                                             shift):
+    from safetensors.torch import load_file
+
+    model, _ = trained
+    run = tmp_path / "run"
+    name, base, _ = _run_with_weights(model, run)
+    argv = ["export", str(run), str(tmp_path / "out")]
+    if weights == "file":
+        argv += ["--weights", str(run / "elsewhere" / "trainable.safetensors")]
+    elif weights is not None:
+        argv += ["--weights", weights]
+    assert cli_main(argv) == 0
+    state = {}
+    for shard in (tmp_path / "out").glob("model*.safetensors"):
+        state.update(load_file(str(shard)))
+    torch.testing.assert_close(state[name], base + shift, rtol=0, atol=0)
+    assert json.loads((tmp_path / "out" / "export.json").read_text())["weights"] == (
+        str(run / "elsewhere" / "trainable.safetensors") if weights == "file" else weights)
+
+
+def test_export_weights_errors_name_what_is_missing(trained, tmp_path, capsys):
+    model, _ = trained
+    run = tmp_path / "run"
+    model.save_pretrained(run / "final")
+    assert cli_main(["export", str(run), str(tmp_path / "o1"), "--weights", "best"]) == 2
+    assert "best/trainable.safetensors: trainable weights not found" in capsys.readouterr().err
+    assert cli_main(["export", str(run), str(tmp_path / "o2"), "--weights", "latest"]) == 2
+    assert "no step checkpoint" in capsys.readouterr().err
+    (run / "bad.safetensors").write_text("garbage")
+    assert cli_main(["export", str(run), str(tmp_path / "o3"), "--weights",
+                     str(run / "bad.safetensors")]) == 2
+    assert "bad.safetensors: cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16),
+                                             ("fp32", torch.float32)])
+def test_export_dtype_casts_the_written_weights(trained, tmp_path, flag, dtype):
+    from safetensors.torch import load_file
+
+    model, _ = trained
+    model.save_pretrained(tmp_path / "m")
+    assert cli_main(["export", str(tmp_path / "m"), str(tmp_path / "out"), "--dtype",
+                     flag]) == 0
+    floats = {t.dtype for shard in (tmp_path / "out").glob("model*.safetensors")
+              for t in load_file(str(shard)).values() if t.is_floating_point()}
+    assert floats == {dtype}
+    assert json.loads((tmp_path / "out" / "export.json").read_text())["dtype"] == (
+        str(dtype).removeprefix("torch."))
+    loaded = KeySegModel.from_pretrained(tmp_path / "out")
+    name = "embedding_table_proj.weight"
+    torch.testing.assert_close(loaded.state_dict()[name].to(dtype),
+                               model.state_dict()[name].to(dtype), rtol=0, atol=0)

@@ -107,7 +107,7 @@ def test_shape_mismatch_is_reported() -> None:
         intersection_union(np.zeros((2, 2)), np.zeros((3, 2)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_and_cpu_counts_are_identical() -> None:
     gen = torch.Generator().manual_seed(2)
     preds = torch.randn(8, 64, 64, generator=gen)
@@ -116,3 +116,146 @@ def test_cuda_and_cpu_counts_are_identical() -> None:
     cpu, gpu = SegMetrics(), SegMetrics()
     assert cpu.update(preds, targets) == gpu.update(preds.cuda().half(), targets.cuda())
     assert cpu.state_dict() == gpu.state_dict()
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_a_logit_of_exactly_zero_is_not_foreground(as_torch) -> None:
+    pred = np.array([[[0.0, 1e-3], [-1e-3, 0.0]]], np.float32)
+    target = np.array([[[1, 1], [0, 0]]], np.uint8)
+    if as_torch:
+        pred, target = torch.from_numpy(pred), torch.from_numpy(target)
+    # only the 1e-3 logit is a predicted pixel: I = 1, U = 2
+    assert SegMetrics().update(pred, target) == [(1, 2)]
+
+
+def test_empty_accumulator_scores_zero() -> None:
+    assert SegMetrics().compute() == {"giou": 0.0, "ciou": 0.0, "n": 0}
+
+
+def test_wrong_ranks_are_refused_with_the_shapes() -> None:
+    with pytest.raises(ValueError, match=r"expects \(H, W\) masks, got \(2, 2\) and \(1, 2, 2\)"):
+        intersection_union(np.zeros((2, 2)), np.zeros((1, 2, 2)))
+    with pytest.raises(ValueError, match=r"expects \(H, W\) masks, got \(1, 2, 2\) and \(2, 2\)"):
+        intersection_union(np.zeros((1, 2, 2)), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"expects \(H, W\) or \(n, H, W\) masks, got \(2, 2\)"):
+        SegMetrics().update(np.zeros((2, 2)), np.zeros((1, 2, 2)))
+    with pytest.raises(ValueError, match=r"got \(1, 1, 2, 2\)"):
+        SegMetrics().update(np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)))
+
+
+def test_invalid_precomputed_counts_are_refused() -> None:
+    m = SegMetrics()
+    with pytest.raises(ValueError, match=r"invalid mask counts I=3, U=2 \(need 0 <= I <= U\)"):
+        m.update_counts(3, 2)
+    with pytest.raises(ValueError, match="I=-1"):
+        m.update_counts(-1, 4)
+    with pytest.raises(ValueError):
+        m.update_counts([1, 2], [3])  # one union for two masks
+    with pytest.raises(ValueError, match="I=5, U=4"):
+        m.update_counts([1, 5], [2, 4])  # the valid first pair is not kept either
+    assert m.state_dict() == {"sum_iou": 0.0, "n": 0, "intersection": 0, "union": 0}
+
+
+def test_reduce_keeps_the_score_sum_in_float64_and_the_counts_exact() -> None:
+    m = SegMetrics()
+    m.update_counts([1, 1, 1], [3, 7, 9])
+    before = m.sum_iou
+    seen = []
+
+    def identity(t):
+        seen.append(t.dtype)
+        return t.clone()
+
+    m.reduce_(identity)
+    assert seen == [torch.float64, torch.int64]
+    assert m.sum_iou == before  # exactly: no float32 round trip
+    assert (m.n, m.intersection, m.union) == (3, 3, 19)
+
+
+class _Accelerator:
+    """``num_processes`` identical processes: ``reduce(t, "sum")`` multiplies by that."""
+
+    def __init__(self, processes: int) -> None:
+        self.num_processes, self.device, self.calls = processes, torch.device("cpu"), []
+
+    def reduce(self, tensor, reduction):
+        self.calls.append((tensor.dtype, tensor.device, reduction))
+        assert reduction == "sum"
+        return tensor * self.num_processes
+
+
+def test_all_reduce_through_an_accelerator_sums_the_state() -> None:
+    m = SegMetrics()
+    m.update_counts([2, 0], [4, 0])
+    single = _Accelerator(1)
+    assert m.all_reduce(single) is m and single.calls == []
+    assert m.state_dict() == {"sum_iou": iou_score(2, 4) + 1.0, "n": 2, "intersection": 2,
+                              "union": 4}
+    two = _Accelerator(2)
+    assert m.all_reduce(two) is m
+    assert two.calls == [(torch.float64, torch.device("cpu"), "sum"),
+                         (torch.int64, torch.device("cpu"), "sum")]
+    assert m.state_dict() == {"sum_iou": 2 * (iou_score(2, 4) + 1.0), "n": 4,
+                              "intersection": 4, "union": 8}
+
+
+def test_all_reduce_through_torch_distributed(monkeypatch) -> None:
+    dist = torch.distributed
+    m = SegMetrics()
+    m.update_counts([1], [2])
+    assert m.all_reduce() is m and m.n == 1  # not initialised: nothing to do
+    calls = []
+
+    def all_reduce(tensor, op):
+        calls.append((tensor.dtype, tensor.device.type, op))
+        tensor.mul_(3)
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    assert m.all_reduce() is m and calls == [] and m.n == 1
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert m.all_reduce() is m
+    assert calls == [(torch.float64, "cpu", dist.ReduceOp.SUM),
+                     (torch.int64, "cpu", dist.ReduceOp.SUM)]
+    assert m.state_dict() == {"sum_iou": 3 * iou_score(1, 2), "n": 3, "intersection": 3,
+                              "union": 6}
+
+
+@pytest.mark.cuda
+def test_mixed_cuda_and_numpy_inputs_count_like_cpu() -> None:
+    gen = torch.Generator().manual_seed(3)
+    preds = torch.randn(4, 32, 32, generator=gen)
+    targets = torch.randint(0, 2, (4, 32, 32), generator=gen, dtype=torch.uint8)
+    targets[1, :5] = 255
+    expected = SegMetrics().update(preds, targets)
+    assert SegMetrics().update(preds.cuda(), targets.numpy()) == expected
+    assert SegMetrics().update(preds.numpy(), targets.cuda()) == expected
+    assert SegMetrics().update(preds.cuda() > 0, targets.cuda()) == expected
+
+
+@pytest.mark.cuda
+def test_all_reduce_on_a_one_gpu_nccl_group(monkeypatch, tmp_path) -> None:
+    """The NCCL branch moves the state to the process's GPU; a one-process group runs it
+    for real (world size reported as 2 so the reduction happens)."""
+    dist = torch.distributed
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+        m = SegMetrics()
+        m.update_counts([1, 2], [2, 2])
+        state = m.state_dict()
+        m.all_reduce()
+        assert m.state_dict() == state  # one real process: the sum is the state itself
+    finally:
+        dist.destroy_process_group()
+
+
+def test_repr_shows_the_count_and_both_scores() -> None:
+    m = SegMetrics()
+    m.update_counts([1, 3], [2, 4])
+    assert repr(m) == (f"SegMetrics(n=2, giou={(1 / (2 + 1e-5) + 3 / (4 + 1e-5)) / 2:.4f}, "
+                       f"ciou={4 / 6:.4f})")

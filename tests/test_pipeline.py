@@ -9,7 +9,7 @@ from PIL import Image
 
 from helpers import answer_ids, forced
 from keyseg import pipeline as pipeline_module
-from keyseg.errors import KeySegError
+from keyseg.errors import KeySegError, KeySegInputError
 from keyseg.pipeline import NO_SEG_MESSAGE, KeySegPipeline, Result
 from keyseg.tokens import Turn
 
@@ -43,13 +43,90 @@ def test_result_types_and_shapes_with_two_seg_answer(pipe):
     assert result.scores.shape == (2,) and result.scores.dtype == np.float32
     assert result.mask_logits.shape == (2, 30, 50)
     assert np.array_equal(result.masks, (result.mask_logits > 0).numpy())
-    assert result.message is None or "empty" in result.message
+    # a note exactly when no pixel is selected (the empty-mask cases are tested below)
+    assert (result.message is None) == bool(result.masks.any())
     (neighbours,) = result.keyword_neighbours
     assert len(neighbours) == pipe.num_neighbours
     cosines = [c for _, c in neighbours]
     assert all(isinstance(t, str) and t for t, _ in neighbours)
-    assert cosines == sorted(cosines, reverse=True) and all(-1.0 <= c <= 1.0 for c in cosines)
+    assert cosines == sorted(cosines, reverse=True)
     assert "[SEG]" not in result.text and "spoon" not in result.text
+
+
+def _neighbours_by_hand(pipe, key, k):
+    """Brute force: cosine of ``key`` with every projected row, special tokens and pieces
+    that decode to nothing readable skipped, best first."""
+    tokenizer = pipe.processor.tokenizer
+    ids = pipe.processor.ids
+    with torch.no_grad():
+        table = pipe.model.projected_table().float()
+    special = {ids.seg, ids.key, ids.image, ids.eos, ids.pad, *tokenizer.all_special_ids}
+    scored = []
+    for token in range(table.shape[0]):
+        if token in special:
+            continue
+        cosine = float(torch.dot(key, table[token]) / (key.norm() * table[token].norm()))
+        text = tokenizer.decode([token]).strip()
+        if text and "\ufffd" not in text:
+            scored.append((cosine, text))
+    scored.sort(key=lambda item: -item[0])
+    return [(text, cosine) for cosine, text in scored[:k]]
+
+
+def test_keyword_neighbours_are_the_best_cosines_of_the_whole_vocabulary(pipe, monkeypatch):
+    seen = []
+    original = pipe.keyword_neighbours
+
+    def recording(key, k=None):
+        seen.append(key.detach().clone())
+        return original(key, k)
+
+    monkeypatch.setattr(pipe, "keyword_neighbours", recording)
+    result = pipe(image(30, 50), "What would you use to eat soup?",
+                  logits_processor=scripted(pipe, segs=1))
+    (key,) = seen
+    assert key.shape[0] == 1
+    (got,) = result.keyword_neighbours
+    expected = _neighbours_by_hand(pipe, key[0].float(), pipe.num_neighbours)
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    for (_, a), (_, b) in zip(got, expected, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_keyword_neighbours_never_list_special_tokens(pipe):
+    ids = pipe.processor.ids
+    with torch.no_grad():
+        table = pipe.model.projected_table()
+    # a [KEY] equal to the [SEG] row: [SEG] itself is not a word to show
+    (row,) = pipe.keyword_neighbours(table[ids.seg][None], k=4)
+    texts = [t for t, _ in row]
+    assert "[SEG]" not in texts and "[KEY]" not in texts
+    assert texts == [t for t, _ in _neighbours_by_hand(pipe, table[ids.seg].float(), 4)]
+
+
+def _fixed_masks(monkeypatch, model, value):
+    """Make SAM's post-processing return logits of one sign everywhere."""
+    original = model.sam.postprocess_masks
+
+    def fixed(low, resized, original_size):
+        out = original(low, resized, original_size)
+        return torch.full_like(out, value)
+
+    monkeypatch.setattr(model.sam, "postprocess_masks", fixed)
+
+
+def test_empty_mask_gets_the_empty_mask_message(pipe, model, monkeypatch):
+    _fixed_masks(monkeypatch, model, -5.0)
+    result = pipe(image(30, 50), "the dog", logits_processor=scripted(pipe, segs=1))
+    assert result.masks.shape == (1, 30, 50) and not result.masks.any()
+    assert result.message is not None and "empty" in result.message
+    assert result.message != NO_SEG_MESSAGE
+
+
+def test_non_empty_mask_has_no_message(pipe, model, monkeypatch):
+    _fixed_masks(monkeypatch, model, 5.0)
+    result = pipe(image(30, 50), "the dog", logits_processor=scripted(pipe, segs=1))
+    assert result.masks.all() and result.message is None
 
 
 def test_masks_have_original_size_for_non_square_inputs_of_every_form(pipe, tmp_path):
@@ -124,13 +201,20 @@ def test_history_changes_the_prompt(pipe):
 
 
 def test_keyword_neighbours_of_a_projected_token_rank_that_token_first(pipe):
+    """A key near (not at) a word's projected row lists that word first, and the rest in
+    the order a brute-force search gives."""
     tokenizer = pipe.processor.tokenizer
     token = tokenizer(" spoon", add_special_tokens=False)["input_ids"][0]
     with torch.no_grad():
-        key = pipe.model.projected_table()[token][None]
-    (row,) = pipe.keyword_neighbours(key, k=3)
+        table = pipe.model.projected_table()
+    torch.manual_seed(0)
+    direction = torch.randn_like(table[token])
+    key = table[token] + 0.05 * table[token].norm() * direction / direction.norm()
+    (row,) = pipe.keyword_neighbours(key[None], k=3)
     assert row[0][0] == tokenizer.decode([token]).strip()
-    assert row[0][1] == pytest.approx(1.0, abs=1e-4)
+    assert 0.9 < row[0][1] < 1.0
+    expected = _neighbours_by_hand(pipe, key.float(), 3)
+    assert [t for t, _ in row] == [t for t, _ in expected]
 
 
 def test_from_pretrained_without_default_builds_random_model_with_warning(monkeypatch, capsys,
@@ -193,3 +277,138 @@ def test_display_text_leaves_no_dangling_glue_where_seg_stood(answer, shown):
     from keyseg.pipeline import display_text
 
     assert display_text(answer) == shown
+# --- question wrapping, reset, device / dtype choice, quantisation ---------------------------
+
+
+def test_question_is_wrapped_unless_it_asks_for_a_segmentation_itself(model):
+    pipe = KeySegPipeline(model)
+    assert pipe.format_question("  Where is the cup?  ") == (
+        "Where is the cup? Please output segmentation mask.")
+    assert pipe.format_question("Please SEGMENT the cup.") == "Please SEGMENT the cup."
+    assert pipe.format_question("segmentation of the dog") == "segmentation of the dog"
+    custom = KeySegPipeline(model, question_template="Q: {query} (mask)")
+    assert custom.format_question("the cup") == "Q: the cup (mask)"
+    plain = KeySegPipeline(model, question_template=None)
+    assert plain.format_question(" the cup ") == "the cup"
+    for empty in ("", "   \n"):
+        with pytest.raises(KeySegInputError, match="empty"):
+            pipe.format_question(empty)
+
+
+def test_the_wrapped_question_is_what_the_model_reads(pipe, monkeypatch):
+    seen = []
+    original = pipe.processor.encode
+
+    def recording(turns, *args, **kwargs):
+        seen.append([t.question for t in turns])
+        return original(turns, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.processor, "encode", recording)
+    pipe(image(30, 50), "the cup", max_new_tokens=2)
+    assert seen == [["the cup Please output segmentation mask."]]
+
+
+def test_reset_forgets_the_conversation_but_keeps_the_image(pipe, model, monkeypatch):
+    calls = []
+    original = model.encode_images
+    monkeypatch.setattr(model, "encode_images",
+                        lambda pixels: calls.append(1) or original(pixels))
+    pipe.set_image(image(30, 50, seed=4))
+    pipe.ask("first", logits_processor=scripted(pipe))
+    assert len(pipe.history) == 1
+    assert pipe.history[0].question == "first Please output segmentation mask."
+    pipe.reset()
+    assert pipe.history == []
+    fresh = pipe.ask("first", logits_processor=scripted(pipe), return_logits=True)
+    again = KeySegPipeline(model, max_new_tokens=12)(image(30, 50, seed=4), "first",
+                                                     logits_processor=scripted(pipe),
+                                                     return_logits=True)
+    torch.testing.assert_close(fresh.mask_logits, again.mask_logits)  # no history left
+    assert len(calls) == 2  # set_image once; the second pipeline has its own cache
+    pipe.ask("not remembered", remember=False, logits_processor=scripted(pipe))
+    assert len(pipe.history) == 1
+
+
+def test_ask_before_set_image_is_a_clear_error(model):
+    with pytest.raises(KeySegInputError, match="set_image"):
+        KeySegPipeline(model).ask("where?")
+
+
+def test_device_and_dtype_choice(monkeypatch):
+    from keyseg.errors import KeySegConfigError
+    from keyseg.pipeline import resolve_device, resolve_dtype
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device(None) == torch.device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(None) == torch.device("cuda")
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype(None, cpu) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_dtype(None, cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_dtype(None, cuda) == torch.float16
+    assert resolve_dtype("BF16", cpu) == torch.bfloat16
+    assert resolve_dtype("float16", cpu) == torch.float16
+    assert resolve_dtype(torch.float64, cpu) == torch.float64
+    with pytest.raises(KeySegConfigError, match="unknown dtype 'int8'"):
+        resolve_dtype("int8", cpu)
+
+
+def test_pipeline_moves_the_model_to_the_dtype_it_is_given(tmp_path):
+    from keyseg.build import build_tiny_model
+
+    build_tiny_model(seed=1).save_pretrained(tmp_path / "m")
+    pipe = KeySegPipeline.from_pretrained(tmp_path / "m", device="cpu", dtype="bf16",
+                                          max_new_tokens=12)
+    assert pipe.dtype == torch.bfloat16 and pipe.device.type == "cpu"
+    assert all(p.dtype == torch.bfloat16 for p in pipe.model.parameters())
+    result = pipe(image(30, 50), "q", logits_processor=scripted(pipe, segs=1))
+    assert result.masks.shape == (1, 30, 50) and result.scores.dtype == np.float32
+    as_float = KeySegPipeline(pipe.model, dtype=torch.float32)
+    assert as_float.dtype == torch.float32
+
+
+def test_quantised_loading_without_bitsandbytes_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from keyseg.errors import KeySegConfigError
+    from keyseg.pipeline import _check_quantization
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
+    with pytest.raises(KeySegError, match="pip install bitsandbytes"):
+        _check_quantization("4bit", torch.device("cuda"))
+    with pytest.raises(KeySegError, match="CUDA"):
+        _check_quantization("8bit", torch.device("cpu"))
+    with pytest.raises(KeySegConfigError, match="'4bit' or '8bit'"):
+        _check_quantization("2bit", torch.device("cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("load_in", ["4bit", "8bit"])
+def test_quantised_pipeline_runs_on_cuda(load_in, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from keyseg.build import build_tiny_model
+
+    build_tiny_model(seed=1).save_pretrained(tmp_path / "m")
+    pipe = KeySegPipeline.from_pretrained(tmp_path / "m", load_in=load_in, max_new_tokens=12)
+    assert pipe.device.type == "cuda"
+    result = pipe(image(30, 50), "q", logits_processor=scripted(pipe, segs=1))
+    assert result.masks.shape == (1, 30, 50)
+
+
+@pytest.mark.cuda
+def test_default_device_and_dtype_on_cuda(tmp_path):
+    from keyseg.build import build_tiny_model
+
+    build_tiny_model(seed=1).save_pretrained(tmp_path / "m")
+    pipe = KeySegPipeline.from_pretrained(tmp_path / "m", max_new_tokens=12)
+    assert pipe.device.type == "cuda"
+    assert pipe.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    result = pipe(image(30, 50), "q", logits_processor=scripted(pipe, segs=1))
+    assert result.masks.shape == (1, 30, 50) and result.scores.dtype == np.float32

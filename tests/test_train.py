@@ -349,3 +349,79 @@ def test_a_logged_line_averages_the_finite_steps_and_counts_the_skipped():
     assert line["loss"] == 3.0 and line["grad_norm"] == 3.0 and line["ce"] == 1.0
     assert line["skipped"] == 1.0 and line["lr"] == 1e-3
     assert np.isnan(summarise([bad])["loss"])
+
+class _DeepSpeedAccelerator:
+    """The Accelerator surface save/load_checkpoint use, with a DeepSpeed plugin set: ZeRO
+    state is written by ``save_state`` (a shard file here) and read by ``load_state``."""
+
+    num_processes, is_main_process, process_index, scaler = 1, True, 0, None
+
+    def __init__(self):
+        import types
+
+        self.state = types.SimpleNamespace(deepspeed_plugin=object())
+        self.saved, self.loaded = [], []
+
+    def save_state(self, directory):
+        Path(directory).mkdir(parents=True)
+        (Path(directory) / "zero_shard_0.pt").write_text("optimizer shard")
+        self.saved.append(Path(directory))
+
+    def load_state(self, directory):
+        self.loaded.append(Path(directory))
+
+    def wait_for_everyone(self):
+        pass
+
+    def unwrap_model(self, model):
+        return model
+
+    def print(self, *args):
+        pass
+
+
+def test_deepspeed_checkpoint_keeps_the_sharded_state_and_resumes_from_it(tmp_path,
+                                                                          monkeypatch):
+    """The code up to DeepSpeed's engine: the sharded optimizer goes into step-N/deepspeed/
+    (no optimizer.pt), and resuming hands that folder back to ``accelerator.load_state``
+    while the trainable weights, scheduler and progress come from the checkpoint files."""
+    from keyseg.build import build_tiny_model
+    from keyseg.train import (
+        TrainState,
+        build_optimizer,
+        build_scheduler,
+        load_checkpoint,
+        save_checkpoint,
+    )
+
+    cfg = tiny_config(tmp_path)
+    model = build_tiny_model(0, lora=True)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    for _ in range(3):
+        optimizer.step()  # no gradients: nothing moves, the schedule advances
+        scheduler.step()
+    batches = MicroBatches(_mixture(cfg), model.processor, cfg)
+    accelerator = _DeepSpeedAccelerator()
+    state = TrainState(step=3, epoch=1, samples_seen=12)
+    path = save_checkpoint(accelerator, model, optimizer, scheduler, state, batches,
+                           tmp_path, keep_last=2)
+    assert path.name == "step-0000003"
+    assert (path / "deepspeed" / "zero_shard_0.pt").read_text() == "optimizer shard"
+    assert not (path / "optimizer.pt").exists()
+    assert {p.name for p in path.iterdir()} >= {WEIGHTS, "scheduler.pt", "rng.pt",
+                                                "state.json", "deepspeed"}
+    assert not any(p.name.startswith(".deepspeed") for p in path.parent.iterdir())
+
+    fresh = build_tiny_model(1, lora=True)
+    fresh_optimizer = build_optimizer(fresh, cfg.train)
+    fresh_scheduler = build_scheduler(fresh_optimizer, cfg.train)
+    monkeypatch.setattr(fresh_optimizer, "load_state_dict",
+                        lambda _: pytest.fail("the optimizer comes from the DeepSpeed state"))
+    resumed = load_checkpoint(path, accelerator, fresh, fresh_optimizer, fresh_scheduler, cfg)
+    assert accelerator.loaded == [path / "deepspeed"]
+    assert resumed.step == 3 and resumed.epoch == 1 and resumed.samples_seen == 12
+    assert fresh_scheduler.last_epoch == scheduler.last_epoch == 3
+    own = dict(trainable_parameters(model))
+    for name, param in trainable_parameters(fresh):
+        assert torch.equal(param, own[name]), name

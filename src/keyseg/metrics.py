@@ -165,10 +165,12 @@ class SegMetrics:
         """Add precomputed per-mask counts: one ``(I, U)`` pair, or two equal-length lists."""
         inters = [intersection] if isinstance(intersection, int | np.integer) else intersection
         unions = [union] if isinstance(union, int | np.integer) else union
-        for i, u in zip(inters, unions, strict=True):
-            i, u = int(i), int(u)
+        # Checked before anything is added: a refused call leaves the state as it was.
+        pairs = [(int(i), int(u)) for i, u in zip(inters, unions, strict=True)]
+        for i, u in pairs:
             if i < 0 or u < i:
                 raise ValueError(f"invalid mask counts I={i}, U={u} (need 0 <= I <= U)")
+        for i, u in pairs:
             self.sum_iou += iou_score(i, u)
             self.n += 1
             self.intersection += i

@@ -160,3 +160,55 @@ def test_reference_fusion_with_an_inner_width_other_than_its_width(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.keyword_fusion(seg, key), expected,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_lora_merge_keeps_the_base_dtype_and_refuses_incomplete_factors():
+    from keyseg.convert.keyseg_ref import merge_lora_tensors
+    from keyseg.errors import KeySegCheckpointError
+
+    torch.manual_seed(0)
+    base = torch.randn(3, 4).bfloat16()
+    a, b = torch.randn(2, 4), torch.randn(3, 2)
+    state = {"m.q.base_layer.weight": base, "m.q.lora_A.default.weight": a,
+             "m.q.lora_B.default.weight": b, "m.q.bias": torch.zeros(3)}
+    out, merged = merge_lora_tensors(state, alpha=4.0, source="ckpt.bin")
+    assert merged == 1 and set(out) == {"m.q.weight", "m.q.bias"}
+    assert out["m.q.weight"].dtype == torch.bfloat16
+    torch.testing.assert_close(out["m.q.weight"], (base.float() + 2.0 * b @ a).bfloat16())
+    message = (r"ckpt\.bin: m\.q: incomplete LoRA factors \(need lora_A, lora_B and the base "
+               r"weight\)")
+    for missing in ("m.q.lora_B.default.weight", "m.q.lora_A.default.weight",
+                    "m.q.base_layer.weight"):
+        with pytest.raises(KeySegCheckpointError, match=message):
+            merge_lora_tensors({k: v for k, v in state.items() if k != missing}, 4.0,
+                               "ckpt.bin")
+
+
+def test_normalised_names_keep_the_file_each_tensor_came_from():
+    from pathlib import Path
+
+    from keyseg.convert.checkpoint_io import Checkpoint
+    from keyseg.convert.keyseg_ref import _normalise_names
+    from keyseg.errors import KeySegCheckpointError
+
+    z = torch.zeros
+    checkpoint = Checkpoint(
+        {"module.base_model.model.m.q.base_layer.weight": z(3, 4),
+         "module.base_model.model.m.q.base_layer.bias": z(3),
+         "module.base_model.model.m.q.lora_A.default.weight": z(2, 4),
+         "module.base_model.model.m.q.lora_B.default.weight": z(3, 2),
+         "module.head.weight": z(1), "loose.bias": z(1)},
+        origin={"module.base_model.model.m.q.base_layer.weight": Path("shard-1.bin"),
+                "module.base_model.model.m.q.base_layer.bias": Path("shard-3.bin"),
+                "module.head.weight": Path("shard-2.bin")},
+        source=Path("run/ckpt"))
+    normalised, merged = _normalise_names(checkpoint, lora_alpha=2.0)
+    assert merged == 1 and normalised.source == Path("run/ckpt")
+    assert normalised.origin == {"m.q.weight": Path("shard-1.bin"),
+                                 "m.q.bias": Path("shard-3.bin"),
+                                 "head.weight": Path("shard-2.bin"),
+                                 "loose.bias": Path("run/ckpt")}
+    assert normalised.where("m.q.weight") == "shard-1.bin: m.q.weight"
+    broken = Checkpoint({"module.m.q.lora_A.default.weight": z(2, 4)}, source=Path("run/x"))
+    with pytest.raises(KeySegCheckpointError, match=r"^run/x: m\.q: incomplete LoRA"):
+        _normalise_names(broken, 2.0)

@@ -311,3 +311,77 @@ def test_converted_model_keeps_sam_positional_matrix_tied(tmp_path):
     sam = model.sam.sam
     assert (sam.prompt_encoder.shared_embedding.positional_embedding
             is sam.shared_image_embedding.positional_embedding)
+
+def test_map_state_report_names_every_kind_of_problem():
+    """``map_state`` on hand-made names: ignored with its reason, unused (no rule, or a rule
+    to a name the model lacks; the loop goes on after either), fresh, unset, embedding rows
+    fewer (fine) or more (a mismatch), and the SAM part renamed under its prefixes."""
+    from keyseg.convert.lisa import (
+        EMBEDDING_TARGETS,
+        SAM_PREFIX,
+        LisaConversionReport,
+        SourceTensors,
+        _compile,
+        map_state,
+    )
+    from keyseg.convert.sam import DERIVED_TARGETS
+
+    embed, lm_head = EMBEDDING_TARGETS
+    rules = _compile(((r"emb", embed), (r"head", lm_head), (r"w\.(\d+)", r"layer.\1.w"),
+                      (r"ghost", "not.in.model")))
+    tied, fourier = next(iter(DERIVED_TARGETS.items()))
+    z = torch.zeros
+    source = SourceTensors(tensors={
+        "nothing.matches": z(1), "ghost": z(1), "rope.0": z(3), "w.0": z(2, 2),
+        "emb": z(5, 4), "head": z(7, 4), "w.1": z(3, 2),
+        SAM_PREFIX + "image_encoder.neck.2.weight": z(4, 4),
+        SAM_PREFIX + "image_encoder.neck.3.bias": z(9),
+        SAM_PREFIX + "not_a_sam_tensor": z(1),
+        SAM_PREFIX + "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix": z(2, 8),
+    })
+    target = {"layer.0.w": z(2, 2), "layer.1.w": z(2, 2), embed: z(6, 4), lm_head: z(6, 4),
+              "keyword_fusion.x": z(1), "never.set": z(1),
+              "sam.sam.vision_encoder.neck.conv2.weight": z(4, 4),
+              "sam.sam.vision_encoder.neck.layer_norm2.bias": z(8),
+              "sam.sam.vision_encoder.neck.layer_norm2.weight": z(8),
+              "sam.sam." + fourier: z(2, 16), "sam.sam." + tied: z(2, 16)}
+    report = LisaConversionReport()
+    converted = map_state(source, target, rules, {r"rope\.\d+": "recomputed"},
+                          ("keyword_fusion.",), report)
+
+    assert report.ignored == {"rope.0": "recomputed"}
+    assert report.unused_source == ["nothing.matches", "ghost", SAM_PREFIX + "not_a_sam_tensor"]
+    assert report.mapped == {
+        "w.0": "layer.0.w", "emb": embed, "head": lm_head, "w.1": "layer.1.w",
+        SAM_PREFIX + "image_encoder.neck.2.weight": "sam.sam.vision_encoder.neck.conv2.weight",
+        SAM_PREFIX + "image_encoder.neck.3.bias": "sam.sam.vision_encoder.neck.layer_norm2.bias",
+        SAM_PREFIX + "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix":
+            "sam.sam." + fourier,
+    }
+    assert report.fresh == ["keyword_fusion.x"]
+    assert report.unset_target == ["never.set", "sam.sam.vision_encoder.neck.layer_norm2.weight"]
+    assert sorted(report.shape_mismatches) == sorted([
+        ("head", lm_head, (7, 4), (6, 4)),
+        ("w.1", "layer.1.w", (3, 2), (2, 2)),
+        (SAM_PREFIX + "image_encoder.neck.3.bias", "sam.sam.vision_encoder.neck.layer_norm2.bias",
+         (9,), (8,)),
+        (SAM_PREFIX + "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+         "sam.sam." + fourier, (2, 8), (2, 16)),
+    ])
+    assert converted[embed].shape == (5, 4)  # fewer rows than the model: new tokens
+    assert converted["sam.sam." + tied] is converted["sam.sam." + fourier]
+    assert set(converted) == {"layer.0.w", "layer.1.w", embed, lm_head,
+                              "sam.sam.vision_encoder.neck.conv2.weight",
+                              "sam.sam.vision_encoder.neck.layer_norm2.bias",
+                              "sam.sam." + fourier, "sam.sam." + tied}
+    assert not report.ok
+
+
+def test_map_state_without_a_sam_part_reports_mismatches_too():
+    from keyseg.convert.lisa import LisaConversionReport, SourceTensors, _compile, map_state
+
+    report = LisaConversionReport()
+    source = SourceTensors(tensors={"w": torch.zeros(3)})
+    map_state(source, {"x.w": torch.zeros(2)}, _compile(((r"w", "x.w"),)), {}, (), report)
+    assert report.shape_mismatches == [("w", "x.w", (3,), (2,))]
+    assert report.mapped == {"w": "x.w"} and report.unused_source == []

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import shared_path
 from keyseg.cli import main as cli_main
 from keyseg.commands import convert as convert_command
 from keyseg.convert.sam import (
@@ -24,13 +25,14 @@ from keyseg.convert.sam import (
 from keyseg.errors import KeySegCheckpointError
 from keyseg.model.sam import SAM_PRESETS, SamSegmenter
 
-# CI checks out shared/ beside the repository, as on the development machines.
-MANIFEST = Path(__file__).resolve().parents[3] / "shared/data/sam_vit_h_4b8939.keys.json"
+# CI checks out shared/ beside the repository, as on the development machines; without it
+# the manifest tests skip (helpers.shared_path).
+MANIFEST = "data/sam_vit_h_4b8939.keys.json"
 TIED = "prompt_encoder.shared_embedding.positional_embedding"
 
 
 def _manifest() -> dict[str, list[int]]:
-    return json.loads(MANIFEST.read_text())["tensors"]
+    return json.loads(shared_path(MANIFEST).read_text())["tensors"]
 
 
 def test_manifest_maps_all_594_vit_h_tensors_onto_a_meta_model() -> None:
@@ -207,11 +209,17 @@ def test_loaded_tiny_checkpoint_matches_by_value(tiny_official, tmp_path: Path) 
 
 
 def test_safetensors_source_and_preset_inference(tiny_official, tmp_path: Path) -> None:
-    _, official = tiny_official
+    model, official = tiny_official
     path = tmp_path / "sam_tiny.safetensors"
     save_file({k: v.contiguous() for k, v in official.items()}, str(path))
     loaded = load_official_sam(path, preset=None)
     assert loaded.image_size == 256
+    # the preset is inferred from the tensors, and every value is the file's
+    state = loaded.sam.state_dict()
+    for name, tensor in model.sam.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+    assert torch.equal(loaded.sam.vision_encoder.neck.conv2.weight,
+                       official["image_encoder.neck.2.weight"])
 
 
 def test_save_and_load_directory(tiny_official, tmp_path: Path) -> None:
@@ -244,8 +252,13 @@ def test_cli_preset_choices_match_the_registry() -> None:
     convert_command.add_arguments(parser)
     args = parser.parse_args(["sam", "a.pth", "out", "--preset", "vit_b"])
     assert args.preset == "vit_b"
-    for name in SAM_PRESETS:
-        parser.parse_args(["sam", "a.pth", "out", "--preset", name])
+    # the --preset choices are exactly the registry's presets, plus "auto" (inferred)
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sam_parser = subparsers.choices["sam"]
+    preset = next(a for a in sam_parser._actions if "--preset" in a.option_strings)
+    assert set(preset.choices) == {"auto", *SAM_PRESETS}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sam", "a.pth", "out", "--preset", "vit_x"])
 
 
 # --- bad files ---------------------------------------------------------------------------
@@ -299,3 +312,34 @@ def test_wrong_preset_is_refused(tiny_official, tmp_path: Path) -> None:
     torch.save(official, tmp_path / "tiny.pth")
     with pytest.raises(KeySegCheckpointError, match=r"tiny\.pth.*vit_b"):
         load_official_sam(tmp_path / "tiny.pth", preset="vit_b")
+
+
+def test_report_against_a_hand_made_target() -> None:
+    """A mismatched Fourier matrix is reported once (under its origin) and the check goes
+    on past its tied copy; a renamed tensor the model lacks is unused under its source name;
+    a target nothing maps to is unset."""
+    z = torch.zeros
+    fourier = "shared_image_embedding.positional_embedding"
+    src = {"prompt_encoder.pe_layer.positional_encoding_gaussian_matrix": z(2, 8),
+           "image_encoder.neck.2.weight": z(4, 4),
+           "image_encoder.blocks.9.norm1.bias": z(4)}
+    target = {TIED: z(2, 16), fourier: z(2, 16),
+              "vision_encoder.neck.conv2.weight": z(4, 4),
+              "vision_encoder.neck.conv1.weight": z(4, 4)}
+    converted, report = convert_sam_state_dict(src, target)
+    assert report.shape_mismatches == [
+        ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", fourier, (2, 8), (2, 16))]
+    assert report.unset_target == ["vision_encoder.neck.conv1.weight"]
+    assert report.unused_source == ["image_encoder.blocks.9.norm1.bias"]
+    assert report.derived == {TIED: fourier} and converted[TIED] is converted[fourier]
+    assert report.duplicates == [] and not report.ok
+
+
+def test_an_unknown_name_does_not_stop_the_conversion() -> None:
+    z = torch.zeros
+    src = {"image_encoder.blocks.0.attn.scale": z(1), "image_encoder.neck.2.weight": z(4, 4),
+           "mask_decoder.iou_token.weight": z(1, 4)}
+    converted, report = convert_sam_state_dict(src)
+    assert report.unused_source == ["image_encoder.blocks.0.attn.scale"]
+    assert set(report.mapped) == {"image_encoder.neck.2.weight", "mask_decoder.iou_token.weight"}
+    assert set(converted) == set(report.mapped.values())

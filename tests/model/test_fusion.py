@@ -75,13 +75,35 @@ def test_none_variant_has_no_parameters_and_is_identity():
 
 @pytest.mark.parametrize("variant", ["reference", "residual"])
 def test_low_precision_input_is_computed_in_fp32_and_returned_in_its_dtype(variant):
+    """bf16 weights and inputs: the result is the fp32 computation on the same (bf16-valued)
+    numbers, rounded once at the end — not a chain of bf16 roundings."""
+    import copy
+
     torch.manual_seed(0)
-    fusion = KeywordFusion(FusionConfig(dim=16, variant=variant))
-    seg, key = torch.randn(3, 16), torch.randn(2, 16)
-    full = fusion(seg, key)
-    half = fusion.to(torch.bfloat16)(seg.bfloat16(), key.bfloat16())
-    assert half.dtype == torch.bfloat16
-    torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05)
+    fusion = KeywordFusion(FusionConfig(dim=64, variant=variant, num_queries=12)).eval()
+    half = fusion.to(torch.bfloat16)
+    seg, key = torch.randn(5, 64).bfloat16(), torch.randn(3, 64).bfloat16()
+    full = copy.deepcopy(half).float()  # the same bf16 values, held in fp32
+    with torch.no_grad():
+        got = half(seg, key)
+        expected = full(seg.float(), key.float())
+    assert got.dtype == torch.bfloat16
+    # one rounding of the fp32 result: at most half a bf16 ulp (2**-9 relative) away
+    torch.testing.assert_close(got.float(), expected, rtol=2**-8, atol=1e-6)
+    assert float((got.float() - expected).abs().max()) <= float(
+        (expected.abs() * 2**-8).max())
+
+
+@pytest.mark.parametrize("variant", ["reference", "residual"])
+def test_autocast_does_not_lower_the_fusion_precision(variant):
+    torch.manual_seed(0)
+    fusion = KeywordFusion(FusionConfig(dim=64, variant=variant)).eval()
+    seg, key = torch.randn(5, 64), torch.randn(3, 64)
+    plain = fusion(seg, key)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = fusion(seg, key)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, plain, rtol=1e-6, atol=1e-6)
 
 
 def test_inner_width_shapes_and_scale():
@@ -99,3 +121,55 @@ def test_inner_width_shapes_and_scale():
     q, k, v = attn.q_proj(queries), attn.k_proj(context), attn.v_proj(context)
     by_hand = attn.out_proj(torch.softmax(q @ k.t() / math.sqrt(16), -1) @ v)
     torch.testing.assert_close(attn(queries, context), by_hand)
+
+
+def test_residual_equals_spec_restatement():
+    """``residual``: x = LN(x + cross(x, key)); x = LN(x + self(x, x)); x = LN(x + MLP(x)),
+    with LayerNorms whose weights and biases are not the identity."""
+    torch.manual_seed(0)
+    fusion = KeywordFusion(FusionConfig(dim=16, variant="residual", mlp_ratio=2.0,
+                                        num_queries=12)).eval()
+    with torch.no_grad():
+        for norm in (fusion.norm_cross, fusion.norm_self, fusion.norm_mlp):
+            norm.weight.copy_(torch.rand(16) + 0.5)
+            norm.bias.copy_(torch.randn(16))
+    first, _, _, second = fusion.mlp
+    assert tuple(first.weight.shape) == (32, 16) and tuple(second.weight.shape) == (16, 32)
+
+    def attend(att, q_in, kv_in):
+        q = q_in @ att.q_proj.weight.T + att.q_proj.bias
+        k = kv_in @ att.k_proj.weight.T + att.k_proj.bias
+        v = kv_in @ att.v_proj.weight.T + att.v_proj.bias
+        a = torch.softmax(q @ k.T / math.sqrt(q.shape[-1]), dim=-1)
+        return (a @ v) @ att.out_proj.weight.T + att.out_proj.bias
+
+    def norm(layer, x):
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + 1e-5) * layer.weight + layer.bias
+
+    def mlp(x):
+        h = x @ first.weight.T + first.bias
+        h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+        return h @ second.weight.T + second.bias
+
+    seg, key = torch.randn(5, 16), torch.randn(3, 16)
+    x = linear_resample(seg, 12)
+    x = norm(fusion.norm_cross, x + attend(fusion.cross_attn, x, key))
+    x = norm(fusion.norm_self, x + attend(fusion.self_attn, x, x))
+    x = norm(fusion.norm_mlp, x + mlp(x))
+    with torch.no_grad():
+        torch.testing.assert_close(fusion(seg, key), linear_resample(x, 5), rtol=1e-5,
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "rows"), [(5, 12), (12, 5), (3, 3)])
+def test_resample_rows_is_half_pixel_linear_interpolation(n, rows):
+    """Width equal to the row count (12 x 12) must not be mistaken for 'already resampled'."""
+    from keyseg.model.fusion import resample_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(n, 12)
+    got = resample_rows(x, rows)
+    assert got.shape == (rows, 12)
+    torch.testing.assert_close(got, linear_resample(x, rows), rtol=1e-6, atol=1e-6)

@@ -111,14 +111,34 @@ def test_answer_without_seg_is_a_clear_training_error(tiny_model):
 
 
 def test_answer_without_seg_gives_empty_mask_list_in_prediction(tiny_model):
-    collator = Collator(tiny_model.processor, mode="train")
-    collator.mode = "teacher"  # feed the answer without the training check
+    """``predict`` on a teacher-forced row whose answer has no [SEG] (and a row that has
+    one): an empty ``(0, H, W)`` tensor for the first, a mask for the second."""
+    from keyseg.batch import Batch
+
+    processor = tiny_model.processor
     example = _no_seg_example(tiny_model)
-    encoded = tiny_model.processor.encode(example.conversations[0].turns)
-    assert int((encoded.input_ids == tiny_model.processor.ids.seg).sum()) == 0
-    batch = Collator(tiny_model.processor, mode="prompt")([example])
-    masks = tiny_model.predict(batch)
-    assert masks[0].shape == (0, 40, 60)
+    prepared = processor.prepare_image(example.image)
+    rows = [processor.encode(example.conversations[0].turns, prepared.num_image_tokens),
+            processor.encode([tokens.Turn("where?", "It is [SEG].")],
+                             prepared.num_image_tokens)]
+    assert int((rows[0].input_ids == processor.ids.seg).sum()) == 0
+    answer = processor.decode(rows[0].input_ids[rows[0].labels != tokens.IGNORE_INDEX])
+    assert "I cannot tell." in answer  # the answer really is in the row
+    length = max(r.input_ids.shape[0] for r in rows)
+    input_ids = torch.full((2, length), processor.ids.pad, dtype=torch.long)
+    attention = torch.zeros((2, length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : r.input_ids.shape[0]] = r.input_ids
+        attention[i, : r.input_ids.shape[0]] = 1
+    batch = Batch(
+        input_ids=input_ids, attention_mask=attention,
+        vision_inputs={k: torch.cat([v, v]) for k, v in prepared.vision_inputs.items()},
+        sam_pixel_values=prepared.sam.pixel_values[None],
+        image_index=torch.zeros(2, dtype=torch.long),
+        resized_sizes=[prepared.sam.resized_size], original_sizes=[prepared.sam.original_size],
+    )
+    masks = tiny_model.eval().predict(batch)
+    assert [tuple(m.shape) for m in masks] == [(0, 40, 60), (1, 40, 60)]
 
 
 def test_model_forward_rejects_seg_mask_count_mismatch(tiny_model, make_batch):
@@ -191,3 +211,52 @@ def test_image_placeholder_is_not_a_class_of_the_text_loss(tiny_model_factory, m
         model.backbone.output_embeddings().weight[image] += 3.0
     torch.testing.assert_close(model(batch).ce, base)
     assert image in model.non_output_ids
+
+
+def test_without_keyword_there_are_no_key_rows_to_fuse(tiny_model_factory, make_batch):
+    config = replace(tiny_model_config(), use_keyword=False)
+    model = build_tiny_model(config=config).eval()
+    ids = model.processor.encode([tokens.Turn("q?", "It is [SEG] [SEG]. [KEY] cup")]).input_ids
+    hidden = torch.randn(ids.shape[0], model.text_hidden_fcs[0].in_features)
+    with torch.no_grad():
+        seg, key = model.special_embeddings(ids, hidden)
+    assert seg.shape == (2, model.settings.fusion.dim)
+    assert key.shape == (0, model.settings.fusion.dim)
+
+
+def test_hidden_state_at_choice_reads_the_key_token_itself_too(tiny_model_factory):
+    config = tiny_model_config()
+    model = build_tiny_model(config=replace(config, backbone=replace(config.backbone,
+                                                                     hidden_state="at")))
+    ids = model.processor.encode([tokens.Turn("q?", "It is [SEG]. [KEY] red cup")]).input_ids
+    hidden = torch.randn(ids.shape[0], model.text_hidden_fcs[0].in_features)
+    key_at = int((ids == model.processor.ids.key).nonzero()[0])
+    with torch.no_grad():
+        _, key = model.special_embeddings(ids, hidden)
+        head = model.keyword_text_proj or model.text_hidden_fcs
+        torch.testing.assert_close(key[0], head(hidden[key_at]))
+
+
+@pytest.mark.cuda
+def test_predict_on_cuda_matches_cpu(tiny_model_factory, make_batch):
+    """Row -> image indices, per-row [SEG] counts and the fused prompts all follow the
+    embeddings onto the GPU; the masks equal the CPU ones."""
+    model = tiny_model_factory(seed=0).eval()
+    batch = make_batch(model, records=[make_record(seed=0), make_record(seed=1)])
+    expected = model.predict(batch)
+    gpu = model.cuda()
+    got = gpu.predict(batch.to(torch.device("cuda"), torch.float32))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3)
+
+
+def test_key_embedding_is_read_before_the_key_token_by_default(tiny_model_factory):
+    model = tiny_model_factory(seed=0)
+    assert model.settings.backbone.hidden_state == "before"
+    ids = model.processor.encode([tokens.Turn("q?", "It is [SEG]. [KEY] red cup")]).input_ids
+    hidden = torch.randn(ids.shape[0], model.text_hidden_fcs[0].in_features)
+    key_at = int((ids == model.processor.ids.key).nonzero()[0])
+    with torch.no_grad():
+        _, key = model.special_embeddings(ids, hidden)
+        head = model.keyword_text_proj or model.text_hidden_fcs
+        torch.testing.assert_close(key[0], head(hidden[key_at - 1]))

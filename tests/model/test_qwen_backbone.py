@@ -98,7 +98,12 @@ def test_qwen_keyseg_trains_a_step_and_predicts_masks_under_two_image_sizes(qwen
     changed = [n for n, p in model.named_parameters() if n in before
                and not torch.equal(p, before[n])]
     assert any("keyword_fusion" in n for n in changed)
-    assert any("lora_" in n for n in changed) or any("lm_head" in n for n in changed)
+    # LoRA sits on the Qwen language model, trains, and its B matrices (zero at start) move
+    lora = [n for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(".language_model." in n or "model.layers" in n for n in lora)
+    assert all(n in before for n in lora)  # every LoRA tensor is trainable
+    assert any("lora_B" in n for n in changed)
+    assert any("lm_head" in n for n in changed)
 
     masks = model.eval().predict(batch)
     assert [tuple(m.shape) for m in masks] == [(1, 40, 60), (2, 40, 60), (1, 24, 72), (2, 24, 72)]

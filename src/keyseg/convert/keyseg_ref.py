@@ -100,8 +100,9 @@ def _normalise_names(checkpoint: Checkpoint, lora_alpha: float) -> tuple[Checkpo
         tensors[new] = tensor
         origin[new] = checkpoint.origin.get(name, checkpoint.source)
     merged_state, merged = merge_lora_tensors(tensors, lora_alpha, str(checkpoint.source))
-    origin = {n: origin.get(n, origin.get(n.replace(".weight", ".base_layer.weight"),
-                                          checkpoint.source)) for n in merged_state}
+    # merge_lora_tensors drops ".base_layer." from every name (weights and biases alike)
+    unwrapped = {n.replace(".base_layer.", "."): where for n, where in origin.items()}
+    origin = {n: origin.get(n, unwrapped.get(n, checkpoint.source)) for n in merged_state}
     return Checkpoint(merged_state, origin, checkpoint.source), merged
 
 

@@ -182,6 +182,7 @@ def map_state(
 
     converted: dict[str, Tensor] = {}
     origin: dict[str, str] = {}
+    derived: set[str] = set()  # tied SAM copies: a mismatch is reported under the origin
     sam_src = {}
     for name, tensor in source.tensors.items():
         if name.startswith(SAM_PREFIX):
@@ -206,10 +207,10 @@ def map_state(
             report.shape_mismatches.append((SAM_PREFIX + src, "sam.sam." + dst, s_shape, t_shape))
         for src, dst in sam_report.mapped.items():
             report.mapped[SAM_PREFIX + src] = "sam.sam." + dst
+        derived = {"sam.sam." + name for name in sam_report.derived}
+        # Their mismatches are all in sam_report (same targets), so no origin is needed.
         for name, tensor in sam_converted.items():
             converted["sam.sam." + name] = tensor
-            origin["sam.sam." + name] = SAM_PREFIX + (
-                next((s for s, d in sam_report.mapped.items() if d == name), name))
     for name, expected in target.items():
         if name not in converted:
             if name.startswith(fresh_prefixes):
@@ -221,7 +222,8 @@ def map_state(
         want = tuple(expected.shape)
         ok = got == want or (name in EMBEDDING_TARGETS and len(got) == 2
                              and got[1] == want[1] and got[0] <= want[0])
-        if not ok and not any(m[1] == name for m in report.shape_mismatches):
+        if not ok and name not in derived and not any(
+                m[1] == name for m in report.shape_mismatches):
             report.shape_mismatches.append((origin[name], name, got, want))
     return converted
 
