@@ -74,7 +74,7 @@ def test_decode_keeps_seg_and_key_and_drops_end_of_sequence(processor):
 def test_save_and_load_round_trip(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     meta = json.loads((tmp_path / PROCESSOR_FILE).read_text())
-    assert meta == {"num_image_tokens": 16, "sam_image_size": 64}
+    assert meta == {"num_image_tokens": 16, "sam_image_size": 64, "sam_family": "sam"}
     loaded = KeySegProcessor.from_pretrained(tmp_path, BackboneConfig())
     assert loaded.num_image_tokens == 16 and loaded.sam_image_size == 64
     assert loaded.ids == processor.ids

@@ -403,9 +403,9 @@ def test_deepspeed_checkpoint_keeps_the_sharded_state_and_resumes_from_it(tmp_pa
         scheduler.step()
     batches = MicroBatches(_mixture(cfg), model.processor, cfg)
     accelerator = _DeepSpeedAccelerator()
-    state = TrainState(step=3, epoch=1, samples_seen=12)
-    path = save_checkpoint(accelerator, model, optimizer, scheduler, state, batches,
-                           tmp_path, keep_last=2)
+    state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, step=3, epoch=1,
+                       samples_seen=12)
+    path = save_checkpoint(accelerator, state, batches, tmp_path, keep_last=2)
     assert path.name == "step-0000003"
     assert (path / "deepspeed" / "zero_shard_0.pt").read_text() == "optimizer shard"
     assert not (path / "optimizer.pt").exists()
@@ -418,7 +418,8 @@ def test_deepspeed_checkpoint_keeps_the_sharded_state_and_resumes_from_it(tmp_pa
     fresh_scheduler = build_scheduler(fresh_optimizer, cfg.train)
     monkeypatch.setattr(fresh_optimizer, "load_state_dict",
                         lambda _: pytest.fail("the optimizer comes from the DeepSpeed state"))
-    resumed = load_checkpoint(path, accelerator, fresh, fresh_optimizer, fresh_scheduler, cfg)
+    resumed = load_checkpoint(path, accelerator, TrainState(
+        model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler), cfg)
     assert accelerator.loaded == [path / "deepspeed"]
     assert resumed.step == 3 and resumed.epoch == 1 and resumed.samples_seen == 12
     assert fresh_scheduler.last_epoch == scheduler.last_epoch == 3

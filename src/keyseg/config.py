@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
+from keyseg.dtypes import _DTYPE_ALIASES, DTYPES, TORCH_DTYPE_NAMES, dtype_name, torch_dtype_name
 from keyseg.errors import KeySegConfigError
 from keyseg.schema import (
     COMMAND_LINE,
@@ -48,45 +49,14 @@ from keyseg.schema import (
 )
 
 __all__ = [
-    "COMMAND_LINE", "DTYPES", "BackboneConfig", "Checked", "ConfigProblems", "DataConfig",
-    "FusionConfig", "KeySegConfig", "LoraSettings", "LossConfig", "ModelConfig",
+    "COMMAND_LINE", "DTYPES", "TORCH_DTYPE_NAMES", "BackboneConfig", "Checked", "ConfigProblems",
+    "DataConfig", "FusionConfig", "KeySegConfig", "LoraSettings", "LossConfig", "ModelConfig",
     "NonNegativeFloat", "NonNegativeInt", "OpenUnit", "PositiveFloat", "PositiveInt",
-    "Probability", "Problem", "Range", "SamSettings", "ShapesConfig", "TrainConfig",
-    "dtype_name", "from_dict", "load_config", "problems_of", "save_config", "to_dict",
-    "torch_dtype_name",
+    "Probability", "Problem", "Range", "SamSettings", "ShapesConfig", "TrainConfig", "dtype_name",
+    "from_dict", "load_config", "problems_of", "save_config", "to_dict", "torch_dtype_name",
 ]
 
-# ---------------------------------------------------------------------------------------
-# dtypes: one spelling for every command and the training precision
-
-DTYPES: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
-"""The canonical dtype names; ``auto`` lets the command choose (see each command's help)."""
-
-_DTYPE_ALIASES: dict[str, str] = {
-    "auto": "auto", "fp32": "fp32", "float32": "fp32", "float": "fp32",
-    "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
-}
-TORCH_DTYPE_NAMES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-"""Canonical name -> attribute of ``torch`` (``getattr(torch, TORCH_DTYPE_NAMES[name])``)."""
-
-
-def dtype_name(value: str) -> str:
-    """The canonical name (one of :data:`DTYPES`) of a dtype spelled ``fp32``/``bf16``/
-    ``fp16``/``auto`` or as torch names it (``float32``, ``bfloat16``, ``torch.float16``)."""
-    text = str(value).strip().lower().removeprefix("torch.")
-    if text not in _DTYPE_ALIASES:
-        raise KeySegConfigError(
-            f"unknown dtype {value!r}: use auto, fp32, bf16 or fp16 (float32, bfloat16 and "
-            "float16 also work)")
-    return _DTYPE_ALIASES[text]
-
-
-def torch_dtype_name(value: str) -> str | None:
-    """``"float32"``/``"bfloat16"``/``"float16"`` for a dtype spelled any accepted way;
-    ``None`` for ``auto``."""
-    name = dtype_name(value)
-    return None if name == "auto" else TORCH_DTYPE_NAMES[name]
-
+# dtypes: one spelling for every command and the training precision (keyseg.dtypes)
 
 def _precision_alias(value: Any) -> Any:
     return _DTYPE_ALIASES.get(value.strip().lower(), value) if isinstance(value, str) else value

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from keyseg.config import torch_dtype_name
+from keyseg.dtypes import torch_dtype_name
 from keyseg.errors import KeySegConfigError
 
 
