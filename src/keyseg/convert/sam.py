@@ -311,27 +311,43 @@ def load_official_sam(path: str | os.PathLike[str], preset: str | None = "vit_h"
         KeySegCheckpointError: the file is missing or unreadable, or its tensors do not
             match the preset exactly (names the file and the first offending tensor).
     """
+    # The official file is a plain state dict; a wrapped one is refused rather than guessed at.
+    return load_official(path, preset, family="SAM", unwrap=False, infer=infer_sam_preset,
+                         presets=SAM_PRESETS, segmenter=SamSegmenter,
+                         convert=convert_sam_state_dict)
+
+
+def load_official(path: str | os.PathLike[str], preset: str | None, *, family: str,
+                  unwrap: bool, infer, presets: Mapping, segmenter, convert):
+    """The loading both official layouts share: read the file (``weights_only``: a
+    checkpoint from the internet must not be able to run code), infer the preset unless
+    given, build the segmenter on the meta device (no random init that would be
+    overwritten), convert strictly, install the tensors and re-tie what assign untied.
+
+    Args:
+        family: "SAM" / "SAM2", for messages; ``unwrap``: accept ``{"model": state}``.
+        infer: state dict -> preset or None; ``presets``: the valid names, for messages.
+        segmenter: the segmenter class (``from_preset``); ``convert``: ``(src, target) ->
+            (converted, report)``.
+    """
     path = Path(path)
-    # weights_only: a checkpoint from the internet must not be able to run code. The official
-    # file is a plain state dict; a wrapped one is refused rather than guessed at.
-    src = read_tensor_file(path, unwrap=False)
+    src = read_tensor_file(path, unwrap=unwrap)
     if preset is None:
-        preset = infer_sam_preset(src)
+        preset = infer(src)
         if preset is None:
             raise KeySegCheckpointError(
-                f"{path}: cannot tell the SAM size from the tensors; pass a preset "
-                f"({', '.join(SAM_PRESETS)})"
+                f"{path}: cannot tell the {family} size from the tensors; pass a preset "
+                f"({', '.join(presets)})"
             )
-    # Build on the meta device: no time or memory spent on a random init we overwrite.
     with torch.device("meta"):
-        segmenter = SamSegmenter.from_preset(preset)
-    converted, report = convert_sam_state_dict(src, segmenter.sam)
+        built = segmenter.from_preset(preset)
+    converted, report = convert(src, built.sam)
     if not report.ok:
         raise KeySegCheckpointError(f"{path}: {report.first_problem()} [preset {preset!r}]")
-    segmenter.sam.load_state_dict(converted, strict=True, assign=True)
-    # assign=True installs two Parameters for the tied pair; restore the single shared one.
-    segmenter.tie_positional_encoding()
-    return segmenter
+    built.sam.load_state_dict(converted, strict=True, assign=True)
+    # assign=True installs two Parameters for a tied pair; restore the single shared one.
+    built.tie_positional_encoding()
+    return built
 
 
 def save_sam(segmenter: SamSegmenter, dst_dir: str | os.PathLike[str]) -> Path:

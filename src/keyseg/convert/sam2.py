@@ -25,14 +25,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from keyseg.convert.checkpoint_io import read_tensor_file
-from keyseg.convert.sam import ConversionReport, check_against_target
-from keyseg.errors import KeySegCheckpointError
+from keyseg.convert.sam import ConversionReport, check_against_target, load_official
 from keyseg.model.sam2 import SAM2_PRESETS, Sam2Segmenter, sam2_config
 
 _N = r"(\d+)"
@@ -240,19 +237,6 @@ def load_official_sam2(path: str | os.PathLike[str],
         KeySegCheckpointError: unreadable file, unknown size, or any tensor that does not
             land exactly (names the file and the first offending tensor).
     """
-    path = Path(path)
-    src = read_tensor_file(path, unwrap=True)
-    if preset is None:
-        preset = infer_sam2_preset(src)
-        if preset is None:
-            raise KeySegCheckpointError(
-                f"{path}: cannot tell the SAM2 size from the tensors; pass a preset "
-                f"({', '.join(SAM2_PRESETS)})"
-            )
-    with torch.device("meta"):
-        segmenter = Sam2Segmenter.from_preset(preset)
-    converted, report = convert_sam2_state_dict(src, segmenter.sam)
-    if not report.ok:
-        raise KeySegCheckpointError(f"{path}: {report.first_problem()} [preset {preset!r}]")
-    segmenter.sam.load_state_dict(converted, strict=True, assign=True)
-    return segmenter
+    return load_official(path, preset, family="SAM2", unwrap=True, infer=infer_sam2_preset,
+                         presets=SAM2_PRESETS, segmenter=Sam2Segmenter,
+                         convert=convert_sam2_state_dict)
