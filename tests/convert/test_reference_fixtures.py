@@ -3,7 +3,8 @@
 ``lisa_tiny`` was written and run by LISA's code, ``keyseg_ref_tiny`` by the KeySeg
 reference's (see their READMEs). Everything here starts from *our* side: the converted
 directory, our processor's encoding of the recorded question and answer, our preprocessing
-of the image; the expected values are what the reference codes recorded.
+of the image; the expected values are what the reference codes recorded. Every test skips,
+naming the missing path, when ``../shared`` is absent (``helpers.shared_path``).
 """
 
 from __future__ import annotations
