@@ -1,6 +1,7 @@
 # The two commands a newcomer needs:
 #   make demo   install, then segment a bundled image with the embedded default model
-#   make test   install (+ headless Chromium for the browser test), then lint and run all tests
+#   make test   install (+ headless Chromium for the browser test), then lint, check the import
+#               contracts and run all tests
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN     = $(VENV)/bin
