@@ -1,0 +1,210 @@
+"""Pretrain a tiny SAM the way SAM is trained, on the shapes world (issue #16, stage 1).
+
+Class-agnostic and promptable: every visible object of every image is a training mask,
+prompted by one random interior point or by its box (SAM's point/box prompts, not KeySeg's
+[SEG] prompt); SAM's losses: focal 20 : dice 1 on the mask, plus the IoU head regressed onto
+the mask's actual IoU (MSE), so the score SAM prints means something. The image encoder,
+prompt encoder and mask decoder all train; KeySeg fine-tuning later freezes the first two.
+
+    OMP_NUM_THREADS=1 python experiments/pretrain_sam.py --preset shapes --steps 2000 \\
+        --out runs/sam_pretrain/shapes
+
+Prints losses every ``--log-every`` steps and, at the end, the point-prompted mIoU on
+``--eval-images`` test images (each object prompted by its most interior pixel), the box-
+prompted mIoU, and the correlation of the IoU head with the real IoU; writes
+``metrics.json`` (with the command, timing and machine) and the SAM weights
+(``save_pretrained``) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from keyseg.data.shapes import ShapesDataset, objects_from_meta, render_object_mask
+from keyseg.io import atomic_write_json
+from keyseg.model.sam import SamSegmenter
+from keyseg.transforms import sam_preprocess
+
+
+def visible_masks(record) -> np.ndarray:
+    """``(n, S, S)`` bool: what each object of a shapes record shows after occlusion."""
+    objects = objects_from_meta(record.meta)
+    size = record.image.size[0]
+    full = np.stack([render_object_mask(o, size) for o in objects])
+    visible, above = full.copy(), np.zeros(full.shape[1:], dtype=bool)
+    for i in range(len(full) - 1, -1, -1):  # z-order: later objects cover earlier ones
+        visible[i] &= ~above
+        above |= full[i]
+    return visible[visible.reshape(len(visible), -1).any(1)]
+
+
+def prepare(record, sam: SamSegmenter, low_res: int) -> dict:
+    """SAM input, the objects' masks at the low-res output size and in input coordinates."""
+    sam_input = sam_preprocess(record.image, sam.image_size)
+    masks = torch.from_numpy(visible_masks(record)).float()  # (n, H, W)
+    h, w = sam_input.resized_size
+    resized = F.interpolate(masks[None], size=(h, w), mode="nearest")[0]
+    padded = torch.zeros(len(masks), sam.image_size, sam.image_size)
+    padded[:, :h, :w] = resized
+    target = F.adaptive_avg_pool2d(padded[None], low_res)[0] > 0.5  # (n, low, low)
+    return {"pixels": sam_input.pixel_values, "input_masks": padded > 0.5,
+            "target": target.float()}
+
+
+def prompts(masks: torch.Tensor, rng: np.random.Generator, kind: str,
+            interior: bool = False) -> tuple[torch.Tensor, ...]:
+    """Per object one point ``(n, 1, 2)`` (x, y in input pixels; random inside, or the most
+    interior pixel) with label 1, or its box ``(n, 4)`` xyxy."""
+    points, boxes = [], []
+    for mask in masks.numpy():
+        ys, xs = np.nonzero(mask)
+        if kind == "box":
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            continue
+        if interior:  # the pixel farthest from the background, found by erosion
+            core = torch.from_numpy(mask).float()[None, None]
+            while True:
+                eroded = -F.max_pool2d(-core, 3, 1, 1)
+                if eroded.sum() == 0:
+                    break
+                core = eroded
+            ys, xs = np.nonzero(core[0, 0].numpy())
+            pick = len(xs) // 2
+        else:
+            pick = rng.integers(len(xs))
+        points.append([[xs[pick] + 0.5, ys[pick] + 0.5]])
+    if kind == "box":
+        return (torch.tensor(boxes, dtype=torch.float32),)
+    return torch.tensor(points, dtype=torch.float32), torch.ones(len(points), 1)
+
+
+def decode(sam: SamSegmenter, embedding: torch.Tensor, kind: str,
+           prompt: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's objects through SAM's prompt encoder and mask decoder: ``(n, low, low)``
+    mask logits and ``(n,)`` predicted IoU."""
+    if kind == "box":
+        out = sam.sam(image_embeddings=embedding[None], input_boxes=prompt[0][None],
+                      multimask_output=False)
+    else:
+        points, labels = prompt
+        out = sam.sam(image_embeddings=embedding[None], input_points=points[None],
+                      input_labels=labels[None], multimask_output=False)
+    return out.pred_masks[0, :, 0], out.iou_scores[0, :, 0]
+
+
+def losses(logits: torch.Tensor, target: torch.Tensor,
+           iou_pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SAM's focal (alpha 0.25, gamma 2) and dice losses per mask, and the IoU-head MSE."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    alpha = 0.25 * target + 0.75 * (1 - target)
+    focal = (alpha * ce * (1 - p_t) ** 2).flatten(1).mean(1)
+    inter = (prob * target).flatten(1).sum(1)
+    dice = 1 - (2 * inter + 1) / (prob.flatten(1).sum(1) + target.flatten(1).sum(1) + 1)
+    with torch.no_grad():
+        hard = logits > 0
+        real = ((hard & (target > 0.5)).flatten(1).sum(1)
+                / ((hard | (target > 0.5)).flatten(1).sum(1).clamp(min=1)))
+    return focal.mean(), dice.mean(), F.mse_loss(iou_pred, real)
+
+
+@torch.no_grad()
+def evaluate(sam: SamSegmenter, samples: list[dict], kind: str) -> dict[str, float]:
+    """mIoU over every object of ``samples`` prompted by its most interior point (or box),
+    at the low-res output size; and the IoU head's correlation with the real IoU."""
+    sam.eval()
+    ious, predicted = [], []
+    rng = np.random.default_rng(0)
+    for sample in samples:
+        embedding = sam.encode_images(sample["pixels"][None])[0]
+        logits, iou_pred = decode(sam, embedding, kind,
+                                  prompts(sample["input_masks"], rng, kind, interior=True))
+        hard, target = logits > 0, sample["target"] > 0.5
+        inter = (hard & target).flatten(1).sum(1).float()
+        union = (hard | target).flatten(1).sum(1).clamp(min=1).float()
+        ious += (inter / union).tolist()
+        predicted += iou_pred.tolist()
+    sam.train()
+    corr = float(np.corrcoef(ious, predicted)[0, 1]) if np.std(predicted) > 0 else 0.0
+    return {"miou": float(np.mean(ious)), "objects": len(ious), "iou_head_corr": corr}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="shapes", help="SAM preset (keyseg.model.sam)")
+    parser.add_argument("--prompt-dim", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--images-per-step", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--box-fraction", type=float, default=0.3,
+                        help="share of images prompted by boxes instead of points")
+    parser.add_argument("--eval-images", type=int, default=100)
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    sam = SamSegmenter.from_preset(args.preset, prompt_dim=args.prompt_dim)
+    low_res = 4 * sam.embedding_size
+    train, test = ShapesDataset("train"), ShapesDataset("test")
+    evaluation = [prepare(test[i], sam, low_res) for i in range(args.eval_images)]
+    optimizer = torch.optim.AdamW(sam.parameters(), lr=args.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps,
+                                                   pct_start=0.05)
+    started, history = time.perf_counter(), []
+    for step in range(1, args.steps + 1):
+        batch = [prepare(train[int(i)], sam, low_res)
+                 for i in rng.integers(len(train), size=args.images_per_step)]
+        embeddings = sam.encode_images(torch.stack([b["pixels"] for b in batch]))
+        totals = torch.zeros(3)
+        loss = embeddings.new_zeros(())
+        for sample, embedding in zip(batch, embeddings, strict=True):
+            kind = "box" if rng.random() < args.box_fraction else "point"
+            logits, iou_pred = decode(sam, embedding, kind,
+                                      prompts(sample["input_masks"], rng, kind))
+            parts = losses(logits, sample["target"], iou_pred)
+            loss = loss + (20 * parts[0] + parts[1] + parts[2]) / len(batch)
+            totals += torch.stack([p.detach() for p in parts]) / len(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % args.log_every == 0 or step == args.steps:
+            focal, dice, iou = totals.tolist()
+            seconds = time.perf_counter() - started
+            history.append({"step": step, "focal": focal, "dice": dice, "iou_mse": iou,
+                            "seconds": round(seconds, 1)})
+            print(f"step {step}: focal {focal:.4f} dice {dice:.3f} iou-mse {iou:.4f} "
+                  f"({seconds / step:.2f} s/step)", flush=True)
+    train_seconds = time.perf_counter() - started
+    point, box = evaluate(sam, evaluation, "point"), evaluate(sam, evaluation, "box")
+    print(f"test: point mIoU {point['miou']:.3f} (IoU head r={point['iou_head_corr']:.2f}), "
+          f"box mIoU {box['miou']:.3f}, {point['objects']} objects")
+    args.out.mkdir(parents=True, exist_ok=True)
+    sam.sam.save_pretrained(args.out / "sam")
+    atomic_write_json(args.out / "metrics.json", {
+        "point": point, "box": box, "history": history,
+        "train_seconds": round(train_seconds, 1),
+        "s_per_step": round(train_seconds / args.steps, 3),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "command": " ".join(["python", *sys.argv]),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+    })
+    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'sam'}")
+
+
+if __name__ == "__main__":
+    main()
