@@ -145,6 +145,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--images-per-step", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--focal-weight", type=float, default=20.0,
+                        help="weight of the focal loss (SAM: 20; docs/RESULTS.md: at 20:1 this "
+                             "tiny SAM collapses to background from scratch)")
+    parser.add_argument("--dice-weight", type=float, default=1.0)
     parser.add_argument("--box-fraction", type=float, default=0.3,
                         help="share of images prompted by boxes instead of points")
     parser.add_argument("--eval-images", type=int, default=100)
@@ -174,7 +178,8 @@ def main() -> None:
             logits, iou_pred = decode(sam, embedding, kind,
                                       prompts(sample["input_masks"], rng, kind))
             parts = losses(logits, sample["target"], iou_pred)
-            loss = loss + (20 * parts[0] + parts[1] + parts[2]) / len(batch)
+            loss = loss + (args.focal_weight * parts[0] + args.dice_weight * parts[1]
+                           + parts[2]) / len(batch)
             totals += torch.stack([p.detach() for p in parts]) / len(batch)
         optimizer.zero_grad()
         loss.backward()
