@@ -1,4 +1,4 @@
-"""Reading and writing checkpoint tensors: single files, shards with an index, two formats.
+"""Reading foreign checkpoint tensors: single files, shards with an index, two formats.
 
 Reading (:func:`read_checkpoint`) accepts
 
@@ -13,9 +13,8 @@ index names but that is missing, a tensor the index promises but its shard lacks
 non-tensor entry). Each tensor remembers the file it came from (:attr:`Checkpoint.origin`)
 so a converter can say where a wrongly shaped tensor lives.
 
-Writing (:func:`save_sharded_safetensors`) produces HF-style ``model-0000i-of-0000n
-.safetensors`` shards plus ``model.safetensors.index.json``; :func:`load_weights_dir` reads
-that back (or a single ``model.safetensors``).
+KeySeg's own directories are written and read by transformers (``KeySegModel.save_pretrained``
+/ ``from_pretrained``); this module is for the converters.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_SINGLE = "pytorch_model.bin"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 @dataclass
@@ -218,65 +216,3 @@ def read_checkpoint(src: str | os.PathLike, strip_prefix: str | None = None,
 
 def _strip(name: str, prefix: str) -> str:
     return name[len(prefix):] if name.startswith(prefix) else name
-
-
-# --- writing ---------------------------------------------------------------------------
-
-
-def save_sharded_safetensors(
-    state: Mapping[str, Tensor],
-    directory: str | os.PathLike,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    metadata: dict[str, str] | None = None,
-) -> list[Path]:
-    """Write ``state`` as safetensors shards + :data:`SAFETENSORS_INDEX` into ``directory``
-    (which the caller makes atomic, e.g. with :func:`keyseg.io.atomic_directory`).
-
-    Tensors sharing storage (tied weights) are cloned, as safetensors refuses aliases.
-    Returns the shard paths.
-    """
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, Tensor]] = [{}]
-    sizes = [0]
-    seen: set[tuple[int, int]] = set()
-    for name in sorted(state):
-        tensor = state[name].detach()
-        if tensor.device.type != "cpu":
-            tensor = tensor.cpu()
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key in seen or not tensor.is_contiguous():
-            tensor = tensor.contiguous().clone()
-        seen.add(key)
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = tensor
-        sizes[-1] += nbytes
-    total = len(shards)
-    weight_map: dict[str, str] = {}
-    paths = []
-    for number, shard in enumerate(shards, start=1):
-        file_name = f"model-{number:05d}-of-{total:05d}.safetensors"
-        save_file(shard, str(directory / file_name), metadata={"format": "pt", **(metadata or {})})
-        paths.append(directory / file_name)
-        weight_map.update(dict.fromkeys(shard, file_name))
-    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
-    (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
-    return paths
-
-
-def load_weights_dir(directory: str | os.PathLike) -> Checkpoint:
-    """Read a directory written by :func:`save_sharded_safetensors` (or one with a single
-    ``model.safetensors``)."""
-    directory = Path(directory)
-    if (directory / SAFETENSORS_INDEX).is_file():
-        return read_checkpoint(directory / SAFETENSORS_INDEX)
-    if (directory / SAFETENSORS_SINGLE).is_file():
-        return read_checkpoint(directory / SAFETENSORS_SINGLE)
-    raise KeySegCheckpointError(
-        f"{directory}: no weights ({SAFETENSORS_INDEX} or {SAFETENSORS_SINGLE})"
-    )

@@ -33,7 +33,6 @@ from keyseg.model.sam import SamSegmenter
 from keyseg.model.sam2 import Sam2Segmenter
 
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"  # single-file layout, still read; new saves are sharded
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 #: ``SamSettings.family`` -> (transformers config class, segmenter class).
