@@ -60,14 +60,15 @@ def prepare(record, sam: SamSegmenter, low_res: int) -> dict:
 
 
 def prompts(masks: torch.Tensor, rng: np.random.Generator, kind: str,
-            interior: bool = False) -> tuple[torch.Tensor, ...]:
-    """Per object one point ``(n, 1, 2)`` (x, y in input pixels; random inside, or the most
-    interior pixel) with label 1, or its box ``(n, 4)`` xyxy."""
+            interior: bool = False, per_object: int = 1) -> tuple[torch.Tensor, ...]:
+    """``per_object`` prompts per object, object-major: one point each ``(n*k, 1, 2)`` (x, y in
+    input pixels; random inside, or the most interior pixel) with label 1, or the box
+    ``(n*k, 4)`` xyxy (the same box ``k`` times)."""
     points, boxes = [], []
     for mask in masks.numpy():
         ys, xs = np.nonzero(mask)
         if kind == "box":
-            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            boxes += [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]] * per_object
             continue
         if interior:  # the pixel farthest from the background, found by erosion
             core = torch.from_numpy(mask).float()[None, None]
@@ -77,10 +78,10 @@ def prompts(masks: torch.Tensor, rng: np.random.Generator, kind: str,
                     break
                 core = eroded
             ys, xs = np.nonzero(core[0, 0].numpy())
-            pick = len(xs) // 2
+            picks = [len(xs) // 2] * per_object
         else:
-            pick = rng.integers(len(xs))
-        points.append([[xs[pick] + 0.5, ys[pick] + 0.5]])
+            picks = rng.integers(len(xs), size=per_object)
+        points += [[[xs[pick] + 0.5, ys[pick] + 0.5]] for pick in picks]
     if kind == "box":
         return (torch.tensor(boxes, dtype=torch.float32),)
     return torch.tensor(points, dtype=torch.float32), torch.ones(len(points), 1)
@@ -101,8 +102,9 @@ def decode(sam: SamSegmenter, embedding: torch.Tensor, kind: str,
 
 
 def losses(logits: torch.Tensor, target: torch.Tensor,
-           iou_pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SAM's focal (alpha 0.25, gamma 2) and dice losses per mask, and the IoU-head MSE."""
+           iou_pred: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per mask SAM's focal (alpha 0.25, gamma 2) and dice losses and plain BCE, and the
+    IoU-head MSE; each averaged over masks: ``(focal, dice, iou_mse, bce)``."""
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = prob * target + (1 - prob) * (1 - target)
@@ -114,7 +116,7 @@ def losses(logits: torch.Tensor, target: torch.Tensor,
         hard = logits > 0
         real = ((hard & (target > 0.5)).flatten(1).sum(1)
                 / ((hard | (target > 0.5)).flatten(1).sum(1).clamp(min=1)))
-    return focal.mean(), dice.mean(), F.mse_loss(iou_pred, real)
+    return focal.mean(), dice.mean(), F.mse_loss(iou_pred, real), ce.flatten(1).mean(1).mean()
 
 
 @torch.no_grad()
@@ -149,37 +151,61 @@ def main() -> None:
                         help="weight of the focal loss (SAM: 20; docs/RESULTS.md: at 20:1 this "
                              "tiny SAM collapses to background from scratch)")
     parser.add_argument("--dice-weight", type=float, default=1.0)
+    parser.add_argument("--bce-weight", type=float, default=0.0,
+                        help="weight of plain per-pixel BCE (LISA's mask loss with dice)")
+    parser.add_argument("--prompts-per-object", type=int, default=1,
+                        help="prompts per object per step (random points; boxes repeated): "
+                             "more mask supervision per image-encoder pass")
+    parser.add_argument("--positional-std", type=float, default=1.0,
+                        help="std of SAM's random-Fourier positional matrix (segment-anything: "
+                             "1.0; transformers' init, encoder width / 2, aliases point "
+                             "coordinates on a 24x24 grid)")
     parser.add_argument("--box-fraction", type=float, default=0.3,
                         help="share of images prompted by boxes instead of points")
     parser.add_argument("--eval-images", type=int, default=100)
+    parser.add_argument("--val-every", type=int, default=0,
+                        help="every this many steps, point mIoU on --val-images val images "
+                             "(0: never); the learning curve, kept apart from the test score")
+    parser.add_argument("--val-images", type=int, default=50)
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2")
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     sam = SamSegmenter.from_preset(args.preset, prompt_dim=args.prompt_dim)
+    torch.nn.init.normal_(sam.sam.shared_image_embedding.positional_embedding,
+                          std=args.positional_std)
+    sam.tie_positional_encoding()
     low_res = 4 * sam.embedding_size
     train, test = ShapesDataset("train"), ShapesDataset("test")
     evaluation = [prepare(test[i], sam, low_res) for i in range(args.eval_images)]
+    val = ShapesDataset("val")
+    validation = ([prepare(val[i], sam, low_res) for i in range(args.val_images)]
+                  if args.val_every else [])
+    curve = []
     optimizer = torch.optim.AdamW(sam.parameters(), lr=args.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps,
-                                                   pct_start=0.05)
+    # 5% warm-up then cosine (OneCycle); a short test run needs its warm-up end past step 0
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, args.lr, total_steps=args.steps, pct_start=max(0.05, 1.5 / args.steps))
     started, history = time.perf_counter(), []
     for step in range(1, args.steps + 1):
         batch = [prepare(train[int(i)], sam, low_res)
                  for i in rng.integers(len(train), size=args.images_per_step)]
         embeddings = sam.encode_images(torch.stack([b["pixels"] for b in batch]))
-        totals = torch.zeros(3)
+        totals = torch.zeros(4)
         loss = embeddings.new_zeros(())
         for sample, embedding in zip(batch, embeddings, strict=True):
             kind = "box" if rng.random() < args.box_fraction else "point"
+            k = args.prompts_per_object
             logits, iou_pred = decode(sam, embedding, kind,
-                                      prompts(sample["input_masks"], rng, kind))
-            parts = losses(logits, sample["target"], iou_pred)
+                                      prompts(sample["input_masks"], rng, kind, per_object=k))
+            parts = losses(logits, sample["target"].repeat_interleave(k, 0), iou_pred)
             loss = loss + (args.focal_weight * parts[0] + args.dice_weight * parts[1]
-                           + parts[2]) / len(batch)
+                           + parts[2] + args.bce_weight * parts[3]) / len(batch)
             totals += torch.stack([p.detach() for p in parts]) / len(batch)
         optimizer.zero_grad()
         loss.backward()
@@ -187,12 +213,17 @@ def main() -> None:
         optimizer.step()
         schedule.step()
         if step % args.log_every == 0 or step == args.steps:
-            focal, dice, iou = totals.tolist()
+            focal, dice, iou, bce = totals.tolist()
             seconds = time.perf_counter() - started
             history.append({"step": step, "focal": focal, "dice": dice, "iou_mse": iou,
-                            "seconds": round(seconds, 1)})
-            print(f"step {step}: focal {focal:.4f} dice {dice:.3f} iou-mse {iou:.4f} "
+                            "bce": bce, "seconds": round(seconds, 1)})
+            print(f"step {step}: focal {focal:.4f} dice {dice:.3f} bce {bce:.4f} "
+                  f"iou-mse {iou:.4f} "
                   f"({seconds / step:.2f} s/step)", flush=True)
+        if args.val_every and step % args.val_every == 0:
+            point_val = evaluate(sam, validation, "point")
+            curve.append({"step": step, "val_point_miou": round(point_val["miou"], 4)})
+            print(f"step {step}: val point mIoU {point_val['miou']:.3f}", flush=True)
     train_seconds = time.perf_counter() - started
     point, box = evaluate(sam, evaluation, "point"), evaluate(sam, evaluation, "box")
     print(f"test: point mIoU {point['miou']:.3f} (IoU head r={point['iou_head_corr']:.2f}), "
@@ -200,7 +231,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     sam.sam.save_pretrained(args.out / "sam")
     atomic_write_json(args.out / "metrics.json", {
-        "point": point, "box": box, "history": history,
+        "point": point, "box": box, "history": history, "val_curve": curve,
         "train_seconds": round(train_seconds, 1),
         "s_per_step": round(train_seconds / args.steps, 3),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

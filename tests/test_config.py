@@ -215,7 +215,7 @@ def test_all_problems_are_reported_at_once(tmp_path):
         f"{path}: data.shapes.image_size: must be in [64, 1024], got 8",
         "command line: train.save_every: must be >= 1, got 0",
         "command line: model.sam.preset: unknown SAM preset 'vit_q' (known for family sam: "
-        "vit_h, vit_l, vit_b, tiny, shapes)",
+        "vit_h, vit_l, vit_b, tiny, shapes, shapes192)",
     ])
 
 

@@ -41,11 +41,13 @@ def test_losses_vanish_for_a_perfect_mask_and_a_right_iou_head():
     target[0, 2:5, 2:5] = 1
     target[1, 0:3, 4:8] = 1
     perfect = (target * 2 - 1) * 30.0  # confident logits of the right sign
-    focal, dice, iou = losses(perfect, target, torch.ones(2))
+    focal, dice, iou, bce = losses(perfect, target, torch.ones(2))
     assert float(focal) < 1e-6 and float(dice) < 0.1 and float(iou) < 1e-9
+    assert float(bce) < 1e-9
     wrong = -perfect
-    focal_w, dice_w, iou_w = losses(wrong, target, torch.ones(2))
+    focal_w, dice_w, iou_w, bce_w = losses(wrong, target, torch.ones(2))
     assert focal_w > focal and dice_w > 0.9 and float(iou_w) == 1.0  # real IoU 0, predicted 1
+    assert abs(float(bce_w) - 30.0) < 1e-3  # BCE of a confident wrong logit is |logit|
 
 
 def test_a_few_steps_write_loadable_weights_and_metrics(tmp_path):
@@ -53,11 +55,13 @@ def test_a_few_steps_write_loadable_weights_and_metrics(tmp_path):
 
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--preset", "tiny", "--steps", "2", "--images-per-step",
-         "2", "--eval-images", "2", "--log-every", "1", "--out", str(tmp_path)],
+         "2", "--eval-images", "2", "--log-every", "1", "--prompts-per-object", "2",
+         "--bce-weight", "1", "--val-every", "2", "--val-images", "2", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [h["step"] for h in metrics["history"]] == [1, 2]
+    assert [c["step"] for c in metrics["val_curve"]] == [2]
     for kind in ("point", "box"):
         assert 0.0 <= metrics[kind]["miou"] <= 1.0 and metrics[kind]["objects"] >= 2
     assert isinstance(SamModel.from_pretrained(tmp_path / "sam"), SamModel)

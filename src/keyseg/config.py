@@ -78,7 +78,7 @@ NameList = Annotated[tuple[str, ...], Normalise(_names_list)]
 # torch, so the names are kept here; tests/test_config.py checks both stay in step.
 
 SAM_PRESET_NAMES: dict[str, tuple[str, ...]] = {
-    "sam": ("vit_h", "vit_l", "vit_b", "tiny", "shapes"),  # keyseg.model.sam.SAM_PRESETS
+    "sam": ("vit_h", "vit_l", "vit_b", "tiny", "shapes", "shapes192"),  # keyseg.model.sam.SAM_PRESETS
     "sam2": ("hiera_tiny", "hiera_small", "hiera_base_plus", "hiera_large", "tiny"),
 }
 LOCAL_VLM_PRESETS: dict[str, tuple[str, ...]] = {
@@ -180,7 +180,7 @@ class SamSettings(Checked):
     family: Literal["sam", "sam2"] = "sam"
     """"sam": SAM (ViT); "sam2": SAM 2 (Hiera)."""
     preset: str = "vit_h"
-    """The size: for sam one of vit_h, vit_l, vit_b, tiny, shapes; for sam2 one of
+    """The size: for sam one of vit_h, vit_l, vit_b, tiny, shapes, shapes192; for sam2 one of
     hiera_tiny, hiera_small, hiera_base_plus, hiera_large, tiny."""
     checkpoint: str | None = None
     """Official weights to load (None: random, or the weights of train.init_from)."""
