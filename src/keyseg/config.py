@@ -78,7 +78,8 @@ NameList = Annotated[tuple[str, ...], Normalise(_names_list)]
 # torch, so the names are kept here; tests/test_config.py checks both stay in step.
 
 SAM_PRESET_NAMES: dict[str, tuple[str, ...]] = {
-    "sam": ("vit_h", "vit_l", "vit_b", "tiny", "shapes", "shapes192"),  # keyseg.model.sam.SAM_PRESETS
+    # keyseg.model.sam.SAM_PRESETS
+    "sam": ("vit_h", "vit_l", "vit_b", "tiny", "shapes", "shapes192"),
     "sam2": ("hiera_tiny", "hiera_small", "hiera_base_plus", "hiera_large", "tiny"),
 }
 LOCAL_VLM_PRESETS: dict[str, tuple[str, ...]] = {
