@@ -15,20 +15,21 @@ model never imports it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from transformers import LlavaForConditionalGeneration
 
 from keyseg import tokens
 from keyseg.config import BackboneConfig, ModelConfig
-from keyseg.convert.sam import load_official_sam
+from keyseg.convert.sam import load_official_sam, load_sam
 from keyseg.convert.sam2 import load_official_sam2
 from keyseg.data.shapes import ShapesConfig, ShapesDataset
 from keyseg.errors import KeySegCheckpointError, KeySegConfigError
 from keyseg.model import qwen, tiny
 from keyseg.model.backbone import FAMILIES, QWEN_FAMILIES, apply_projector, num_image_tokens
 from keyseg.model.keyseg import SEGMENTERS, KeySegModel
-from keyseg.model.sam import DEFAULT_PROMPT_DIM, SAM_PRESETS, SamSegmenter
+from keyseg.model.sam import DEFAULT_PROMPT_DIM, SAM_PRESETS, SamSegmenter, sam_config
 from keyseg.model.sam2 import SAM2_PRESETS
 from keyseg.model.trainable import apply_lora, configure_trainable
 from keyseg.processor import KeySegProcessor
@@ -134,10 +135,14 @@ def build_vlm(cfg: BackboneConfig, tokenizer=None, dtype: torch.dtype | None = N
 def build_segmenter(family: str, preset: str, *, prompt_dim: int = DEFAULT_PROMPT_DIM,
                     checkpoint: str | None = None) -> SamSegmenter:
     """The mask decoder ``model.sam`` describes: SAM or SAM 2 (``family``) of a preset, with
-    an official checkpoint's weights (converted by :mod:`keyseg.convert`) when
-    ``checkpoint`` is given."""
+    the weights of ``checkpoint`` when given: an official file (converted by
+    :mod:`keyseg.convert`), or, for SAM, a pretrained SAM directory (``config.json`` +
+    safetensors, e.g. the lab's ``experiments/pretrain_sam.py``) of exactly that preset at
+    ``prompt_dim``."""
     if family not in SEGMENTERS:
         raise KeySegConfigError(f"model.sam.family: {family!r} is not one of 'sam', 'sam2'")
+    if checkpoint and family == "sam" and Path(checkpoint).is_dir():
+        return load_sam(checkpoint, expected=sam_config(preset, prompt_dim=prompt_dim))
     if checkpoint:
         load_official = load_official_sam2 if family == "sam2" else load_official_sam
         return load_official(checkpoint, preset=preset)

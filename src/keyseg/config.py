@@ -184,7 +184,7 @@ class SamSettings(Checked):
     """The size: for sam one of vit_h, vit_l, vit_b, tiny, shapes, shapes192; for sam2 one of
     hiera_tiny, hiera_small, hiera_base_plus, hiera_large, tiny."""
     checkpoint: str | None = None
-    """Official weights to load (None: random, or the weights of train.init_from)."""
+    """Weights: an official file or a SAM directory of this preset (None: random)."""
 
     def relations(self) -> Iterable[Problem]:
         known = SAM_PRESET_NAMES.get(self.family, ())
@@ -491,6 +491,9 @@ class TrainConfig(Checked):
     """Stop after this many validations without a better gIoU (None: never)."""
     max_consecutive_nonfinite: PositiveInt = 10
     """Stop when this many optimizer steps in a row have a non-finite loss or gradient."""
+    image_embedding_cache_gb: NonNegativeFloat = 0.0
+    """Keep the SAM embeddings of seen images, up to this many GiB per process (0: off).
+    Needs a frozen SAM image encoder (sam_image_encoder not in model.trainable)."""
 
     def relations(self) -> Iterable[Problem]:
         if not self.output_dir.strip():
@@ -509,6 +512,9 @@ class KeySegConfig(Checked):
     """The run."""
 
     def relations(self) -> Iterable[Problem]:
+        if self.train.image_embedding_cache_gb and "sam_image_encoder" in self.model.trainable:
+            yield Problem("train.image_embedding_cache_gb", "needs a frozen SAM image encoder "
+                          "(sam_image_encoder is in model.trainable)", ("model.trainable",))
         backbone = self.model.backbone
         local = LOCAL_VLM_PRESETS.get(backbone.family, ())
         if backbone.name_or_path is None and self.train.init_from is None and (

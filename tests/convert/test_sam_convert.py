@@ -343,3 +343,25 @@ def test_an_unknown_name_does_not_stop_the_conversion() -> None:
     assert report.unused_source == ["image_encoder.blocks.0.attn.scale"]
     assert set(report.mapped) == {"image_encoder.neck.2.weight", "mask_decoder.iou_token.weight"}
     assert set(converted) == set(report.mapped.values())
+
+
+def test_a_pretrained_sam_directory_is_a_sam_checkpoint_of_its_preset(tmp_path):
+    """model.sam.checkpoint may name a SamModel directory (the lab's pretrained SAM): its
+    weights are used as they are, and a directory of another size is refused in one line."""
+    from keyseg.build import build_segmenter
+
+    torch.manual_seed(3)
+    trained = SamSegmenter.from_preset("tiny", prompt_dim=64)
+    trained.sam.save_pretrained(tmp_path / "sam")
+    loaded = build_segmenter("sam", "tiny", prompt_dim=64, checkpoint=str(tmp_path / "sam"))
+    want = trained.state_dict()
+    got = loaded.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # the prompt encoder reads the one shared positional matrix
+    assert (loaded.sam.prompt_encoder.shared_embedding.positional_embedding
+            is loaded.sam.shared_image_embedding.positional_embedding)
+    with pytest.raises(KeySegCheckpointError, match=r"sam: .*output_channels: 64, expected 128"):
+        build_segmenter("sam", "tiny", prompt_dim=128, checkpoint=str(tmp_path / "sam"))
+    with pytest.raises(KeySegCheckpointError, match=r"vision_config.hidden_size: 32, expected 64"):
+        build_segmenter("sam", "shapes", prompt_dim=64, checkpoint=str(tmp_path / "sam"))

@@ -32,7 +32,7 @@ def _sam_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",
         default="auto",
-        choices=["auto", "vit_h", "vit_l", "vit_b", "tiny", "shapes"],
+        choices=["auto", "vit_h", "vit_l", "vit_b", "tiny", "shapes", "shapes192"],
         help="SAM size (default: inferred from the encoder's width and depth)",
     )
 

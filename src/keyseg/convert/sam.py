@@ -371,17 +371,66 @@ def save_sam(segmenter: SamSegmenter, dst_dir: str | os.PathLike[str]) -> Path:
     return dst
 
 
-def load_sam(src_dir: str | os.PathLike[str]) -> SamSegmenter:
-    """Load a directory written by :func:`save_sam` (local files only, no downloads)."""
-    from transformers import SamModel
+#: The config fields that fix a SAM's tensor shapes, by sub-config: a pretrained SAM
+#: directory must agree with ``model.sam.preset`` (at ``fusion.dim``) on all of them.
+STRUCTURAL_FIELDS: dict[str, tuple[str, ...]] = {
+    "vision_config": ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                      "patch_size", "window_size", "mlp_dim", "output_channels",
+                      "global_attn_indexes"),
+    "prompt_encoder_config": ("hidden_size", "image_size", "patch_size"),
+    "mask_decoder_config": ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                            "mlp_dim", "iou_head_hidden_dim"),
+}
+
+
+def _plain(value):
+    """JSON round trips turn tuples into lists: compare them as lists."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def config_mismatch(found, expected) -> str | None:
+    """The first structural field on which two SAM configs differ, as
+    ``"vision_config.image_size: 128, expected 192"``; None when they agree."""
+    for sub, names in STRUCTURAL_FIELDS.items():
+        for name in names:
+            have, want = (_plain(getattr(getattr(config, sub), name, None))
+                          for config in (found, expected))
+            if have != want:
+                return f"{sub}.{name}: {have}, expected {want}"
+    return None
+
+
+def load_sam(src_dir: str | os.PathLike[str], expected=None) -> SamSegmenter:
+    """Load a SAM directory (``config.json`` + safetensors: :func:`save_sam`, or
+    ``SamModel.save_pretrained`` as ``experiments/pretrain_sam.py`` writes it); local files
+    only, no downloads.
+
+    Args:
+        expected: a ``SamConfig`` (e.g. ``sam_config(preset, prompt_dim=fusion.dim)``) the
+            directory's must match on every shape-fixing field (:data:`STRUCTURAL_FIELDS`).
+
+    Raises:
+        KeySegCheckpointError: no config.json, an unreadable directory, or a SAM of another
+            size than ``expected`` (one line naming the directory and the field).
+    """
+    from transformers import SamConfig, SamModel
 
     path = Path(src_dir)
     if not (path / "config.json").is_file():
         raise KeySegCheckpointError(f"{path}: not a converted SAM directory (no config.json)")
     try:
+        if expected is not None:
+            problem = config_mismatch(SamConfig.from_pretrained(path), expected)
+            if problem:
+                raise KeySegCheckpointError(
+                    f"{path}: this SAM does not have the configured size ({problem})")
         model = SamModel.from_pretrained(path, local_files_only=True)
+    except KeySegCheckpointError:
+        raise
     except Exception as error:
         raise KeySegCheckpointError(
             f"{path}: cannot load SAM ({type(error).__name__}: {error})".splitlines()[0]
         ) from error
-    return SamSegmenter(model)
+    segmenter = SamSegmenter(model)
+    segmenter.tie_positional_encoding()
+    return segmenter

@@ -294,10 +294,15 @@ class KeySegModel(PreTrainedModel):
         return self.embedding_table_proj.weight.dtype
 
     def encode_images(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, S, S)`` -> ``(N, C, h, w)``; no graph is kept when the encoder is frozen."""
+        """``(N, 3, S, S)`` -> ``(N, C, h, w)``; no graph is kept when the encoder is frozen,
+        and then ``self.image_embedding_cache`` (an ``ImageEmbeddingCache``, set by
+        training) serves images it has seen."""
         encoder = self.sam.sam.vision_encoder
         frozen = not any(p.requires_grad for p in encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            cache = getattr(self, "image_embedding_cache", None)
+            if frozen and cache is not None:
+                return cache(sam_pixel_values, self.sam.encode_images)
             return self.sam.encode_images(sam_pixel_values)
 
     def special_embeddings(

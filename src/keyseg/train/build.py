@@ -56,6 +56,11 @@ def build_model(cfg: KeySegConfig, accelerator: Accelerator,
             param.data = param.data.to(torch.float32 if param.requires_grad else compute)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.train.image_embedding_cache_gb:
+        from keyseg.model.embedding_cache import ImageEmbeddingCache
+
+        model.image_embedding_cache = ImageEmbeddingCache(
+            int(cfg.train.image_embedding_cache_gb * 2**30))
     return model
 
 

@@ -185,6 +185,9 @@ def main(cfg: KeySegConfig, resume: str | None = None, hooks: Hooks | None = Non
     batches = MicroBatches(mixture, accelerator.unwrap_model(model).processor, cfg,
                            rank=accelerator.process_index, world=accelerator.num_processes)
     result = fit(run, state, batches, val_records)
+    cache = getattr(accelerator.unwrap_model(model), "image_embedding_cache", None)
+    if cache is not None:
+        accelerator.print(cache.summary())
     if result.stopped != "interrupted":
         save_final(accelerator, model, run.run_dir, cfg)
     accelerator.wait_for_everyone()
