@@ -146,6 +146,7 @@ BAD_VALUES = [
     ("train.val_limit=0", "train.val_limit"),
     ("train.early_stopping_patience=0", "train.early_stopping_patience"),
     ("train.max_consecutive_nonfinite=0", "train.max_consecutive_nonfinite"),
+    ("train.image_embedding_cache_gb=-1", "train.image_embedding_cache_gb"),
 ]
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-test.yaml"
 
