@@ -96,7 +96,8 @@ DATASET_NAMES: tuple[str, ...] = ("reason_seg", "refer_seg", "shapes")
 VAL_NAMES: tuple[str, ...] = ("reason_seg", "shapes", "refcoco", "refcoco+", "refcocog")
 """Names allowed before the colon of ``data.val_dataset``."""
 REFER_NAMES: tuple[str, ...] = ("refcoco", "refcoco+", "refcocog")  # data.refer.REFER_DATASETS
-SHAPES_DIFFICULTIES: tuple[str, ...] = ("direct", "relational", "indirect", "multi", "negative")
+SHAPES_DIFFICULTIES: tuple[str, ...] = ("direct", "attribute", "relational", "indirect", "multi",
+                                         "negative")
 """Query difficulties of the shapes world (``ShapesConfig.difficulty_weights`` keys)."""
 
 
@@ -341,9 +342,10 @@ class ShapesConfig(Checked):
     queries_per_image: PositiveInt = 1
     """Referents per record (each its own query and target)."""
     difficulty_weights: tuple[tuple[str, NonNegativeFloat], ...] = (
-        ("direct", 0.2),
+        ("direct", 0.15),
+        ("attribute", 0.15),
         ("relational", 0.2),
-        ("indirect", 0.35),
+        ("indirect", 0.25),
         ("multi", 0.125),
         ("negative", 0.125),
     )

@@ -213,3 +213,68 @@ def test_export_is_read_back_by_the_reason_seg_reader(tmp_path, val_records: lis
         assert back.text == original.text and back.keyword == original.keyword
         # The traced polygons, drawn by the reader's (LISA's) rasteriser, give the exact mask.
         np.testing.assert_array_equal(back.masks[0], original.masks.any(axis=0))
+
+
+def _scene(*specs: tuple[str, str, float, float]):
+    """A hand-built, non-overlapping scene of (kind, colour, cx, cy) on a 192 px canvas."""
+    from keyseg.data.shapes import Scene, ShapeObject, render_object_mask
+
+    objects = [ShapeObject(kind, colour, cx, cy, 18.0, 0.0, z)
+               for z, (kind, colour, cx, cy) in enumerate(specs)]
+    full = np.stack([render_object_mask(o, 192) for o in objects])
+    return Scene(objects, full, full.copy())
+
+
+def _realise(template_id: str, scene, seed: int = 0):
+    from keyseg.data.shapes.queries import TEMPLATES, _realise
+
+    return _realise(TEMPLATES[template_id], scene, np.random.default_rng(seed), 192,
+                    heldout_ok=True)
+
+
+def test_attribute_queries_name_a_property_exactly_one_object_has() -> None:
+    scene = _scene(("ring", "red", 40, 40), ("square", "blue", 150, 40),
+                   ("diamond", "blue", 40, 150), ("triangle", "green", 150, 150))
+    for seed in range(20):
+        query = _realise("attribute.p", scene, seed)
+        # ring: "with a hole" / "round" / "no corners"; triangle: "three corners"; diamond:
+        # "standing on a corner". The square and diamond share "four corners", and three
+        # have "straight sides": those never qualify alone.
+        prop = query.text.removeprefix("the shape ")
+        target = scene.objects[query.targets[0]]
+        expected = {"with three corners": "triangle", "standing on a corner": "diamond"}
+        assert prop in {"round", "with a hole", "with no corners", *expected}, prop
+        assert target.kind == expected.get(prop, "ring")
+    # with a colour: "four corners" is shared by the square and the diamond, both blue, so
+    # the colour cannot separate them; "straight sides" (square, diamond, triangle) can,
+    # only for the green triangle.
+    for seed in range(20):
+        query = _realise("attribute.cp", scene, seed)
+        assert query.text == "the green shape with straight sides"
+        assert scene.objects[query.targets[0]].description == "green triangle"
+        assert query.keyword == "green triangle"
+
+
+def test_heldout_properties_stay_out_of_train() -> None:
+    from keyseg.data.shapes.queries import HELDOUT_PROPERTIES, TEMPLATES, _realise
+
+    scene = _scene(("octagon", "red", 40, 40), ("diamond", "blue", 150, 150))
+    texts = {_realise(TEMPLATES["attribute.p"], scene, np.random.default_rng(s), 192,
+                      heldout_ok=False).text for s in range(30)}
+    assert texts and not any(p in t for t in texts for p in HELDOUT_PROPERTIES)
+
+
+def test_multi_target_answers_name_every_target_in_order() -> None:
+    from keyseg.data.shapes.queries import write_answer
+
+    scene = _scene(("circle", "red", 30, 60), ("circle", "blue", 100, 60),
+                   ("circle", "red", 170, 60), ("star", "green", 100, 160))
+    query = _realise("multi.all_k", scene)
+    assert query.targets == (0, 1, 2)  # left to right
+    for seed in range(10):
+        answer, _ = write_answer(query, np.random.default_rng(seed), scene)
+        names = [part.strip(" ,.").split(" and ")[-1].removeprefix("they are ")
+                 for part in answer.split("[SEG]")[:-1]]
+        assert answer.count("[SEG]") == 3
+        assert [n.split("the ", 1)[-1] for n in names] == [
+            "first red circle", "blue circle", "second red circle"], answer

@@ -13,11 +13,14 @@ the literal words:
 difficulty        example query                                keyword
 ================  ===========================================  ===========================
 ``direct``        "red triangle", "Where is the blue star?"   "red triangle", "blue star"
+``attribute``     "the shape with a hole", "the green shape    "ring", the target's
+                  with straight sides"                         "colour kind"
 ``relational``    "the largest shape", "the shape left of the  the target's "colour kind"
                   green ring"
 ``indirect``      "Which one looks like a stop sign?",         "octagon", "yellow"
                   "Which shape is the colour of a banana?"
-``multi``         "all the circles" -> k masks, k ``[SEG]``   "circle"
+``multi``         "all the circles" -> k masks, k ``[SEG]``,  "circle"
+                  each after its target's name
 ``negative``      "purple cross" (none in the image)           "purple cross"
 ================  ===========================================  ===========================
 

@@ -112,6 +112,24 @@ COLOUR_CLUES: dict[str, list[str]] = {
 }
 
 
+# Visual properties for attribute queries: phrase -> the kinds that have it. A query names a
+# property (and maybe a colour) that exactly one visible object has.
+PROPERTIES: dict[str, tuple[str, ...]] = {
+    "round": ("circle", "ring"),
+    "with a hole": ("ring",),
+    "with no corners": ("circle", "ring"),
+    "with three corners": ("triangle",),
+    "with four corners": ("square", "diamond"),
+    "with five points": ("star",),
+    "with eight sides": ("octagon",),
+    "shaped like a plus": ("cross",),
+    "standing on a corner": ("diamond",),
+    "with straight sides": ("square", "triangle", "diamond", "octagon", "cross", "star"),
+}
+#: Properties used only in val/test (their phrasing is new, the concept is not).
+HELDOUT_PROPERTIES = frozenset({"with eight sides", "standing on a corner"})
+
+
 def _build_templates() -> dict[str, Template]:
     t: list[Template] = [
         # direct: the concept is named (kind, colour or both)
@@ -132,6 +150,27 @@ def _build_templates() -> dict[str, Template]:
         Template(
             "direct.find_k", "direct", "Find the {kind} in the picture.", True, "k", heldout=True
         ),
+        Template("direct.the_c", "direct", "the {colour} one", False, "c"),
+        Template("direct.can_ck", "direct", "Can you segment the {colour} {kind}?", True, "ck"),
+        Template("direct.show_k", "direct", "Show me the {kind}.", True, "k"),
+        Template("direct.which_c", "direct", "Which shape is {colour}?", True, "c"),
+        Template("direct.please_ck", "direct", "Please segment the {colour} {kind}.", True, "ck"),
+        Template("direct.k_only", "direct", "the {kind}", False, "k"),
+        Template("direct.wheres_c", "direct", "Where's the {colour} shape?", True, "c",
+                 heldout=True),
+        Template("direct.mask_ck", "direct", "mask of the {colour} {kind}", False, "ck",
+                 heldout=True),
+        # attribute: the target is described by what it looks like (a property, a colour)
+        Template("attribute.p", "attribute", "the shape {prop}", False, "attr"),
+        Template("attribute.cp", "attribute", "the {colour} shape {prop}", False, "attr_c"),
+        Template("attribute.which_p", "attribute", "Which is the shape {prop}?", True, "attr"),
+        Template("attribute.segment_cp", "attribute", "Segment the {colour} shape {prop}.", True,
+                 "attr_c"),
+        Template("attribute.one_p", "attribute", "the one {prop}", False, "attr"),
+        Template("attribute.find_p", "attribute", "Can you find the shape {prop}?", True, "attr",
+                 heldout=True),
+        Template("attribute.which_cp", "attribute", "Which is the {colour} shape {prop}?", True,
+                 "attr_c", heldout=True),
         # relational / attribute: the target is named by a comparison
         Template(
             "relational.largest", "relational", "the largest shape", False, "extreme", "largest"
@@ -206,6 +245,25 @@ def _build_templates() -> dict[str, Template]:
             "extreme_k",
             "largest",
         ),
+        Template("relational.which_largest", "relational", "Which shape is the largest?", True,
+                 "extreme", "largest"),
+        Template("relational.which_smallest", "relational", "Which one is the smallest?", True,
+                 "extreme", "smallest"),
+        Template("relational.far_right", "relational", "the shape on the far right", False,
+                 "extreme", "rightmost"),
+        Template("relational.top", "relational", "the topmost shape", False, "extreme",
+                 "topmost"),
+        Template("relational.what_left_of", "relational",
+                 "What is to the left of the {colour} {kind}?", True, "relation", "left"),
+        Template("relational.under", "relational", "Segment the shape under the {colour} {kind}.",
+                 True, "relation", "below"),
+        Template("relational.smallest_k", "relational", "the smallest {kind}", False, "extreme_k",
+                 "smallest"),
+        Template("relational.bottom", "relational", "the shape at the very bottom", False,
+                 "extreme", "lowest", heldout=True),
+        Template("relational.what_above", "relational",
+                 "Which shape is above the {colour} {kind}?", True, "relation", "above",
+                 heldout=True),
         Template(
             "relational.biggest",
             "relational",
@@ -240,6 +298,12 @@ def _build_templates() -> dict[str, Template]:
             "multi.segment_k", "multi", "Segment all the {kinds} in the image.", True, "multi_k"
         ),
         Template("multi.clue", "multi", "{clue}", True, "multi_clue"),
+        Template("multi.kinds", "multi", "{kinds}", False, "multi_k"),
+        Template("multi.where_k", "multi", "Where are all the {kinds}?", True, "multi_k"),
+        Template("multi.show_c", "multi", "Show me every {colour} shape.", True, "multi_c"),
+        Template("multi.c_ones", "multi", "the {colour} ones", False, "multi_c"),
+        Template("multi.both_k", "multi", "Segment each {kind} you can see.", True, "multi_k",
+                 heldout=True),
         Template(
             "multi.find_k",
             "multi",
@@ -263,6 +327,13 @@ def _build_templates() -> dict[str, Template]:
             "neg_k",
             heldout=True,
         ),
+        Template("negative.where_ck", "negative", "Where is the {colour} {kind}?", True, "neg_ck"),
+        Template("negative.segment_ck", "negative", "Segment the {colour} {kind}.", True,
+                 "neg_ck"),
+        Template("negative.show_k", "negative", "Show me the {kind}.", True, "neg_k"),
+        Template("negative.the_k", "negative", "the {kind}", False, "neg_k"),
+        Template("negative.can_ck", "negative", "Can you find the {colour} {kind}?", True,
+                 "neg_ck", heldout=True),
     ]
     for kind, clues in KIND_CLUES.items():
         for i, clue in enumerate(clues):
@@ -370,6 +441,25 @@ def _realise(
         return Query(
             template, template.pattern, template.arg, (matches[0],), objs[matches[0]].description
         )
+    if slot in ("attr", "attr_c"):
+        props = sorted(p for p in PROPERTIES if heldout_ok or p not in HELDOUT_PROPERTIES)
+        rng.shuffle(props)
+        for prop in props:
+            having = [i for i, o in enumerate(objs) if o.kind in PROPERTIES[prop]]
+            if slot == "attr" and len(having) == 1:
+                i = having[0]
+                keyword = objs[i].kind if len(PROPERTIES[prop]) == 1 else objs[i].description
+                return Query(template, _fill(template, prop=prop), keyword, (i,),
+                             objs[i].description)
+            if slot == "attr_c" and len(having) >= 2:
+                # the colour must be needed: several objects have the property
+                colours = [objs[i].colour for i in having]
+                unique = [i for i in having if colours.count(objs[i].colour) == 1]
+                if unique:
+                    i = pick(unique)
+                    return Query(template, _fill(template, prop=prop, colour=objs[i].colour),
+                                 objs[i].description, (i,), objs[i].description)
+        return None
     if slot == "extreme":
         i = _extreme(scene, template.arg, list(range(len(objs))), size)
         if i is None:
@@ -467,7 +557,8 @@ _SINGLE_ANSWERS = (
     "It is the {desc} [SEG].",
     "Sure, it is the {desc}, [SEG].",
 )
-_MULTI_ANSWERS = ("Sure, they are {segs}.", "The {desc} are {segs}.", "{segs}.")
+_MULTI_ANSWERS = ("Sure, they are {segs}.", "The {desc} are {segs}.", "They are {segs}.")
+_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
 _NEGATIVE_ANSWERS = (
     "There is no such shape, [SEG].",
     "Nothing in the image matches, [SEG].",
@@ -475,8 +566,28 @@ _NEGATIVE_ANSWERS = (
 )
 
 
-def write_answer(query: Query, rng: np.random.Generator) -> tuple[str, str]:
-    """(answer with exactly k ``[SEG]``, explanation without ``[SEG]`` for the keyword file)."""
+def target_names(query: Query, scene: Scene) -> list[str]:
+    """One name per target of a multi-target query, in target order (left to right): its
+    colour and kind, with an ordinal where two targets share both ("the first red circle")."""
+    names = [scene.objects[i].description for i in query.targets]
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        if names.count(name) > 1:
+            out.append(f"the {_ORDINALS[seen.get(name, 0)]} {name}")
+            seen[name] = seen.get(name, 0) + 1
+        else:
+            out.append(f"the {name}")
+    return out
+
+
+def write_answer(query: Query, rng: np.random.Generator,
+                 scene: Scene | None = None) -> tuple[str, str]:
+    """(answer with exactly k ``[SEG]``, explanation without ``[SEG]`` for the keyword file).
+
+    A multi-target answer names each target before its ``[SEG]`` ("the red circle [SEG] and
+    the blue circle [SEG]") when ``scene`` is given: the state that prompts each mask then
+    follows a different object's name, so the masks of one answer can differ."""
     k = len(query.targets)
     if k == 0:
         answer = _NEGATIVE_ANSWERS[int(rng.integers(len(_NEGATIVE_ANSWERS)))]
@@ -484,7 +595,9 @@ def write_answer(query: Query, rng: np.random.Generator) -> tuple[str, str]:
     if k == 1:
         answer = _SINGLE_ANSWERS[int(rng.integers(len(_SINGLE_ANSWERS)))]
         return answer.format(desc=query.description), f"It is the {query.description}."
-    segs = ", ".join(["[SEG]"] * (k - 1)) + " and [SEG]"
+    named = ([f"{name} [SEG]" for name in target_names(query, scene)] if scene is not None
+             else ["[SEG]"] * k)
+    segs = ", ".join(named[:-1]) + " and " + named[-1]
     answer = _MULTI_ANSWERS[int(rng.integers(len(_MULTI_ANSWERS)))]
     return answer.format(segs=segs, desc=query.description), (
         f"There are {k} {query.description} in the image."
