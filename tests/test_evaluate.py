@@ -316,3 +316,16 @@ def test_two_process_evaluation_equals_single_process_exactly(tmp_path, tiny_mod
     assert sorted(row["id"] for row in lines) == sorted(
         f"shapes/{ShapesDataset('test', SMALL)[i].sample_id}#0" for i in range(5))
     assert not list(tmp_path.glob(".dist.jsonl.part*"))
+
+
+def test_max_pairwise_iou_of_an_answers_masks():
+    from keyseg.evaluate.scoring import max_pairwise_iou
+
+    pred = torch.full((3, 4, 4), -1.0)
+    pred[0, :2, :2] = 1  # 4 px
+    pred[1, :2, :] = 1   # 8 px, holds all of mask 0: IoU 4/8
+    pred[2, 3, 3] = 1    # 1 px, apart
+    assert max_pairwise_iou(pred) == pytest.approx(0.5)
+    assert max_pairwise_iou(pred[:1]) is None
+    assert max_pairwise_iou(torch.full((2, 4, 4), -1.0)) == 0.0  # two empty masks
+    assert max_pairwise_iou(pred[[0, 0]]) == pytest.approx(1.0)  # one object drawn twice

@@ -51,6 +51,21 @@ def used_prediction(pred: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([pred, filler]) if n_pred else filler
 
 
+def max_pairwise_iou(pred: torch.Tensor) -> float | None:
+    """The largest IoU between two of an answer's ``(n, H, W)`` predicted masks (logits > 0):
+    near 1 when a multi-target answer draws one object several times; None for n < 2. Two
+    empty masks overlap with IoU 0 (nothing is drawn twice)."""
+    if pred.shape[0] < 2:
+        return None
+    masks = (pred > 0).flatten(1).float()
+    inter = masks @ masks.T
+    area = masks.sum(1)
+    union = area[:, None] + area[None, :] - inter
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+    iou.fill_diagonal_(0)
+    return float(iou.max())
+
+
 def score(item: EvalItem, pred: torch.Tensor, answer: str, keyword: str | None
           ) -> tuple[dict[str, Any], torch.Tensor, np.ndarray]:
     """Score one conversation: its JSONL row, the ``(k, H, W)`` logits scored and the
@@ -92,5 +107,6 @@ def score(item: EvalItem, pred: torch.Tensor, answer: str, keyword: str | None
         "I": [i for i, _ in pairs],
         "U": [u for _, u in pairs],
         "iou": sum(iou_score(i, u) for i, u in pairs) / len(pairs),
+        "max_pred_overlap": max_pairwise_iou(pred[:k]),
     }
     return row, used, target

@@ -1,0 +1,118 @@
+"""The lab's acceptance numbers (issue #16) from `keyseg eval --mode generate` sample rows.
+
+    keyseg eval --checkpoint DIR --dataset shapes:test --mode generate --out runs/eval-native
+    python experiments/lab_report.py runs/eval-native/samples/shapes_test_generate.jsonl \\
+        [--compare runs/eval-rs/samples/reason_seg_val_generate.jsonl] [--out report.json]
+
+Prints, for the generated answers: gIoU (mean per-sample IoU, LISA's) overall and per
+difficulty; the share of negative queries *answered* as negatives (the answer says there is
+no such shape; and, separately, the share whose masks are empty); for multi-target answers
+the largest IoU between two of an answer's masks (``max_pred_overlap``: one object drawn
+twice gives 1.0); and each acceptance check of the issue with PASS/FAIL. ``--compare`` adds
+the same numbers for a second file (the ReasonSeg-format export) and their difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+from keyseg.io import atomic_write_json
+
+#: How the shapes world's negative answers begin ("There is no such shape", "Nothing in the
+#: image matches", "No shape fits that description").
+NEGATIVE_ANSWER = re.compile(r"\b(no such|nothing in the image|no shape)\b", re.IGNORECASE)
+#: The issue's thresholds. "The masks of one answer overlap with IoU < 0.5" is read as: at
+#: least ``multi_share`` of the multi-target answers have every pair of masks below it.
+TARGETS = {"giou": 0.70, "difficulty_giou": 0.50, "negatives_answered": 0.80,
+           "multi_overlap": 0.5, "multi_share": 0.9, "export_gap": 0.03}
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The scored rows of a samples JSONL (batch markers and torn lines skipped)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "iou" in row:
+            rows.append(row)
+    if not rows:
+        raise SystemExit(f"{path}: no scored rows")
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    """gIoU overall and by difficulty, negatives answered, multi-target overlaps."""
+    by_difficulty: dict[str, list[float]] = {}
+    for row in rows:
+        by_difficulty.setdefault(row.get("difficulty") or "none", []).append(row["iou"])
+    negatives = [r for r in rows if r.get("difficulty") == "negative"]
+    multi = [r["max_pred_overlap"] for r in rows
+             if r.get("difficulty") == "multi" and r.get("max_pred_overlap") is not None]
+    return {
+        "samples": len(rows),
+        "giou": statistics.mean(r["iou"] for r in rows),
+        "by_difficulty": {d: {"giou": statistics.mean(v), "n": len(v)}
+                          for d, v in sorted(by_difficulty.items())},
+        "negatives_answered": (sum(bool(NEGATIVE_ANSWER.search(r["answer"])) for r in negatives)
+                               / len(negatives)) if negatives else None,
+        "negatives_empty_mask": (sum(all(u == 0 for u in r["U"]) for r in negatives)
+                                 / len(negatives)) if negatives else None,
+        "multi_answers": len(multi),
+        "multi_mean_overlap": statistics.mean(multi) if multi else None,
+        "multi_share_distinct": (sum(o < TARGETS["multi_overlap"] for o in multi) / len(multi)
+                                 if multi else None),
+    }
+
+
+def checks(native: dict, export: dict | None) -> list[tuple[str, bool]]:
+    """The issue's acceptance points as (description, passed)."""
+    out = [(f"gIoU {native['giou']:.3f} >= {TARGETS['giou']}", native["giou"] >= TARGETS["giou"])]
+    for name, d in native["by_difficulty"].items():
+        out.append((f"{name} gIoU {d['giou']:.3f} >= {TARGETS['difficulty_giou']}",
+                    d["giou"] >= TARGETS["difficulty_giou"]))
+    if native["negatives_answered"] is not None:
+        out.append((f"negatives answered as negatives {native['negatives_answered']:.1%} >= "
+                    f"{TARGETS['negatives_answered']:.0%}",
+                    native["negatives_answered"] >= TARGETS["negatives_answered"]))
+    if native["multi_share_distinct"] is not None:
+        out.append((f"multi-target answers with masks overlapping < {TARGETS['multi_overlap']}: "
+                    f"{native['multi_share_distinct']:.1%} (mean max-IoU "
+                    f"{native['multi_mean_overlap']:.3f}) >= {TARGETS['multi_share']:.0%}",
+                    native["multi_share_distinct"] >= TARGETS["multi_share"]))
+    if export is not None:
+        gap = abs(export["giou"] - native["giou"])
+        out.append((f"ReasonSeg-format export gIoU {export['giou']:.3f}, |difference| "
+                    f"{gap:.3f} <= {TARGETS['export_gap']}", gap <= TARGETS["export_gap"]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("samples", type=Path, help="samples JSONL of a generate-mode eval")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="the same for the ReasonSeg-format export")
+    parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
+    args = parser.parse_args()
+    native = summarise(read_rows(args.samples))
+    export = summarise(read_rows(args.compare)) if args.compare else None
+    for name, d in native["by_difficulty"].items():
+        extra = ""
+        if export and name in export["by_difficulty"]:
+            extra = f"  (export {export['by_difficulty'][name]['giou']:.3f})"
+        print(f"{name:>10}: gIoU {d['giou']:.3f} (n={d['n']}){extra}")
+    results = checks(native, export)
+    for text, passed in results:
+        print(f"{'PASS' if passed else 'FAIL'}  {text}")
+    if args.out:
+        atomic_write_json(args.out, {"native": native, "export": export,
+                                     "checks": [{"check": t, "passed": p} for t, p in results]})
+
+
+if __name__ == "__main__":
+    main()
