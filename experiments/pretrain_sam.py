@@ -169,6 +169,9 @@ def main() -> None:
     parser.add_argument("--val-images", type=int, default=50)
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from this run's sam/ directory (same preset) with a new "
+                             "warm-up + cosine cycle; --positional-std is then not re-drawn")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.steps < 2:
@@ -176,10 +179,16 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    sam = SamSegmenter.from_preset(args.preset, prompt_dim=args.prompt_dim)
-    torch.nn.init.normal_(sam.sam.shared_image_embedding.positional_embedding,
-                          std=args.positional_std)
-    sam.tie_positional_encoding()
+    if args.init is not None:
+        from keyseg.convert.sam import load_sam
+        from keyseg.model.sam import sam_config
+
+        sam = load_sam(args.init, expected=sam_config(args.preset, prompt_dim=args.prompt_dim))
+    else:
+        sam = SamSegmenter.from_preset(args.preset, prompt_dim=args.prompt_dim)
+        torch.nn.init.normal_(sam.sam.shared_image_embedding.positional_embedding,
+                              std=args.positional_std)
+        sam.tie_positional_encoding()
     low_res = 4 * sam.embedding_size
     train, test = ShapesDataset("train"), ShapesDataset("test")
     evaluation = [prepare(test[i], sam, low_res) for i in range(args.eval_images)]

@@ -64,4 +64,15 @@ def test_a_few_steps_write_loadable_weights_and_metrics(tmp_path):
     assert [c["step"] for c in metrics["val_curve"]] == [2]
     for kind in ("point", "box"):
         assert 0.0 <= metrics[kind]["miou"] <= 1.0 and metrics[kind]["objects"] >= 2
-    assert isinstance(SamModel.from_pretrained(tmp_path / "sam"), SamModel)
+    first = SamModel.from_pretrained(tmp_path / "sam")
+    assert isinstance(first, SamModel)
+    # a continuation starts from those weights (and the IoU-head correlation is a number)
+    again = subprocess.run(
+        [sys.executable, str(SCRIPT), "--preset", "tiny", "--steps", "2", "--images-per-step",
+         "1", "--eval-images", "1", "--lr", "0", "--init", str(tmp_path / "sam"), "--out",
+         str(tmp_path / "more")], capture_output=True, text=True, timeout=300, check=False)
+    assert again.returncode == 0, again.stderr[-2000:]
+    second = SamModel.from_pretrained(tmp_path / "more" / "sam")
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name  # lr 0: nothing moved
