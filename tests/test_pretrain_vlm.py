@@ -125,3 +125,22 @@ def test_a_few_steps_write_a_directory_that_keyseg_loads(tmp_path) -> None:
     assert int((encoded.input_ids == seg).sum()) == 1
     # the KeySeg model holds the pretrained VLM's weights
     assert torch.equal(model.backbone.input_embeddings().weight, table)
+
+
+def test_the_shapes192_preset_sees_native_pixels_and_trains_every_clip_layer() -> None:
+    from keyseg.model import tiny
+
+    torch.manual_seed(0)
+    vlm, image_processor, tokenizer = build_vlm(BackboneConfig(preset="shapes192"),
+                                                tiny.build_tiny_tokenizer())
+    encoder = _module().QAEncoder(tokenizer, image_processor, vlm.config, SYSTEM)
+    record = ShapesDataset("val")[0]
+    assert encoder.num_image_tokens == (192 // 16) ** 2
+    batch = encoder.train_batch([(record.image, [QAPair("count", "c", "How many?", "two")])])
+    # 192 px records go in unresized
+    assert batch["pixel_values"].shape[-2:] == (192, 192)
+    vlm(**batch).loss.backward()
+    layers = vlm.model.vision_tower.encoder.layers
+    for index, layer in enumerate(layers):
+        grads = [p.grad for p in layer.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads), index
