@@ -52,10 +52,11 @@ SHAPES_CORPUS_RECORDS = 600
 def preset_corpus(preset: str) -> list[str] | None:
     """Tokenizer training text for a local VLM preset (None: the small default corpus).
 
-    The ``shapes`` preset's tokenizer is trained on the procedural world's own queries and
-    answers, so its few hundred merges cover the words the embedded default will see.
+    The ``shapes`` (and ``shapes192``) preset's tokenizer is trained on the procedural world's
+    own queries and answers, so its few hundred merges cover the words the embedded default
+    will see.
     """
-    if preset != "shapes":
+    if not preset.startswith("shapes"):
         return None
     dataset = ShapesDataset("train", ShapesConfig())
     corpus = list(tiny.DEFAULT_CORPUS)

@@ -89,9 +89,11 @@ def tiny_llava_config(
     num_heads: int = 4,
     vision_hidden_size: int = 32,
     vision_layers: int = 2,
+    vision_feature_layer: int = -2,
 ) -> LlavaConfig:
     """A LLaVA config of a few hundred thousand parameters; ``(image_size/patch)^2`` image
-    tokens (16 by default — deliberately not LLaVA's 256)."""
+    tokens (16 by default — deliberately not LLaVA's 256). ``vision_feature_layer`` -2 is
+    LLaVA's penultimate CLIP layer (the last one then never trains); -1 uses them all."""
     text = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -118,7 +120,7 @@ def tiny_llava_config(
         text_config=text,
         vision_config=vision,
         image_token_index=image_token_id,
-        vision_feature_layer=-2,
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
         image_seq_length=(image_size // patch_size) ** 2,
     )
@@ -138,6 +140,11 @@ VLM_PRESETS: dict[str, dict[str, int]] = {
     # The embedded default's VLM (procedural shapes world): 96 px, 64 image tokens.
     "shapes": {"hidden_size": 128, "num_layers": 3, "image_size": 96, "patch_size": 12,
                "num_heads": 4, "vision_hidden_size": 64, "vision_layers": 2},
+    # The shapes world at its native 192 px, 16 px patches: 144 image tokens, a wider CLIP
+    # whose two layers both feed the LM (issue #16: the VLM pretrained on shapes QA).
+    "shapes192": {"hidden_size": 128, "num_layers": 3, "image_size": 192, "patch_size": 16,
+                  "num_heads": 4, "vision_hidden_size": 96, "vision_layers": 2,
+                  "vision_feature_layer": -1},
 }
 
 

@@ -38,7 +38,9 @@ in val and test, so the test split measures generalisation to unseen wordings.
 Modules: :mod:`~keyseg.data.shapes.world` (vocabulary, :class:`ShapesConfig`, splits),
 :mod:`~keyseg.data.shapes.geometry` (polygons, masks, scene layout),
 :mod:`~keyseg.data.shapes.painting`, :mod:`~keyseg.data.shapes.queries` (templates, realisation,
-answers) and :mod:`~keyseg.data.shapes.dataset` (records, :class:`ShapesDataset`).
+answers), :mod:`~keyseg.data.shapes.dataset` (records, :class:`ShapesDataset`) and
+:mod:`~keyseg.data.shapes.qa` (visual questions and answers about a scene, which pretrain the
+tiny VLM).
 :func:`~keyseg.data.reason_seg_export.export_reason_seg` (re-exported here) writes a split in
 the ReasonSeg on-disk format (SPEC §5) plus a keyword file, so the real readers can be
 exercised on it.
@@ -46,7 +48,30 @@ exercised on it.
 
 from keyseg.data.reason_seg_export import export_reason_seg
 from keyseg.data.shapes.dataset import ShapesDataset, generate_sample, objects_from_meta
-from keyseg.data.shapes.geometry import Scene, ShapeObject, render_object_mask, shape_polygons
+from keyseg.data.shapes.geometry import (
+    Scene,
+    ShapeObject,
+    render_object_mask,
+    scene_from_objects,
+    shape_polygons,
+)
+from keyseg.data.shapes.qa import (
+    QA_HELDOUT_TEMPLATE_IDS,
+    QA_SLOTS,
+    QA_TEMPLATES,
+    QUESTION_TYPES,
+    REGIONS,
+    QAPair,
+    QATemplate,
+    SceneView,
+    answer,
+    normalise_answer,
+    qa_template_ids,
+    record_qa,
+    scene_from_record,
+    scene_qa,
+    view_scene,
+)
 from keyseg.data.shapes.queries import (
     COLOUR_CLUES,
     HELDOUT_TEMPLATE_IDS,
@@ -78,21 +103,37 @@ __all__ = [
     "KINDS",
     "KIND_CLUES",
     "PLURALS",
+    "QA_HELDOUT_TEMPLATE_IDS",
+    "QA_SLOTS",
+    "QA_TEMPLATES",
+    "QUESTION_TYPES",
+    "REGIONS",
     "SOURCE",
     "SPLIT_CODES",
     "TEMPLATES",
+    "QAPair",
+    "QATemplate",
     "Query",
     "Scene",
+    "SceneView",
     "ShapeObject",
     "ShapesConfig",
     "ShapesDataset",
     "Split",
     "Template",
+    "answer",
     "export_reason_seg",
     "generate_sample",
     "image_seed",
+    "normalise_answer",
     "objects_from_meta",
+    "qa_template_ids",
+    "record_qa",
     "render_object_mask",
+    "scene_from_objects",
+    "scene_from_record",
+    "scene_qa",
     "shape_polygons",
     "template_ids",
+    "view_scene",
 ]

@@ -127,9 +127,10 @@ class Scene:
     def __post_init__(self) -> None:
         n, h, w = self.visible.shape
         self.areas = self.visible.reshape(n, -1).sum(1)
-        # Centroids from row/column projections: far cheaper than (n, H, W) coordinate grids.
-        cx = self.visible.sum(1) @ np.arange(w) / self.areas
-        cy = self.visible.sum(2) @ np.arange(h) / self.areas
+        # Centroids from row/column projections: far cheaper than (n, H, W) coordinate grids;
+        # (0, 0) for an object with nothing visible (only hand-built scenes have one).
+        cx = self.visible.sum(1) @ np.arange(w) / np.maximum(self.areas, 1)
+        cy = self.visible.sum(2) @ np.arange(h) / np.maximum(self.areas, 1)
         self.centroids = np.stack([cx, cy], axis=1)
 
 
@@ -141,6 +142,16 @@ def _visible(full: np.ndarray) -> np.ndarray:
         vis[i] &= ~above
         above |= full[i]
     return vis
+
+
+def scene_from_objects(objects: list[ShapeObject], size: int) -> Scene:
+    """The :class:`Scene` of ``objects`` (in z-order, ``objects[i].z == i``) on a ``size`` px
+    image: a record's scene again from its ``meta`` (see ``objects_from_meta``), or a
+    hand-built one."""
+    if not objects:
+        raise KeySegConfigError("a scene needs at least one object")
+    full = np.stack([render_object_mask(o, size) for o in objects])
+    return Scene(list(objects), full, _visible(full))
 
 
 def make_scene(

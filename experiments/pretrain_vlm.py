@@ -1,0 +1,326 @@
+"""Pretrain the tiny VLM to see and talk: visual QA on the shapes world (issue #16, stage 2).
+
+In the real recipe the VLM arrives pretrained; here the tiny LLaVA of a local preset
+(``keyseg.model.tiny.VLM_PRESETS``, built exactly as ``keyseg.build.build_vlm`` builds it)
+learns from questions about the shapes world (``keyseg.data.shapes.qa``: what, where,
+colour, size, count, existence, relation, describe), asked in the llava_v1 template with the
+system prompt of ``--config``. Every image of a step carries a multi-turn conversation of
+``--turns-per-image`` QA pairs (cheap supervision per image); the loss is next-token
+cross-entropy on the answers only. Everything trains (vision tower, projector, LM).
+
+    OMP_NUM_THREADS=1 python experiments/pretrain_vlm.py --preset shapes --steps 2000 \\
+        --out runs/vlm_pretrain/shapes
+
+The tokenizer is trained first, on ``keyseg.build.preset_corpus("shapes")`` (the KeySeg
+queries and answers the same tokenizer will serve in fine-tuning) plus QA text of train
+images; it already holds ``<image>``, ``[SEG]`` and ``[KEY]`` (``build_tiny_tokenizer``
+registers them), so KeySeg adds no token later. QA never uses ``[SEG]``/``[KEY]``: their
+embedding and output rows are set to the mean of the trained rows before saving, the neutral
+start ``keyseg.tokens.resize_embeddings`` gives new tokens.
+
+Prints the loss every ``--log-every`` steps, a val accuracy curve every ``--val-every``
+steps, and at the end QA accuracy by question type on ``--eval-images`` test images (greedy
+generation, exact match after ``normalise_answer``; also split into seen and held-out
+templates, next to the best constant answer per type). Writes ``metrics.json`` (with the
+command, timing and machine) and ``save_pretrained`` of the VLM, tokenizer and image
+processor into ``--out``, so ``keyseg.build.build_vlm(BackboneConfig(name_or_path=OUT))``
+and a KeySeg config with ``model.backbone.name_or_path: OUT`` load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from keyseg import tokens
+from keyseg.build import build_vlm, preset_corpus
+from keyseg.config import BackboneConfig, load_config
+from keyseg.data.shapes import (
+    QUESTION_TYPES,
+    QAPair,
+    ShapesDataset,
+    normalise_answer,
+    record_qa,
+)
+from keyseg.io import atomic_write_json
+from keyseg.model import tiny
+from keyseg.model.backbone import num_image_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Train records whose QA text joins the tokenizer corpus (three question draws each).
+QA_CORPUS_RECORDS = 600
+
+
+def qa_corpus(records: int = QA_CORPUS_RECORDS) -> list[str]:
+    """Questions and answers about the first ``records`` train images (train templates only,
+    so held-out wordings stay unseen by the tokenizer too)."""
+    dataset, texts = ShapesDataset("train"), []
+    for index in range(records):
+        for seed in range(3):
+            for pair in record_qa(dataset[index], seed=seed):
+                texts += [pair.question, pair.answer]
+    return texts
+
+
+def build_tokenizer(system_prompt: str, vocab_size: int, records: int = QA_CORPUS_RECORDS):
+    """The tiny BPE tokenizer for the shapes world: KeySeg's corpus plus QA text."""
+    corpus = [system_prompt, *(preset_corpus("shapes") or tiny.DEFAULT_CORPUS),
+              *qa_corpus(records)]
+    return tiny.build_tiny_tokenizer(corpus, vocab_size=vocab_size)
+
+
+class QAEncoder:
+    """Conversations about shapes records -> LLaVA inputs, through ``keyseg.tokens``."""
+
+    def __init__(self, tokenizer, image_processor, vlm_config, system_prompt: str) -> None:
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.ids = tokens.special_token_ids(tokenizer)
+        self.num_image_tokens = num_image_tokens(vlm_config)
+        self.system_prompt = system_prompt
+
+    def encode(self, turns: list[tokens.Turn]) -> tokens.EncodedConversation:
+        return tokens.encode_conversation(self.tokenizer, turns, self.ids, self.num_image_tokens,
+                                          self.system_prompt)
+
+    def pixels(self, images: list) -> torch.Tensor:
+        """``(B, 3, s, s)`` pixel values of PIL ``images``."""
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def pad(self, rows: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:
+        """``(B, L)``: 1-D tensors padded to the longest with ``value``."""
+        width = max(len(r) for r in rows)
+        out = torch.full((len(rows), width), value, dtype=torch.long)
+        for i, r in enumerate(rows):
+            if left:
+                out[i, width - len(r):] = r
+            else:
+                out[i, : len(r)] = r
+        return out
+
+    def train_batch(self, conversations: list[tuple[object, list[QAPair]]]) -> dict:
+        """One image per row with all its QA turns answered; right-padded, labels ``-100``
+        except on answers."""
+        encoded = [self.encode([tokens.Turn(p.question, p.answer) for p in pairs])
+                   for _, pairs in conversations]
+        input_ids = self.pad([e.input_ids for e in encoded], self.ids.pad, left=False)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": self.pad([torch.ones_like(e.input_ids) for e in encoded], 0,
+                                       left=False),
+            "labels": self.pad([e.labels for e in encoded], tokens.IGNORE_INDEX, left=False),
+            "pixel_values": self.pixels([image for image, _ in conversations]),
+        }
+
+
+def sample_conversations(dataset: ShapesDataset, rng: np.random.Generator, images: int,
+                         turns: int) -> list[tuple[object, list[QAPair]]]:
+    """``images`` random records, each with up to ``turns`` QA pairs of different types in a
+    random order (freshly drawn questions on every visit of an image)."""
+    out = []
+    for index in rng.integers(len(dataset), size=images):
+        record = dataset[int(index)]
+        pairs = record_qa(record, seed=int(rng.integers(2**31)))
+        keep = rng.permutation(len(pairs))[:turns]
+        out.append((record.image, [pairs[int(i)] for i in keep]))
+    return out
+
+
+def eval_items(split: str, images: int, seed: int = 0) -> list[tuple[object, QAPair]]:
+    """Every question (one per type) about the first ``images`` records of ``split``."""
+    dataset = ShapesDataset(split)
+    return [(dataset[i].image, pair) for i in range(images)
+            for pair in record_qa(dataset[i], seed=seed)]
+
+
+@torch.no_grad()
+def answer_all(vlm, encoder: QAEncoder, items: list[tuple[object, QAPair]],
+               batch_size: int = 32, max_new_tokens: int = 48) -> list[str]:
+    """Greedy answers to single-turn questions (left-padded batches, KV cache)."""
+    vlm.eval()
+    ids, answers = encoder.ids, []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        prompts = [encoder.encode([tokens.Turn(p.question)]).input_ids for _, p in chunk]
+        out = vlm.generate(
+            input_ids=encoder.pad(prompts, ids.pad, left=True),
+            attention_mask=encoder.pad([torch.ones_like(p) for p in prompts], 0, left=True),
+            pixel_values=encoder.pixels([image for image, _ in chunk]),
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            eos_token_id=ids.eos, pad_token_id=ids.pad,
+            suppress_tokens=[ids.image, ids.seg, ids.key],
+        )
+        width = max(len(p) for p in prompts)
+        for row in out[:, width:]:
+            stop = (row == ids.eos).nonzero()
+            row = row[: int(stop[0])] if len(stop) else row
+            answers.append(encoder.tokenizer.decode(row, skip_special_tokens=True).strip())
+    vlm.train()
+    return answers
+
+
+def score(items: list[tuple[object, QAPair]], answers: list[str]) -> dict:
+    """Exact-match accuracy (after ``normalise_answer``): overall, by question type, on seen
+    and held-out templates, and the best constant answer per type on the same questions."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    gold_by_type: dict[str, Counter] = defaultdict(Counter)
+    for (_, pair), reply in zip(items, answers, strict=True):
+        ok = normalise_answer(reply) == normalise_answer(pair.answer)
+        for key in ("all", pair.qtype, "heldout" if pair.heldout else "seen"):
+            hits[key].append(ok)
+        gold_by_type[pair.qtype][normalise_answer(pair.answer)] += 1
+    accuracy = {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
+    constant = {t: round(c.most_common(1)[0][1] / sum(c.values()), 4)
+                for t, c in gold_by_type.items()}
+    return {
+        "accuracy": {k: accuracy[k] for k in ("all", *QUESTION_TYPES, "seen", "heldout")
+                     if k in accuracy},
+        "questions": {k: len(v) for k, v in hits.items()},
+        "constant_baseline": constant,
+    }
+
+
+def neutral_special_rows(vlm, tokenizer) -> None:
+    """Set the input and output rows of ``[SEG]``/``[KEY]`` (never in QA text) to the mean
+    of the other rows, as ``keyseg.tokens.resize_embeddings`` starts new tokens."""
+    special = tokenizer.convert_tokens_to_ids([tokens.SEG_TOKEN, tokens.KEY_TOKEN])
+    with torch.no_grad():
+        for table in (vlm.get_input_embeddings().weight, vlm.get_output_embeddings().weight):
+            keep = torch.ones(table.shape[0], dtype=torch.bool)
+            keep[special] = False
+            table[special] = table[keep].mean(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="shapes", help="VLM preset (keyseg.model.tiny)")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny-shapes.yaml",
+                        help="KeySeg config whose model.backbone.system_prompt the QA uses")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--images-per-step", type=int, default=16)
+    parser.add_argument("--turns-per-image", type=int, default=6,
+                        help="QA turns per image conversation (at most one per question type)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--vocab-size", type=int, default=600,
+                        help="BPE vocabulary (build_tiny_tokenizer's default: 600)")
+    parser.add_argument("--corpus-records", type=int, default=QA_CORPUS_RECORDS,
+                        help="train images whose QA text joins the tokenizer corpus")
+    parser.add_argument("--eval-images", type=int, default=200)
+    parser.add_argument("--val-every", type=int, default=0,
+                        help="every this many steps (and before step 1), QA accuracy on "
+                             "--val-images val images (0: never)")
+    parser.add_argument("--val-images", type=int, default=25)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if args.turns_per_image < 1:
+        parser.error("--turns-per-image must be at least 1")
+
+    system_prompt = load_config(args.config).model.backbone.system_prompt
+    started = time.perf_counter()
+    tokenizer = build_tokenizer(system_prompt, args.vocab_size, args.corpus_records)
+    torch.manual_seed(args.seed)
+    backbone = BackboneConfig(preset=args.preset, system_prompt=system_prompt)
+    vlm, image_processor, tokenizer = build_vlm(backbone, tokenizer)
+    encoder = QAEncoder(tokenizer, image_processor, vlm.config, system_prompt)
+    setup_seconds = time.perf_counter() - started
+    print(f"VLM preset {args.preset}: {sum(p.numel() for p in vlm.parameters()):,} parameters "
+          f"(all trained), {encoder.num_image_tokens} image tokens, vocabulary "
+          f"{len(tokenizer)}; tokenizer + model in {setup_seconds:.0f} s", flush=True)
+
+    rng = np.random.default_rng(args.seed)
+    train = ShapesDataset("train")
+    validation = eval_items("val", args.val_images) if args.val_every else []
+    optimizer = torch.optim.AdamW(vlm.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    warmup = max(1, min(args.warmup_steps, args.steps // 10))
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to zero
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    curve, history = [], []
+
+    def validate(step: int) -> None:
+        result = score(validation, answer_all(vlm, encoder, validation))
+        curve.append({"step": step, **result["accuracy"]})
+        shown = " ".join(f"{k} {v:.2f}" for k, v in result["accuracy"].items())
+        print(f"step {step}: val {shown}", flush=True)
+
+    if args.val_every:
+        validate(0)
+    vlm.train()
+    started = time.perf_counter()
+    data_seconds, loss_sum, loss_count = 0.0, 0.0, 0
+    for step in range(1, args.steps + 1):
+        tick = time.perf_counter()
+        batch = encoder.train_batch(
+            sample_conversations(train, rng, args.images_per_step, args.turns_per_image))
+        data_seconds += time.perf_counter() - tick
+        loss = vlm(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vlm.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+        if step % args.log_every == 0 or step == args.steps:
+            seconds = time.perf_counter() - started
+            history.append({"step": step, "loss": round(loss_sum / loss_count, 4),
+                            "lr": schedule.get_last_lr()[0], "seconds": round(seconds, 1)})
+            print(f"step {step}: loss {loss_sum / loss_count:.4f} "
+                  f"({seconds / step:.3f} s/step, data {data_seconds / step:.3f})", flush=True)
+            loss_sum, loss_count = 0.0, 0
+        if args.val_every and step % args.val_every == 0:
+            validate(step)
+    train_seconds = time.perf_counter() - started
+
+    tick = time.perf_counter()
+    test_items = eval_items("test", args.eval_images)
+    replies = answer_all(vlm, encoder, test_items)
+    test = score(test_items, replies)
+    eval_seconds = time.perf_counter() - tick
+    print("test accuracy: " + " ".join(f"{k} {v:.3f}" for k, v in test["accuracy"].items()))
+    print("constant baseline: " + " ".join(f"{k} {v:.3f}"
+                                           for k, v in test["constant_baseline"].items()))
+    examples = [{"type": p.qtype, "question": p.question, "answer": p.answer, "reply": r}
+                for (_, p), r in zip(test_items[:40], replies[:40], strict=True)]
+
+    neutral_special_rows(vlm, tokenizer)
+    args.out.mkdir(parents=True, exist_ok=True)
+    vlm.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    image_processor.save_pretrained(args.out)
+    atomic_write_json(args.out / "metrics.json", {
+        "test": test, "val_curve": curve, "history": history, "examples": examples,
+        "preset": tiny.VLM_PRESETS[args.preset], "system_prompt": system_prompt,
+        "parameters": sum(p.numel() for p in vlm.parameters()),
+        "image_tokens": encoder.num_image_tokens, "vocab_size": len(tokenizer),
+        "setup_seconds": round(setup_seconds, 1), "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "s_per_step": round(train_seconds / args.steps, 3),
+        "data_s_per_step": round(data_seconds / args.steps, 3),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "command": " ".join(["python", *sys.argv]),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+    })
+    print(f"wrote {args.out / 'metrics.json'} and the VLM, tokenizer and image processor "
+          f"to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""experiments/pretrain_vlm.py (issue #16, stage 2): QA pretraining of the tiny VLM runs a few
+steps on CPU, supervises only the answers, and writes a directory that build_vlm and
+build_keyseg load."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from keyseg import tokens
+from keyseg.build import build_keyseg, build_vlm
+from keyseg.config import BackboneConfig, ModelConfig, SamSettings
+from keyseg.data.shapes import QAPair, ShapesDataset
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "pretrain_vlm.py"
+SYSTEM = "A chat between a user and an assistant."
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("pretrain_vlm", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_parts():
+    torch.manual_seed(0)
+    vlm, image_processor, tokenizer = build_vlm(BackboneConfig(preset="tiny"))
+    return vlm, _module().QAEncoder(tokenizer, image_processor, vlm.config, SYSTEM)
+
+
+def test_only_the_answers_are_supervised(tiny_parts) -> None:
+    vlm, encoder = tiny_parts
+    image = ShapesDataset("val")[0].image
+    pairs = [QAPair("count", "count.k.0", "How many stars are there?", "two"),
+             QAPair("colour", "colour.k.0", "What colour is the ring?", "green"),
+             QAPair("existence", "existence.k.0", "Is there a cross?", "no")]
+    batch = encoder.train_batch([(image, pairs), (image, pairs[:1])])
+    tok = encoder.tokenizer
+    labels = batch["labels"]
+    assert tok.decode(labels[0][labels[0] != -100]) == " two</s> green</s> no</s>"
+    assert tok.decode(labels[1][labels[1] != -100]) == " two</s>"
+    ids = batch["input_ids"]
+    assert int((ids[0] == encoder.ids.image).sum()) == vlm.config.image_seq_length
+    # the shorter row is right-padded, and padding is neither attended nor supervised
+    pad = batch["attention_mask"][1] == 0
+    assert pad.any() and (ids[1][pad] == encoder.ids.pad).all() and (labels[1][pad] == -100).all()
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert torch.isfinite(vlm(**batch).loss)
+
+
+def test_batched_generation_answers_as_one_prompt_at_a_time(tiny_parts) -> None:
+    vlm, encoder = tiny_parts
+    answer_all = _module().answer_all
+    record = ShapesDataset("val")[1]
+    questions = ["Is there a star?", "What colour is the shape in the top left part of the "
+                 "image? Please answer briefly.", "How many shapes are there?"]
+    items = [(record.image, QAPair("what", "x", q, "")) for q in questions]
+    together = answer_all(vlm, encoder, items, batch_size=3, max_new_tokens=6)
+    alone = [answer_all(vlm, encoder, [item], batch_size=1, max_new_tokens=6)[0]
+             for item in items]
+    assert together == alone
+    assert any(together)  # a random model rambles: the check compares real text
+
+
+def test_score_is_exact_match_after_normalisation() -> None:
+    score = _module().score
+    items = [(None, QAPair("count", "count.k.0", "q", "two")),
+             (None, QAPair("count", "count.k.1", "q", "one", heldout=True)),
+             (None, QAPair("size", "size.largest.0", "q", "red circle")),
+             (None, QAPair("size", "size.largest.1", "q", "blue star"))]
+    result = score(items, ["2", "two", "The red circle.", "blue"])
+    assert result["accuracy"]["all"] == 0.5
+    assert result["accuracy"]["count"] == 0.5 and result["accuracy"]["size"] == 0.5
+    assert result["accuracy"]["heldout"] == 0.0
+    assert result["accuracy"]["seen"] == pytest.approx(2 / 3, abs=1e-4)
+    assert result["questions"]["all"] == 4
+    assert result["constant_baseline"] == {"count": 0.5, "size": 0.5}
+
+
+def test_a_few_steps_write_a_directory_that_keyseg_loads(tmp_path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--preset", "tiny", "--steps", "2", "--images-per-step",
+         "2", "--turns-per-image", "3", "--eval-images", "2", "--val-every", "2",
+         "--val-images", "2", "--log-every", "1", "--corpus-records", "10",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["history"]] == [1, 2]
+    assert [c["step"] for c in metrics["val_curve"]] == [0, 2]
+    assert metrics["test"]["questions"]["all"] >= 8  # one question per type and image, or so
+    assert all(0.0 <= v <= 1.0 for v in metrics["test"]["accuracy"].values())
+    assert metrics["command"].startswith("python") and metrics["s_per_step"] > 0
+    assert metrics["system_prompt"] == SYSTEM
+
+    vlm, image_processor, tokenizer = build_vlm(BackboneConfig(name_or_path=str(tmp_path)))
+    assert type(image_processor).__name__ == "CLIPImageProcessorPil"  # no torchvision needed
+    assert image_processor.crop_size["height"] == vlm.config.vision_config.image_size == 32
+    vocab = tokenizer.get_vocab()
+    assert {"<image>", tokens.SEG_TOKEN, tokens.KEY_TOKEN} <= set(vocab)
+    assert vlm.config.image_token_index == vocab["<image>"]
+    # [SEG]/[KEY] rows start neutral: the mean of the trained rows
+    table = vlm.get_input_embeddings().weight
+    seg, key = vocab[tokens.SEG_TOKEN], vocab[tokens.KEY_TOKEN]
+    others = np.setdiff1d(np.arange(table.shape[0]), [seg, key])
+    assert torch.allclose(table[seg], table[others].mean(0), atol=1e-6)
+    assert torch.allclose(table[seg], table[key])
+
+    model = build_keyseg(ModelConfig(
+        backbone=BackboneConfig(name_or_path=str(tmp_path), system_prompt=SYSTEM),
+        sam=SamSettings(preset="tiny")))
+    assert model.processor.added_tokens == []  # the pretrained tokenizer already has them
+    assert model.processor.ids.seg == seg and model.processor.ids.image == vocab["<image>"]
+    encoded = model.processor.encode([tokens.Turn("What is red circle in this image?",
+                                                  "It is [SEG]. [KEY] red circle")])
+    assert int((encoded.input_ids == seg).sum()) == 1
+    # the KeySeg model holds the pretrained VLM's weights
+    assert torch.equal(model.backbone.input_embeddings().weight, table)
+
+
+def test_the_shapes192_preset_sees_native_pixels_and_trains_every_clip_layer() -> None:
+    from keyseg.model import tiny
+
+    torch.manual_seed(0)
+    vlm, image_processor, tokenizer = build_vlm(BackboneConfig(preset="shapes192"),
+                                                tiny.build_tiny_tokenizer())
+    encoder = _module().QAEncoder(tokenizer, image_processor, vlm.config, SYSTEM)
+    record = ShapesDataset("val")[0]
+    assert encoder.num_image_tokens == (192 // 16) ** 2
+    batch = encoder.train_batch([(record.image, [QAPair("count", "c", "How many?", "two")])])
+    # 192 px records go in unresized
+    assert batch["pixel_values"].shape[-2:] == (192, 192)
+    vlm(**batch).loss.backward()
+    layers = vlm.model.vision_tower.encoder.layers
+    for index, layer in enumerate(layers):
+        grads = [p.grad for p in layer.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads), index
