@@ -44,11 +44,14 @@ from keyseg import tokens
 from keyseg.build import build_vlm, preset_corpus
 from keyseg.config import BackboneConfig, load_config
 from keyseg.data.shapes import (
+    COLOURS,
+    KINDS,
     QUESTION_TYPES,
     QAPair,
     ShapesDataset,
     normalise_answer,
     record_qa,
+    scene_from_record,
 )
 from keyseg.io import atomic_write_json
 from keyseg.model import tiny
@@ -120,6 +123,48 @@ class QAEncoder:
         }
 
 
+def patch_labels(record, grid: int) -> torch.Tensor:
+    """``(2, grid * grid)`` long: per vision patch (row-major) the colour and the kind of the
+    object that covers most of it (1-based; 0 = background, or no object covers 40 %)."""
+    scene = scene_from_record(record)
+    n, size, _ = scene.visible.shape
+    cell = size // grid
+    cover = scene.visible[:, :grid * cell, :grid * cell].reshape(
+        n, grid, cell, grid, cell).mean(axis=(2, 4))  # (n, grid, grid)
+    best, share = cover.argmax(0).reshape(-1), cover.max(0).reshape(-1)
+    colours = np.array([list(COLOURS).index(o.colour) + 1 for o in scene.objects])
+    kinds = np.array([KINDS.index(o.kind) + 1 for o in scene.objects])
+    keep = share >= 0.4
+    return torch.from_numpy(np.stack([np.where(keep, colours[best], 0),
+                                      np.where(keep, kinds[best], 0)])).long()
+
+
+class PatchProbe(torch.nn.Module):
+    """An auxiliary dense objective for the vision tower (``--patch-loss-weight``): linear
+    colour and kind classifiers on every patch feature the LM receives. A tower trained
+    from scratch only through the LM's answers learns to see slowly; this gives it a direct
+    signal (a stand-in for the pretraining a real CLIP arrives with). Not saved."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.colour = torch.nn.Linear(width, len(COLOURS) + 1)
+        self.kind = torch.nn.Linear(width, len(KINDS) + 1)
+        self.features: torch.Tensor | None = None
+
+    def capture(self, module, inputs, output) -> None:
+        """Forward hook on the vision tower: keep its last hidden states ``(B, 1 + P, C)``."""
+        self.features = output[0]
+
+    def loss(self, labels: torch.Tensor) -> torch.Tensor:
+        """Mean CE of colour and kind over ``(B, 2, P)`` labels (the CLS token dropped)."""
+        patches = self.features[:, 1:]
+        colour = torch.nn.functional.cross_entropy(self.colour(patches).flatten(0, 1),
+                                                   labels[:, 0].flatten())
+        kind = torch.nn.functional.cross_entropy(self.kind(patches).flatten(0, 1),
+                                                 labels[:, 1].flatten())
+        return (colour + kind) / 2
+
+
 def sample_conversations(dataset: ShapesDataset, rng: np.random.Generator, images: int,
                          turns: int) -> list[tuple[object, list[QAPair]]]:
     """``images`` random records, each with up to ``turns`` QA pairs of different types in a
@@ -129,7 +174,7 @@ def sample_conversations(dataset: ShapesDataset, rng: np.random.Generator, image
         record = dataset[int(index)]
         pairs = record_qa(record, seed=int(rng.integers(2**31)))
         keep = rng.permutation(len(pairs))[:turns]
-        out.append((record.image, [pairs[int(i)] for i in keep]))
+        out.append((record, [pairs[int(i)] for i in keep]))
     return out
 
 
@@ -220,6 +265,9 @@ def main() -> None:
                              "--val-images val images (0: never)")
     parser.add_argument("--val-images", type=int, default=25)
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--patch-loss-weight", type=float, default=0.0,
+                        help="weight of the auxiliary per-patch colour/kind loss on the vision "
+                             "tower (PatchProbe; 0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -243,7 +291,15 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     train = ShapesDataset("train")
     validation = eval_items("val", args.val_images) if args.val_every else []
-    optimizer = torch.optim.AdamW(vlm.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    probe = None
+    params = list(vlm.parameters())
+    if args.patch_loss_weight:
+        vision = vlm.model.vision_tower
+        probe = PatchProbe(vision.config.hidden_size)
+        vision.register_forward_hook(probe.capture)
+        params += list(probe.parameters())
+        grid = vision.config.image_size // vision.config.patch_size
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = max(1, min(args.warmup_steps, args.steps // 10))
 
     def lr_factor(step: int) -> float:  # linear warm-up, then cosine to zero
@@ -264,26 +320,36 @@ def main() -> None:
         validate(0)
     vlm.train()
     started = time.perf_counter()
-    data_seconds, loss_sum, loss_count = 0.0, 0.0, 0
+    data_seconds, loss_sum, loss_count, patch_sum = 0.0, 0.0, 0, 0.0
     for step in range(1, args.steps + 1):
         tick = time.perf_counter()
-        batch = encoder.train_batch(
-            sample_conversations(train, rng, args.images_per_step, args.turns_per_image))
+        conversations = sample_conversations(train, rng, args.images_per_step,
+                                             args.turns_per_image)
+        batch = encoder.train_batch([(record.image, pairs) for record, pairs in conversations])
+        if probe is not None:
+            labels = torch.stack([patch_labels(record, grid) for record, _ in conversations])
         data_seconds += time.perf_counter() - tick
-        loss = vlm(**batch).loss
+        lm_loss = vlm(**batch).loss
+        loss = lm_loss
+        if probe is not None:
+            patch_loss = probe.loss(labels)
+            patch_sum += patch_loss.item()
+            loss = loss + args.patch_loss_weight * patch_loss
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vlm.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+        loss_sum, loss_count = loss_sum + lm_loss.item(), loss_count + 1
         if step % args.log_every == 0 or step == args.steps:
             seconds = time.perf_counter() - started
             history.append({"step": step, "loss": round(loss_sum / loss_count, 4),
+                            "patch_loss": round(patch_sum / loss_count, 4),
                             "lr": schedule.get_last_lr()[0], "seconds": round(seconds, 1)})
             print(f"step {step}: loss {loss_sum / loss_count:.4f} "
+                  f"patch {patch_sum / loss_count:.3f} "
                   f"({seconds / step:.3f} s/step, data {data_seconds / step:.3f})", flush=True)
-            loss_sum, loss_count = 0.0, 0
+            loss_sum, loss_count, patch_sum = 0.0, 0, 0.0
         if args.val_every and step % args.val_every == 0:
             validate(step)
     train_seconds = time.perf_counter() - started

@@ -91,11 +91,12 @@ def test_a_few_steps_write_a_directory_that_keyseg_loads(tmp_path) -> None:
         [sys.executable, str(SCRIPT), "--preset", "tiny", "--steps", "2", "--images-per-step",
          "2", "--turns-per-image", "3", "--eval-images", "2", "--val-every", "2",
          "--val-images", "2", "--log-every", "1", "--corpus-records", "10",
-         "--out", str(tmp_path)],
+         "--patch-loss-weight", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [h["step"] for h in metrics["history"]] == [1, 2]
+    assert all(h["patch_loss"] > 0 for h in metrics["history"])  # the probe trained
     assert [c["step"] for c in metrics["val_curve"]] == [0, 2]
     assert metrics["test"]["questions"]["all"] >= 8  # one question per type and image, or so
     assert all(0.0 <= v <= 1.0 for v in metrics["test"]["accuracy"].values())
@@ -144,3 +145,23 @@ def test_the_shapes192_preset_sees_native_pixels_and_trains_every_clip_layer() -
     for index, layer in enumerate(layers):
         grads = [p.grad for p in layer.parameters()]
         assert all(g is not None and g.abs().sum() > 0 for g in grads), index
+
+
+def test_patch_labels_name_the_object_covering_each_patch() -> None:
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from keyseg.data.shapes import COLOURS, KINDS
+
+    # one axis-aligned square, circumradius 40 px at (96, 96) on 192 px: its side is
+    # 40 * sqrt(2) ~ 56.6 px, so it spans x, y in [67.7, 124.3]; on a 12 x 12 grid of 16 px
+    # patches, patches 5 and 6 (80..112 px) lie inside on both axes, 0..3 and 8..11 outside.
+    meta = {"objects": [{"kind": "square", "colour": "blue", "cx": 96.0, "cy": 96.0,
+                         "radius": 40.0, "angle": 0.0, "z": 0}]}
+    record = SimpleNamespace(meta=meta, image=Image.new("RGB", (192, 192)))
+    labels = _module().patch_labels(record, 12).reshape(2, 12, 12)
+    colour, kind = list(COLOURS).index("blue") + 1, KINDS.index("square") + 1
+    assert labels[0, 5:7, 5:7].eq(colour).all() and labels[1, 5:7, 5:7].eq(kind).all()
+    for outside in (labels[:, :4], labels[:, 8:], labels[:, :, :4], labels[:, :, 8:]):
+        assert outside.eq(0).all()
