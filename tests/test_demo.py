@@ -3,6 +3,8 @@ new conversation (the browser test drives the same app end to end)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -104,3 +106,20 @@ def test_launch_passes_the_file_size_limit_and_queues_one_request_at_a_time(monk
     assert seen["launch"]["server_port"] == 7999 and seen["launch"]["share"] is False
     assert seen["queue"]["default_concurrency_limit"] == 1
     assert demo_module.DEFAULT_MAX_FILE_SIZE == "20mb"
+
+
+def test_demo_examples_show_one_query_per_family(tmp_path):
+    from keyseg.data.shapes import ShapesDataset
+    from keyseg.demo import example_inputs
+
+    examples = example_inputs(tmp_path, count=4)
+    assert len(examples) == 4
+    dataset = ShapesDataset("val")
+    difficulties = []
+    for path, query in examples:
+        index = int(Path(path).stem.rsplit("_", 1)[1])
+        assert Path(path).is_file()
+        matches = [r.difficulty for r in dataset[index].referents if r.text == query]
+        assert matches, query
+        difficulties.append(matches[0])
+    assert difficulties == ["indirect", "multi", "relational", "attribute"]

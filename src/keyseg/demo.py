@@ -36,8 +36,13 @@ IDS = {
 }
 
 
-def example_inputs(directory: str | Path, count: int = 3) -> list[list[str]]:
-    """Write ``count`` shapes-world images with indirect queries to ``directory``.
+#: Query families the demo shows an example of, in this order (shapes-world difficulties).
+EXAMPLE_DIFFICULTIES = ("indirect", "multi", "relational", "attribute", "negative", "direct")
+
+
+def example_inputs(directory: str | Path, count: int = 4) -> list[list[str]]:
+    """Write shapes-world images to ``directory``, one per query family of
+    :data:`EXAMPLE_DIFFICULTIES` (the first ``count``), with that family's query.
 
     Returns ``[[image_path, query], ...]`` for ``gr.Examples``. (The embedded default model is
     trained on this world, so these are the questions it knows.)
@@ -47,19 +52,19 @@ def example_inputs(directory: str | Path, count: int = 3) -> list[list[str]]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dataset = ShapesDataset("val")
-    found: list[list[str]] = []
+    wanted = list(EXAMPLE_DIFFICULTIES[:count])
+    found: dict[str, list[str]] = {}
     for index in range(len(dataset)):
         record = dataset[index]
-        indirect = [r for r in record.referents if r.difficulty == "indirect"]
-        if not indirect:
-            continue
-        path = directory / f"shapes_val_{index}.png"
-        if not path.is_file():
-            record.image.save(path)
-        found.append([str(path), indirect[0].text])
-        if len(found) == count:
+        for referent in record.referents:
+            if referent.difficulty in wanted and referent.difficulty not in found:
+                path = directory / f"shapes_val_{index}.png"
+                if not path.is_file():
+                    record.image.save(path)
+                found[referent.difficulty] = [str(path), referent.text]
+        if len(found) == len(wanted):
             break
-    return found
+    return [found[d] for d in wanted if d in found]
 
 
 def _keyword_line(result) -> str:
