@@ -107,3 +107,15 @@ def shared_path(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (the reference fixtures live in ../shared)")
     return path
+
+
+def experiment_module(name: str):
+    """Import ``experiments/<name>.py`` (scripts, not a package) as a module."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from helpers import experiment_module
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "lab_report.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("lab_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return experiment_module("lab_report")
 
 
 def _row(difficulty, iou, answer="Sure, [SEG].", overlap=None, unions=(10,)):

@@ -3,7 +3,6 @@ shapes world runs a few steps on CPU and writes loadable weights and its metrics
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from helpers import experiment_module
+
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "pretrain_sam.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("pretrain_sam", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return experiment_module("pretrain_sam")
 
 
 def test_visible_masks_are_disjoint_and_cover_every_shape_pixel():

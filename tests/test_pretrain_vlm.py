@@ -4,7 +4,6 @@ build_keyseg load."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import experiment_module
 from keyseg import tokens
 from keyseg.build import build_keyseg, build_vlm
 from keyseg.config import BackboneConfig, ModelConfig, SamSettings
@@ -24,10 +24,7 @@ SYSTEM = "A chat between a user and an assistant."
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("pretrain_vlm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return experiment_module("pretrain_vlm")
 
 
 @pytest.fixture(scope="module")

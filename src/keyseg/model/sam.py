@@ -154,20 +154,15 @@ def _tiny(prompt_dim: int = DEFAULT_PROMPT_DIM) -> SamConfig:
     )
 
 
-def _shapes(prompt_dim: int = 128) -> SamConfig:
-    """The embedded default's SAM: 128 px input (the 192 px shapes images are resized down)
-    -> 16x16 embedding -> 64x64 masks; trained from scratch on CPU.
-
-    128 rather than 192 px: with a perfect concept prompt, a 192 px / 24x24 encoder and this
-    one reached the same mask quality per step (val gIoU 0.31 vs 0.30 after 600 steps), but
-    the global-attention layer over 576 tokens made the 192 px encoder 3x slower per step.
-    """
+def _shapes_world_sam(image_size: int, prompt_dim: int) -> SamConfig:
+    """The shapes world's SAMs: 64 wide x 3 blocks (the last global), patch 8, prompt width
+    128 by default; only the input size differs between the presets."""
     return _build_config(
         encoder_dim=64,
         encoder_depth=3,
         encoder_heads=4,
         global_attn_indexes=(2,),
-        image_size=128,
+        image_size=image_size,
         patch_size=8,
         window_size=8,
         encoder_mlp_dim=128,
@@ -176,6 +171,17 @@ def _shapes(prompt_dim: int = 128) -> SamConfig:
         decoder_heads=4,
         iou_head_hidden_dim=64,
     )
+
+
+def _shapes(prompt_dim: int = 128) -> SamConfig:
+    """The first embedded default's SAM: 128 px input (the 192 px shapes images are resized
+    down) -> 16x16 embedding -> 64x64 masks; trained from scratch on CPU.
+
+    128 rather than 192 px: with a perfect concept prompt, a 192 px / 24x24 encoder and this
+    one reached the same mask quality per step (val gIoU 0.31 vs 0.30 after 600 steps), but
+    the global-attention layer over 576 tokens made the 192 px encoder 3x slower per step.
+    """
+    return _shapes_world_sam(128, prompt_dim)
 
 
 def _shapes192(prompt_dim: int = 128) -> SamConfig:
@@ -185,20 +191,7 @@ def _shapes192(prompt_dim: int = 128) -> SamConfig:
     before KeySeg fine-tuning, the way released SAMs arrive pretrained. Per wall-clock second
     it learns faster than the 128 px ``shapes`` preset, whose 16x16 grid blurs small shapes.
     """
-    return _build_config(
-        encoder_dim=64,
-        encoder_depth=3,
-        encoder_heads=4,
-        global_attn_indexes=(2,),
-        image_size=192,
-        patch_size=8,
-        window_size=8,
-        encoder_mlp_dim=128,
-        prompt_dim=prompt_dim,
-        decoder_mlp_dim=256,
-        decoder_heads=4,
-        iou_head_hidden_dim=64,
-    )
+    return _shapes_world_sam(192, prompt_dim)
 
 
 # Preset name -> config builder (segment-anything's ``sam_model_registry`` idea).
