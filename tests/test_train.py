@@ -426,3 +426,27 @@ def test_deepspeed_checkpoint_keeps_the_sharded_state_and_resumes_from_it(tmp_pa
     own = dict(trainable_parameters(model))
     for name, param in trainable_parameters(fresh):
         assert torch.equal(param, own[name]), name
+
+
+def test_export_of_a_stopped_run_rebuilds_what_final_holds(run_a, tmp_path):
+    """A run killed before ``final/`` still exports: the model is rebuilt from config.yaml
+    (random frozen parts included) and the checkpoint laid over it; the result equals the
+    final/ the finished run saved itself."""
+    import shutil
+
+    from keyseg.errors import KeySegCheckpointError
+    from keyseg.export import export_model
+    from keyseg.model.keyseg import KeySegModel
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run_a.run_dir, stopped, ignore=shutil.ignore_patterns("final"))
+    # The tiny config keeps SAM's random image encoder frozen: the rebuild's seed matters.
+    assert "sam_image_encoder" not in load_config(stopped / "config.yaml").model.trainable
+    with pytest.raises(KeySegCheckpointError, match="stopped before writing final/"):
+        export_model(stopped, tmp_path / "none")
+    export_model(stopped, tmp_path / "out", weights="latest")
+    expected = KeySegModel.from_pretrained(run_a.run_dir / "final").state_dict()
+    got = KeySegModel.from_pretrained(tmp_path / "out").state_dict()
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)

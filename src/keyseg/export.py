@@ -2,7 +2,8 @@
 
 ``export_model(SRC, DST, merge_lora=True)`` reads a KeySeg model directory or a training run
 directory (its ``final/`` model, optionally with the ``best/`` or latest checkpoint's
-trainable weights laid over it), optionally folds the LoRA adapters into the language model
+trainable weights laid over it; a run stopped before ``final/`` is rebuilt from its
+``config.yaml`` and needs ``--weights``), optionally folds the LoRA adapters into the language model
 (PEFT ``merge_and_unload``: ``W + alpha/r * B @ A``, so no PEFT is needed to run it), and
 writes with :meth:`KeySegModel.save_pretrained`::
 
@@ -47,11 +48,21 @@ def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / "keyseg_processor.json").is_file()
 
 
+def is_stopped_run(path: Path) -> bool:
+    """A run directory that never wrote ``final/`` (interrupted or killed): its
+    ``config.yaml`` and a checkpoint are all there is."""
+    return (path / "config.yaml").is_file() and not is_model_dir(path / "final")
+
+
 def resolve_source(src: str | os.PathLike, weights: str | None = None) -> tuple[Path, Path | None]:
     """``(model_dir, trainable_weights_file or None)`` for a model or run directory.
 
+    ``model_dir`` is the run directory itself for a stopped run (no ``final/``): the model
+    is then rebuilt from its ``config.yaml`` (:func:`rebuild_from_run`) and ``weights``
+    is required.
+
     Args:
-        src: a KeySeg model directory, or a run directory holding ``final/``.
+        src: a KeySeg model directory, or a run directory (with or without ``final/``).
         weights: for a run directory: ``"best"`` (``best/trainable.safetensors``),
             ``"latest"`` (the newest ``checkpoints/step-*``), or a path to a
             ``trainable.safetensors``; None uses ``final/`` as saved.
@@ -61,10 +72,16 @@ def resolve_source(src: str | os.PathLike, weights: str | None = None) -> tuple[
         model_dir = src
     elif is_model_dir(src / "final"):
         model_dir = src / "final"
+    elif is_stopped_run(src):
+        if weights is None:
+            raise KeySegCheckpointError(
+                f"{src}: run stopped before writing final/; pass --weights best or latest "
+                "to export one of its checkpoints")
+        model_dir = src
     else:
         raise KeySegCheckpointError(
             f"{src}: neither a KeySeg model directory (config.json + keyseg_processor.json) "
-            "nor a run directory with final/ (finish training, or point at a model directory)")
+            "nor a run directory (config.yaml)")
     if weights is None:
         return model_dir, None
     if weights == "best":
@@ -89,7 +106,10 @@ def load_for_export(src: str | os.PathLike, weights: str | None = None,
     from keyseg.model.keyseg import KeySegModel
 
     model_dir, file = resolve_source(src, weights)
-    model = KeySegModel.from_pretrained(model_dir)
+    if is_model_dir(model_dir):
+        model = KeySegModel.from_pretrained(model_dir)
+    else:
+        model = rebuild_from_run(model_dir)
     if file is not None:
         try:
             state = load_file(str(file))
@@ -99,6 +119,29 @@ def load_for_export(src: str | os.PathLike, weights: str | None = None,
     if dtype is not None:
         model = model.to(dtype)
     return model, model_dir
+
+
+def rebuild_from_run(run_dir: Path):
+    """The model a run started from, rebuilt from its ``config.yaml``: what training builds
+    before its first step (same seed, so random frozen parts come out identical; LoRA
+    wrapped), ready for a checkpoint's trainable weights."""
+    from accelerate.utils import set_seed
+
+    from keyseg.build import build_keyseg
+    from keyseg.config import load_config
+    from keyseg.model.architecture import reconcile
+    from keyseg.model.keyseg import KeySegModel
+    from keyseg.model.trainable import apply_lora
+
+    cfg = load_config(run_dir / "config.yaml")
+    set_seed(cfg.train.seed)  # as keyseg.train.loop.setup_accelerator does before building
+    if cfg.train.init_from:
+        model = KeySegModel.from_pretrained(cfg.train.init_from)
+        reconcile(model, cfg.model, cfg.train.init_from)
+    else:
+        model = build_keyseg(cfg.model)
+    apply_lora(model, cfg.model.lora)
+    return model
 
 
 def merge_lora(model) -> int:

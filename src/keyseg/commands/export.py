@@ -14,7 +14,8 @@ EXAMPLE = ("keyseg export runs/keyseg exported/keyseg-7b --merge-lora --weights 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="RUN_DIR_OR_MODEL_DIR",
-                        help="a training run directory (uses final/) or a KeySeg model directory")
+                        help="a training run directory (final/; a stopped run needs --weights) "
+                        "or a KeySeg model directory")
     parser.add_argument("dst", metavar="DST_DIR", help="directory to write (replaced atomically)")
     parser.add_argument("--merge-lora", action="store_true",
                         help="fold the LoRA adapters into the weights (no PEFT needed to load)")
