@@ -28,21 +28,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from keyseg.data.shapes import ShapesDataset, objects_from_meta, render_object_mask
+from keyseg.data.shapes import ShapesDataset, objects_from_meta, scene_from_objects
 from keyseg.io import atomic_write_json
 from keyseg.model.sam import SamSegmenter
 from keyseg.transforms import sam_preprocess
 
 
 def visible_masks(record) -> np.ndarray:
-    """``(n, S, S)`` bool: what each object of a shapes record shows after occlusion."""
-    objects = objects_from_meta(record.meta)
-    size = record.image.size[0]
-    full = np.stack([render_object_mask(o, size) for o in objects])
-    visible, above = full.copy(), np.zeros(full.shape[1:], dtype=bool)
-    for i in range(len(full) - 1, -1, -1):  # z-order: later objects cover earlier ones
-        visible[i] &= ~above
-        above |= full[i]
+    """``(n, S, S)`` bool: what each object of a shapes record shows after occlusion (the
+    objects that show nothing are dropped)."""
+    visible = scene_from_objects(objects_from_meta(record.meta), record.image.size[0]).visible
     return visible[visible.reshape(len(visible), -1).any(1)]
 
 
