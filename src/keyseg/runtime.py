@@ -77,3 +77,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def check_process_group(num_processes: int) -> None:
+    """Refuse a launch whose processes do not see each other.
+
+    Under ``accelerate launch`` / ``torchrun`` on a machine with no GPU, Accelerate sets up a
+    group only with ``--cpu`` (``ACCELERATE_USE_CPU=1``); without it every process thinks it
+    is alone, and a training run would write the same directory N times over.
+
+    Args:
+        num_processes: what Accelerate set up (``accelerator.num_processes``).
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and num_processes != world:
+        raise KeySegConfigError(
+            f"WORLD_SIZE={world} but Accelerate set up {num_processes} process(es) "
+            "(on CPU launch with `accelerate launch --cpu` or set ACCELERATE_USE_CPU=1)")

@@ -317,13 +317,10 @@ def _accelerator():
         return None
     from accelerate import Accelerator
 
-    from keyseg.errors import KeySegConfigError
+    from keyseg.runtime import check_process_group
 
     accelerator = Accelerator()
-    if accelerator.num_processes != world:  # each process would think it is alone
-        raise KeySegConfigError(
-            f"WORLD_SIZE={world} but Accelerate set up {accelerator.num_processes} process(es) "
-            "(on CPU launch with `accelerate launch --cpu` or set ACCELERATE_USE_CPU=1)")
+    check_process_group(accelerator.num_processes)  # each process would think it is alone
     return accelerator
 
 

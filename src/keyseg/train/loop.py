@@ -94,11 +94,14 @@ def setup_accelerator(train: TrainConfig) -> Accelerator:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
+    from keyseg.runtime import check_process_group
+
     mixed = "no" if train.precision == "fp32" else train.precision
     # Some trainable parts can sit out a step (no [KEY] -> no table projection gradient).
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     accelerator = Accelerator(mixed_precision=mixed, kwargs_handlers=[ddp],
                               gradient_accumulation_steps=train.grad_accumulation)
+    check_process_group(accelerator.num_processes)  # N lone "main" processes: one run dir
     if accelerator.state.deepspeed_plugin is not None:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = train.batch_size
