@@ -2,8 +2,10 @@
 
 Class-agnostic and promptable: every visible object of every image is a training mask,
 prompted by one random interior point or by its box (SAM's point/box prompts, not KeySeg's
-[SEG] prompt); SAM's losses: focal 20 : dice 1 on the mask, plus the IoU head regressed onto
-the mask's actual IoU (MSE), so the score SAM prints means something. The image encoder,
+[SEG] prompt), and with ``--concepts-per-image`` also by learned colour/kind "concept"
+tokens fed the way KeySeg feeds [SEG]; SAM's losses: focal 20 : dice 1 on the mask, plus
+the IoU head regressed onto the mask's actual IoU (MSE), so the score SAM prints means
+something. The image encoder,
 prompt encoder and mask decoder all train; KeySeg fine-tuning later freezes the first two.
 
     OMP_NUM_THREADS=1 python experiments/pretrain_sam.py --preset shapes --steps 2000 \\
@@ -28,30 +30,104 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from keyseg.data.shapes import ShapesDataset, objects_from_meta, scene_from_objects
+from keyseg.data.shapes import (
+    COLOURS,
+    KINDS,
+    ShapesDataset,
+    objects_from_meta,
+    scene_from_objects,
+)
 from keyseg.io import atomic_write_json
 from keyseg.model.sam import SamSegmenter
 from keyseg.transforms import sam_preprocess
 
 
+def visible_objects(record) -> tuple[np.ndarray, list]:
+    """``(n, S, S)`` bool masks of what each object of a shapes record shows after occlusion,
+    and those ``n`` objects (the ones that show nothing are dropped)."""
+    objects = objects_from_meta(record.meta)
+    visible = scene_from_objects(objects, record.image.size[0]).visible
+    shows = visible.reshape(len(visible), -1).any(1)
+    return visible[shows], [o for o, keep in zip(objects, shows, strict=True) if keep]
+
+
 def visible_masks(record) -> np.ndarray:
-    """``(n, S, S)`` bool: what each object of a shapes record shows after occlusion (the
-    objects that show nothing are dropped)."""
-    visible = scene_from_objects(objects_from_meta(record.meta), record.image.size[0]).visible
-    return visible[visible.reshape(len(visible), -1).any(1)]
+    """``(n, S, S)`` bool: what each visible object of a shapes record shows."""
+    return visible_objects(record)[0]
 
 
 def prepare(record, sam: SamSegmenter, low_res: int) -> dict:
     """SAM input, the objects' masks at the low-res output size and in input coordinates."""
     sam_input = sam_preprocess(record.image, sam.image_size)
-    masks = torch.from_numpy(visible_masks(record)).float()  # (n, H, W)
+    visible, objects = visible_objects(record)
+    masks = torch.from_numpy(visible).float()  # (n, H, W)
     h, w = sam_input.resized_size
     resized = F.interpolate(masks[None], size=(h, w), mode="nearest")[0]
     padded = torch.zeros(len(masks), sam.image_size, sam.image_size)
     padded[:, :h, :w] = resized
     target = F.adaptive_avg_pool2d(padded[None], low_res)[0] > 0.5  # (n, low, low)
     return {"pixels": sam_input.pixel_values, "input_masks": padded > 0.5,
-            "target": target.float()}
+            "target": target.float(),
+            "concepts": [(COLOUR_INDEX[o.colour], KIND_INDEX[o.kind]) for o in objects]}
+
+
+# ---------------------------------------------------------------------------- concepts
+# A stand-in for the semantic features a real SAM's ViT-H brings from its pretraining: a
+# learned embedding per colour and per kind ("any" is the last row of each), summed into one
+# sparse prompt token, which must find every visible object of that colour and/or kind. It
+# goes through the decoder exactly as KeySeg's [SEG] prompt does (SamSegmenter.decode_many),
+# so fine-tuning starts from a decoder that can look an object up by what it is. The table
+# itself is not shipped: KeySeg's text_hidden_fcs learn to produce such prompts.
+
+COLOUR_INDEX = {name: i for i, name in enumerate(COLOURS)}
+KIND_INDEX = {name: i for i, name in enumerate(KINDS)}
+ANY_COLOUR, ANY_KIND = len(COLOURS), len(KINDS)
+
+
+class ConceptPrompts(torch.nn.Module):
+    """``(colour, kind)`` index pairs -> ``(n, C)`` prompt tokens (colour row + kind row)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.colour = torch.nn.Embedding(len(COLOURS) + 1, dim)
+        self.kind = torch.nn.Embedding(len(KINDS) + 1, dim)
+        for table in (self.colour, self.kind):
+            torch.nn.init.normal_(table.weight, std=0.5)
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        """``pairs``: ``(n, 2)`` long; returns ``(n, dim)``."""
+        return self.colour(pairs[:, 0]) + self.kind(pairs[:, 1])
+
+
+def concept_queries(sample: dict, rng: np.random.Generator, count: int,
+                    exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` concepts about one image and their targets: ``(k, 2)`` long (colour, kind)
+    pairs and ``(k, low, low)`` float union masks of the visible objects they name.
+
+    Each names a random object by colour and kind, by colour only or by kind only (``exact``:
+    always both, each object once, for evaluation); one in eight is a random pair, mostly
+    one the image lacks (target empty), so "nothing there" is learnt too.
+    """
+    concepts, target = sample["concepts"], sample["target"]
+    pairs: list[tuple[int, int]] = []
+    if exact:
+        pairs = list(dict.fromkeys(concepts))
+    else:
+        for _ in range(count):
+            if rng.random() < 0.125:
+                pair = (int(rng.integers(len(COLOURS))), int(rng.integers(len(KINDS))))
+            else:
+                colour, kind = concepts[int(rng.integers(len(concepts)))]
+                form = rng.random()
+                pair = (colour, kind) if form < 0.5 else (
+                    (colour, ANY_KIND) if form < 0.75 else (ANY_COLOUR, kind))
+            pairs.append(pair)
+    masks = []
+    for colour, kind in pairs:
+        hits = [i for i, (c, k) in enumerate(concepts)
+                if colour in (c, ANY_COLOUR) and kind in (k, ANY_KIND)]
+        masks.append(target[hits].amax(0) if hits else torch.zeros_like(target[0]))
+    return torch.tensor(pairs, dtype=torch.long), torch.stack(masks)
 
 
 def prompts(masks: torch.Tensor, rng: np.random.Generator, kind: str,
@@ -135,6 +211,26 @@ def evaluate(sam: SamSegmenter, samples: list[dict], kind: str) -> dict[str, flo
     return {"miou": float(np.mean(ious)), "objects": len(ious), "iou_head_corr": corr}
 
 
+@torch.no_grad()
+def evaluate_concepts(sam: SamSegmenter, concepts: ConceptPrompts,
+                      samples: list[dict]) -> dict[str, float]:
+    """mIoU of the colour + kind concept of every distinct object of ``samples`` (its target:
+    every visible object of that colour and kind)."""
+    sam.eval()
+    ious = []
+    for sample in samples:
+        embedding = sam.encode_images(sample["pixels"][None])
+        pairs, target = concept_queries(sample, np.random.default_rng(0), 0, exact=True)
+        logits, _ = sam.decode_many(embedding, torch.zeros(len(pairs), dtype=torch.long),
+                                    concepts(pairs))
+        hard, target = logits > 0, target > 0.5
+        inter = (hard & target).flatten(1).sum(1).float()
+        union = (hard | target).flatten(1).sum(1).clamp(min=1).float()
+        ious += (inter / union).tolist()
+    sam.train()
+    return {"miou": float(np.mean(ious)), "concepts": len(ious)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="shapes", help="SAM preset (keyseg.model.sam)")
@@ -157,6 +253,10 @@ def main() -> None:
                              "coordinates on a 24x24 grid)")
     parser.add_argument("--box-fraction", type=float, default=0.3,
                         help="share of images prompted by boxes instead of points")
+    parser.add_argument("--concepts-per-image", type=int, default=0,
+                        help="also this many concept prompts per image and step (a learned "
+                             "colour/kind embedding standing in for semantic features; "
+                             "docs/RESULTS.md); 0: point and box prompts only")
     parser.add_argument("--eval-images", type=int, default=100)
     parser.add_argument("--val-every", type=int, default=0,
                         help="every this many steps, point mIoU on --val-images val images "
@@ -191,7 +291,9 @@ def main() -> None:
     validation = ([prepare(val[i], sam, low_res) for i in range(args.val_images)]
                   if args.val_every else [])
     curve = []
-    optimizer = torch.optim.AdamW(sam.parameters(), lr=args.lr, weight_decay=0.01)
+    concepts = ConceptPrompts(args.prompt_dim)
+    trained = [*sam.parameters(), *(concepts.parameters() if args.concepts_per_image else [])]
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.01)
     # 5% warm-up then cosine (OneCycle); a short test run needs its warm-up end past step 0
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, args.lr, total_steps=args.steps, pct_start=max(0.05, 1.5 / args.steps))
@@ -208,12 +310,19 @@ def main() -> None:
             logits, iou_pred = decode(sam, embedding, kind,
                                       prompts(sample["input_masks"], rng, kind, per_object=k))
             parts = losses(logits, sample["target"].repeat_interleave(k, 0), iou_pred)
+            if args.concepts_per_image:
+                pairs, concept_target = concept_queries(sample, rng, args.concepts_per_image)
+                logits, iou_pred = sam.decode_many(
+                    embedding[None], torch.zeros(len(pairs), dtype=torch.long),
+                    concepts(pairs))
+                parts = tuple((a + b) / 2 for a, b in zip(
+                    parts, losses(logits, concept_target, iou_pred), strict=True))
             loss = loss + (args.focal_weight * parts[0] + args.dice_weight * parts[1]
                            + parts[2] + args.bce_weight * parts[3]) / len(batch)
             totals += torch.stack([p.detach() for p in parts]) / len(batch)
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         schedule.step()
         if step % args.log_every == 0 or step == args.steps:
@@ -227,15 +336,27 @@ def main() -> None:
         if args.val_every and step % args.val_every == 0:
             point_val = evaluate(sam, validation, "point")
             curve.append({"step": step, "val_point_miou": round(point_val["miou"], 4)})
-            print(f"step {step}: val point mIoU {point_val['miou']:.3f}", flush=True)
+            line = f"step {step}: val point mIoU {point_val['miou']:.3f}"
+            if args.concepts_per_image:
+                concept_val = evaluate_concepts(sam, concepts, validation)["miou"]
+                curve[-1]["val_concept_miou"] = round(concept_val, 4)
+                line += f", concept mIoU {concept_val:.3f}"
+            print(line, flush=True)
     train_seconds = time.perf_counter() - started
     point, box = evaluate(sam, evaluation, "point"), evaluate(sam, evaluation, "box")
+    concept = evaluate_concepts(sam, concepts, evaluation) if args.concepts_per_image else None
     print(f"test: point mIoU {point['miou']:.3f} (IoU head r={point['iou_head_corr']:.2f}), "
-          f"box mIoU {box['miou']:.3f}, {point['objects']} objects")
+          f"box mIoU {box['miou']:.3f}, {point['objects']} objects"
+          + (f"; concept mIoU {concept['miou']:.3f}" if concept else ""))
     args.out.mkdir(parents=True, exist_ok=True)
     sam.sam.save_pretrained(args.out / "sam")
+    if concept is not None:  # kept for the record; fine-tuning never reads it
+        from safetensors.torch import save_file
+
+        save_file(concepts.state_dict(), str(args.out / "concepts.safetensors"))
     atomic_write_json(args.out / "metrics.json", {
-        "point": point, "box": box, "history": history, "val_curve": curve,
+        "point": point, "box": box, "concept": concept, "history": history,
+        "val_curve": curve,
         "train_seconds": round(train_seconds, 1),
         "s_per_step": round(train_seconds / args.steps, 3),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
