@@ -14,6 +14,7 @@ model never imports it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -58,12 +59,18 @@ def preset_corpus(preset: str) -> list[str] | None:
     """
     if not preset.startswith("shapes"):
         return None
+    return list(_shapes_corpus())
+
+
+@functools.cache
+def _shapes_corpus() -> tuple[str, ...]:
+    """The shapes presets' corpus, generated once per process (600 records take seconds)."""
     dataset = ShapesDataset("train", ShapesConfig())
     corpus = list(tiny.DEFAULT_CORPUS)
     for index in range(SHAPES_CORPUS_RECORDS):
         for ref in dataset[index].referents:
             corpus += [ref.text, ref.answer or "", ref.keyword or ""]
-    return corpus
+    return tuple(corpus)
 
 
 def _check_preset(family: str, preset: str) -> None:
