@@ -34,6 +34,7 @@ from keyseg.data.shapes import (
     COLOURS,
     KINDS,
     ShapesDataset,
+    cell_labels,
     objects_from_meta,
     scene_from_objects,
 )
@@ -42,24 +43,29 @@ from keyseg.model.sam import SamSegmenter
 from keyseg.transforms import sam_preprocess
 
 
-def visible_objects(record) -> tuple[np.ndarray, list]:
-    """``(n, S, S)`` bool masks of what each object of a shapes record shows after occlusion,
-    and those ``n`` objects (the ones that show nothing are dropped)."""
-    objects = objects_from_meta(record.meta)
-    visible = scene_from_objects(objects, record.image.size[0]).visible
-    shows = visible.reshape(len(visible), -1).any(1)
-    return visible[shows], [o for o, keep in zip(objects, shows, strict=True) if keep]
+def record_scene(record):
+    """The :class:`~keyseg.data.shapes.Scene` of a shapes record, from its ``meta``."""
+    return scene_from_objects(objects_from_meta(record.meta), record.image.size[0])
+
+
+def visible_objects(scene) -> tuple[np.ndarray, list]:
+    """``(n, S, S)`` bool masks of what each object of a scene shows after occlusion, and
+    those ``n`` objects (the ones that show nothing are dropped)."""
+    shows = scene.visible.reshape(len(scene.visible), -1).any(1)
+    return scene.visible[shows], [o for o, keep in zip(scene.objects, shows, strict=True)
+                                  if keep]
 
 
 def visible_masks(record) -> np.ndarray:
     """``(n, S, S)`` bool: what each visible object of a shapes record shows."""
-    return visible_objects(record)[0]
+    return visible_objects(record_scene(record))[0]
 
 
 def prepare(record, sam: SamSegmenter, low_res: int) -> dict:
     """SAM input, the objects' masks at the low-res output size and in input coordinates."""
     sam_input = sam_preprocess(record.image, sam.image_size)
-    visible, objects = visible_objects(record)
+    scene = record_scene(record)
+    visible, objects = visible_objects(scene)
     masks = torch.from_numpy(visible).float()  # (n, H, W)
     h, w = sam_input.resized_size
     resized = F.interpolate(masks[None], size=(h, w), mode="nearest")[0]
@@ -68,7 +74,28 @@ def prepare(record, sam: SamSegmenter, low_res: int) -> dict:
     target = F.adaptive_avg_pool2d(padded[None], low_res)[0] > 0.5  # (n, low, low)
     return {"pixels": sam_input.pixel_values, "input_masks": padded > 0.5,
             "target": target.float(),
-            "concepts": [(COLOUR_INDEX[o.colour], KIND_INDEX[o.kind]) for o in objects]}
+            "concepts": [(COLOUR_INDEX[o.colour], KIND_INDEX[o.kind]) for o in objects],
+            "cells": torch.from_numpy(cell_labels(scene, sam.embedding_size)).long()}
+
+
+class EmbeddingProbe(torch.nn.Module):
+    """``--patch-loss-weight``: linear colour and kind classifiers on every cell of SAM's
+    image embedding. SAM's class-agnostic objective never asks the encoder what an object
+    is, and looking an object up by concept needs exactly that; ViT-H arrives with it from
+    MAE pretraining on a billion masks, the tiny encoder gets it from this probe. Not
+    shipped."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.colour = torch.nn.Linear(channels, len(COLOURS) + 1)
+        self.kind = torch.nn.Linear(channels, len(KINDS) + 1)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean CE over ``(B, C, h, w)`` embeddings and ``(B, 2, h * w)`` cell labels."""
+        cells = embeddings.flatten(2).transpose(1, 2).flatten(0, 1)  # (B*h*w, C)
+        colour = F.cross_entropy(self.colour(cells), labels[:, 0].flatten())
+        kind = F.cross_entropy(self.kind(cells), labels[:, 1].flatten())
+        return (colour + kind) / 2
 
 
 # ---------------------------------------------------------------------------- concepts
@@ -257,6 +284,9 @@ def main() -> None:
                         help="also this many concept prompts per image and step (a learned "
                              "colour/kind embedding standing in for semantic features; "
                              "docs/RESULTS.md); 0: point and box prompts only")
+    parser.add_argument("--patch-loss-weight", type=float, default=0.0,
+                        help="weight of per-cell colour/kind probes on the image embedding "
+                             "(EmbeddingProbe); 0: off")
     parser.add_argument("--eval-images", type=int, default=100)
     parser.add_argument("--val-every", type=int, default=0,
                         help="every this many steps, point mIoU on --val-images val images "
@@ -292,7 +322,9 @@ def main() -> None:
                   if args.val_every else [])
     curve = []
     concepts = ConceptPrompts(args.prompt_dim)
-    trained = [*sam.parameters(), *(concepts.parameters() if args.concepts_per_image else [])]
+    probe = EmbeddingProbe(args.prompt_dim)
+    trained = [*sam.parameters(), *(concepts.parameters() if args.concepts_per_image else []),
+               *(probe.parameters() if args.patch_loss_weight else [])]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.01)
     # 5% warm-up then cosine (OneCycle); a short test run needs its warm-up end past step 0
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -304,6 +336,10 @@ def main() -> None:
         embeddings = sam.encode_images(torch.stack([b["pixels"] for b in batch]))
         totals = torch.zeros(4)
         loss = embeddings.new_zeros(())
+        probe_loss = None
+        if args.patch_loss_weight:
+            probe_loss = probe(embeddings, torch.stack([b["cells"] for b in batch]))
+            loss = loss + args.patch_loss_weight * probe_loss
         for sample, embedding in zip(batch, embeddings, strict=True):
             kind = "box" if rng.random() < args.box_fraction else "point"
             k = args.prompts_per_object
@@ -330,8 +366,11 @@ def main() -> None:
             seconds = time.perf_counter() - started
             history.append({"step": step, "focal": focal, "dice": dice, "iou_mse": iou,
                             "bce": bce, "seconds": round(seconds, 1)})
+            if probe_loss is not None:
+                history[-1]["probe"] = float(probe_loss)
             print(f"step {step}: focal {focal:.4f} dice {dice:.3f} bce {bce:.4f} "
                   f"iou-mse {iou:.4f} "
+                  + (f"probe {float(probe_loss):.3f} " if probe_loss is not None else "") +
                   f"({seconds / step:.2f} s/step)", flush=True)
         if args.val_every and step % args.val_every == 0:
             point_val = evaluate(sam, validation, "point")

@@ -49,6 +49,7 @@ from keyseg.data.shapes import (
     QUESTION_TYPES,
     QAPair,
     ShapesDataset,
+    cell_labels,
     normalise_answer,
     record_qa,
     scene_from_record,
@@ -124,19 +125,9 @@ class QAEncoder:
 
 
 def patch_labels(record, grid: int) -> torch.Tensor:
-    """``(2, grid * grid)`` long: per vision patch (row-major) the colour and the kind of the
-    object that covers most of it (1-based; 0 = background, or no object covers 40 %)."""
-    scene = scene_from_record(record)
-    n, size, _ = scene.visible.shape
-    cell = size // grid
-    cover = scene.visible[:, :grid * cell, :grid * cell].reshape(
-        n, grid, cell, grid, cell).mean(axis=(2, 4))  # (n, grid, grid)
-    best, share = cover.argmax(0).reshape(-1), cover.max(0).reshape(-1)
-    colours = np.array([list(COLOURS).index(o.colour) + 1 for o in scene.objects])
-    kinds = np.array([KINDS.index(o.kind) + 1 for o in scene.objects])
-    keep = share >= 0.4
-    return torch.from_numpy(np.stack([np.where(keep, colours[best], 0),
-                                      np.where(keep, kinds[best], 0)])).long()
+    """``(2, grid * grid)`` long: per vision patch the colour and kind of the object covering
+    most of it (:func:`keyseg.data.shapes.cell_labels`)."""
+    return torch.from_numpy(cell_labels(scene_from_record(record), grid)).long()
 
 
 class PatchProbe(torch.nn.Module):

@@ -51,6 +51,7 @@ from keyseg.data.shapes.dataset import ShapesDataset, generate_sample, objects_f
 from keyseg.data.shapes.geometry import (
     Scene,
     ShapeObject,
+    cell_labels,
     render_object_mask,
     scene_from_objects,
     shape_polygons,
@@ -122,6 +123,7 @@ __all__ = [
     "Split",
     "Template",
     "answer",
+    "cell_labels",
     "export_reason_seg",
     "generate_sample",
     "image_seed",

@@ -154,6 +154,23 @@ def scene_from_objects(objects: list[ShapeObject], size: int) -> Scene:
     return Scene(list(objects), full, _visible(full))
 
 
+def cell_labels(scene: Scene, grid: int) -> np.ndarray:
+    """``(2, grid * grid)`` int64: per cell of a ``grid x grid`` split of the image
+    (row-major), the colour and the kind of the object that shows most in it (1-based
+    indices into ``COLOURS`` / ``KINDS``; 0 = background, or no object covers 40 %). Dense
+    targets for a vision encoder's patch features (the lab's stand-in for the semantic
+    pretraining real encoders arrive with)."""
+    n, size, _ = scene.visible.shape
+    cell = size // grid
+    cover = scene.visible[:, :grid * cell, :grid * cell].reshape(
+        n, grid, cell, grid, cell).mean(axis=(2, 4))  # (n, grid, grid)
+    best, share = cover.argmax(0).reshape(-1), cover.max(0).reshape(-1)
+    colours = np.array([list(COLOURS).index(o.colour) + 1 for o in scene.objects])
+    kinds = np.array([KINDS.index(o.kind) + 1 for o in scene.objects])
+    keep = share >= 0.4
+    return np.stack([np.where(keep, colours[best], 0), np.where(keep, kinds[best], 0)])
+
+
 def make_scene(
     rng: np.random.Generator, cfg: ShapesConfig, same: Literal["kind", "colour"] | None
 ) -> Scene:
