@@ -1,0 +1,164 @@
+"""What a pretrained SAM's frozen image embedding knows about objects (issue #16 diagnosis).
+
+KeySeg fine-tuning freezes SAM's image encoder and asks the mask decoder to find an object
+from a concept-like ``[SEG]`` prompt. That only works if the frozen embedding says *what*
+is where. Two measurements on a SAM directory (``experiments/pretrain_sam.py`` output):
+
+1. **Linear probes**: per-cell colour and kind classifiers fitted on frozen embeddings of
+   ``--train-images`` train images, accuracy on the foreground cells of ``--val-images``
+   val images (chance: 1/6 colour, 1/8 kind).
+2. **Concept lookup with the encoder frozen**: the mask decoder plus a learned colour/kind
+   prompt table (``pretrain_sam.ConceptPrompts``, fed as KeySeg feeds ``[SEG]``) trained for
+   ``--steps`` steps; val mIoU of the colour + kind concepts, next to two baselines that use
+   no concept at all or the colour only: every object's mask, and the mask of every object
+   of the named colour.
+
+    OMP_NUM_THREADS=1 python experiments/sam_semantics.py src/keyseg/assets/lab/sam-shapes192 \\
+        --out runs/sam_semantics/shipped.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pretrain_sam as stage1
+
+from keyseg.convert.sam import load_sam
+from keyseg.data.shapes import ShapesDataset
+from keyseg.io import atomic_write_json
+from keyseg.model.sam import sam_config
+
+
+def iou(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """IoU of two bool masks (1.0 when both are empty)."""
+    union = (pred | target).sum()
+    return float((pred & target).sum() / union) if union else 1.0
+
+
+def probe_accuracy(train: list[dict], val: list[dict], steps: int = 300) -> dict[str, float]:
+    """Linear colour/kind probes on frozen embeddings: accuracy on val foreground cells."""
+    probe = stage1.EmbeddingProbe(train[0]["embedding"].shape[1])
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    embeddings = torch.cat([s["embedding"] for s in train])
+    labels = torch.stack([s["cells"] for s in train])
+    for _ in range(steps):
+        loss = probe(embeddings, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        cells = torch.cat([s["embedding"] for s in val]).flatten(2).transpose(1, 2).flatten(0, 1)
+        truth = torch.stack([s["cells"] for s in val])  # (N, 2, h*w)
+        colour_true, kind_true = truth[:, 0].flatten(), truth[:, 1].flatten()
+        foreground = colour_true > 0
+        colour = probe.colour(cells).argmax(1)[foreground] == colour_true[foreground]
+        kind = probe.kind(cells).argmax(1)[foreground] == kind_true[foreground]
+    return {"colour_accuracy": float(colour.float().mean()),
+            "kind_accuracy": float(kind.float().mean()),
+            "foreground_cells": int(foreground.sum()), "train_loss": float(loss.detach())}
+
+
+def concept_baselines(val: list[dict]) -> dict[str, float]:
+    """mIoU of the exact concepts if one predicted every object, or every object of the
+    named colour (what a decoder that ignores the kind could reach at best)."""
+    every, same_colour = [], []
+    for sample in val:
+        pairs, targets = stage1.concept_queries(sample, np.random.default_rng(0), 0, exact=True)
+        objects = sample["target"] > 0.5
+        for (colour, _), target in zip(pairs.tolist(), targets > 0.5, strict=True):
+            every.append(iou(objects.any(0), target))
+            rows = [i for i, (c, _) in enumerate(sample["concepts"]) if c == colour]
+            same_colour.append(iou(objects[rows].any(0), target))
+    return {"every_object": float(np.mean(every)), "same_colour": float(np.mean(same_colour))}
+
+
+def concept_lookup(sam, train: list[dict], val: list[dict], steps: int, lr: float,
+                   rng: np.random.Generator, images_per_step: int = 8) -> list[dict]:
+    """Train the decoder + a concept table on frozen embeddings; the val mIoU curve."""
+    concepts = stage1.ConceptPrompts(train[0]["embedding"].shape[1])
+    params = [*sam.sam.mask_decoder.parameters(), *concepts.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+
+    def score() -> float:
+        ious = []
+        with torch.no_grad():
+            for sample in val:
+                pairs, targets = stage1.concept_queries(sample, rng, 0, exact=True)
+                logits, _ = sam.decode_many(sample["embedding"],
+                                            torch.zeros(len(pairs), dtype=torch.long),
+                                            concepts(pairs))
+                ious += [iou(p, t) for p, t in zip(logits > 0, targets > 0.5, strict=True)]
+        return float(np.mean(ious))
+
+    curve = []
+    for step in range(1, steps + 1):
+        loss = torch.zeros(())
+        for index in rng.integers(len(train), size=images_per_step):
+            sample = train[int(index)]
+            pairs, targets = stage1.concept_queries(sample, rng, 4)
+            logits, iou_pred = sam.decode_many(sample["embedding"],
+                                               torch.zeros(len(pairs), dtype=torch.long),
+                                               concepts(pairs))
+            _, dice, iou_mse, bce = stage1.losses(logits, targets, iou_pred)
+            loss = loss + (dice + bce + iou_mse) / images_per_step
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % max(1, steps // 6) == 0 or step == steps:
+            curve.append({"step": step, "loss": round(float(loss), 4), "val_miou": score()})
+            print(f"concept lookup step {step}: val mIoU {curve[-1]['val_miou']:.3f}", flush=True)
+    return curve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sam", type=Path, help="a SAM directory (save_pretrained)")
+    parser.add_argument("--preset", default="shapes192")
+    parser.add_argument("--prompt-dim", type=int, default=128)
+    parser.add_argument("--train-images", type=int, default=400)
+    parser.add_argument("--val-images", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    started = time.perf_counter()
+    sam = load_sam(args.sam, expected=sam_config(args.preset, prompt_dim=args.prompt_dim))
+    low_res = 4 * sam.embedding_size
+    train_split, val_split = ShapesDataset("train"), ShapesDataset("val")
+    train = [stage1.prepare(train_split[i], sam, low_res) for i in range(args.train_images)]
+    val = [stage1.prepare(val_split[i], sam, low_res) for i in range(args.val_images)]
+    sam.eval()
+    with torch.no_grad():
+        for sample in train + val:  # frozen: encode once
+            sample["embedding"] = sam.encode_images(sample["pixels"][None])
+    probes = probe_accuracy(train[:200], val)
+    print(f"linear probes on val foreground cells: colour {probes['colour_accuracy']:.3f} "
+          f"(chance 0.167), kind {probes['kind_accuracy']:.3f} (chance 0.125)")
+    baselines = concept_baselines(val)
+    print(f"concept baselines: every object {baselines['every_object']:.3f}, "
+          f"same colour {baselines['same_colour']:.3f}")
+    curve = concept_lookup(sam, train, val, args.steps, args.lr, rng)
+    atomic_write_json(args.out, {
+        "sam": str(args.sam), "probes": probes, "concept_baselines": baselines,
+        "concept_lookup": curve, "seconds": round(time.perf_counter() - started, 1),
+        "command": " ".join(["python", *sys.argv]),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+    })
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
