@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--index", type=int, default=None,
                         help="re-measure this test record only (keeps README's query when a "
                              "new model is shipped)")
+    parser.add_argument("--any-answer", action="store_true",
+                        help="accept a bare 'Sure, it is [SEG].' (default: the answer must name "
+                             "the shape, so the demo shows the model talking about what it saw)")
     args = parser.parse_args()
     pipe = KeySegPipeline.from_pretrained(args.checkpoint)
     test = ShapesDataset("test", ShapesConfig())
@@ -47,6 +50,8 @@ def main() -> None:
         result = pipe(record.image, ref.text)
         if len(result.masks) != 1:
             continue
+        if not args.any_answer and (ref.keyword or "") not in result.answer.split("[KEY]")[0]:
+            continue  # the answer does not name what it segments
         logits = np.where(result.masks[0], 1.0, -1.0)
         inter, union = intersection_union(logits, ref.masks[0])
         iou = iou_score(inter, union)
