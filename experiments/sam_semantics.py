@@ -43,6 +43,21 @@ def iou(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float((pred & target).sum() / union) if union else 1.0
 
 
+def with_oracle_features(embedding: torch.Tensor, cells: torch.Tensor,
+                         scale: float = 3.0) -> torch.Tensor:
+    """``(1, C, h, w)`` embedding whose first ``7 + 9`` channels are replaced by the one-hot
+    colour and kind (background included) of each cell (``cells``: ``(2, h*w)``)."""
+    from keyseg.data.shapes import COLOURS, KINDS
+
+    out = embedding.clone()
+    _, _, height, width = out.shape
+    colour = torch.nn.functional.one_hot(cells[0], len(COLOURS) + 1).T  # (7, h*w)
+    kind = torch.nn.functional.one_hot(cells[1], len(KINDS) + 1).T  # (9, h*w)
+    truth = torch.cat([colour, kind]).float().reshape(1, -1, height, width) * scale
+    out[:, :truth.shape[1]] = truth
+    return out
+
+
 def probe_accuracy(train: list[dict], val: list[dict], steps: int = 300) -> dict[str, float]:
     """Linear colour/kind probes on frozen embeddings: accuracy on val foreground cells."""
     probe = stage1.EmbeddingProbe(train[0]["embedding"].shape[1])
@@ -113,7 +128,7 @@ def concept_lookup(sam, train: list[dict], val: list[dict], steps: int, lr: floa
         loss.backward()
         optimizer.step()
         if step % max(1, steps // 6) == 0 or step == steps:
-            curve.append({"step": step, "loss": round(float(loss), 4), "val_miou": score()})
+            curve.append({"step": step, "loss": round(float(loss.detach()), 4), "val_miou": score()})
             print(f"concept lookup step {step}: val mIoU {curve[-1]['val_miou']:.3f}", flush=True)
     return curve
 
@@ -127,6 +142,10 @@ def main() -> None:
     parser.add_argument("--val-images", type=int, default=30)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--oracle-features", action="store_true",
+                        help="overwrite the first channels of every embedding cell with its "
+                             "true colour and kind (one-hot): can the decoder look concepts "
+                             "up when the features are perfect?")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -143,6 +162,9 @@ def main() -> None:
     with torch.no_grad():
         for sample in train + val:  # frozen: encode once
             sample["embedding"] = sam.encode_images(sample["pixels"][None])
+            if args.oracle_features:
+                sample["embedding"] = with_oracle_features(sample["embedding"],
+                                                           sample["cells"])
     probes = probe_accuracy(train[:200], val)
     print(f"linear probes on val foreground cells: colour {probes['colour_accuracy']:.3f} "
           f"(chance 0.167), kind {probes['kind_accuracy']:.3f} (chance 0.125)")
@@ -151,7 +173,8 @@ def main() -> None:
           f"same colour {baselines['same_colour']:.3f}")
     curve = concept_lookup(sam, train, val, args.steps, args.lr, rng)
     atomic_write_json(args.out, {
-        "sam": str(args.sam), "probes": probes, "concept_baselines": baselines,
+        "sam": str(args.sam), "oracle_features": args.oracle_features, "probes": probes,
+        "concept_baselines": baselines,
         "concept_lookup": curve, "seconds": round(time.perf_counter() - started, 1),
         "command": " ".join(["python", *sys.argv]),
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
