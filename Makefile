@@ -24,7 +24,7 @@ browser:
 
 demo: install
 	$(BIN)/keyseg segment src/keyseg/assets/examples/example.png \
-	  "Which one looks like a rhombus standing on its tip?" --out outputs/demo
+	  "Which shape is the colour of a carrot?" --out outputs/demo
 
 test: install browser
 	$(BIN)/ruff check src tests benchmarks experiments
