@@ -128,7 +128,8 @@ def concept_lookup(sam, train: list[dict], val: list[dict], steps: int, lr: floa
         loss.backward()
         optimizer.step()
         if step % max(1, steps // 6) == 0 or step == steps:
-            curve.append({"step": step, "loss": round(float(loss.detach()), 4), "val_miou": score()})
+            curve.append({"step": step, "loss": round(float(loss.detach()), 4),
+                          "val_miou": score()})
             print(f"concept lookup step {step}: val mIoU {curve[-1]['val_miou']:.3f}", flush=True)
     return curve
 
