@@ -35,17 +35,11 @@ from keyseg.data.shapes import (
     KINDS,
     ShapesDataset,
     cell_labels,
-    objects_from_meta,
-    scene_from_objects,
+    scene_from_record,
 )
 from keyseg.io import atomic_write_json
 from keyseg.model.sam import SamSegmenter
 from keyseg.transforms import sam_preprocess
-
-
-def record_scene(record):
-    """The :class:`~keyseg.data.shapes.Scene` of a shapes record, from its ``meta``."""
-    return scene_from_objects(objects_from_meta(record.meta), record.image.size[0])
 
 
 def visible_objects(scene) -> tuple[np.ndarray, list]:
@@ -58,13 +52,13 @@ def visible_objects(scene) -> tuple[np.ndarray, list]:
 
 def visible_masks(record) -> np.ndarray:
     """``(n, S, S)`` bool: what each visible object of a shapes record shows."""
-    return visible_objects(record_scene(record))[0]
+    return visible_objects(scene_from_record(record))[0]
 
 
 def prepare(record, sam: SamSegmenter, low_res: int) -> dict:
     """SAM input, the objects' masks at the low-res output size and in input coordinates."""
     sam_input = sam_preprocess(record.image, sam.image_size)
-    scene = record_scene(record)
+    scene = scene_from_record(record)
     visible, objects = visible_objects(scene)
     masks = torch.from_numpy(visible).float()  # (n, H, W)
     h, w = sam_input.resized_size
