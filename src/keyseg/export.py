@@ -122,26 +122,17 @@ def load_for_export(src: str | os.PathLike, weights: str | None = None,
 
 
 def rebuild_from_run(run_dir: Path):
-    """The model a run started from, rebuilt from its ``config.yaml``: what training builds
-    before its first step (same seed, so random frozen parts come out identical; LoRA
-    wrapped), ready for a checkpoint's trainable weights."""
+    """The model a run started from, rebuilt from its ``config.yaml`` by the code training
+    uses (:func:`keyseg.train.build.starting_model`, same seed, so random frozen parts come
+    out identical), ready for a checkpoint's trainable weights."""
     from accelerate.utils import set_seed
 
-    from keyseg.build import build_keyseg
     from keyseg.config import load_config
-    from keyseg.model.architecture import reconcile
-    from keyseg.model.keyseg import KeySegModel
-    from keyseg.model.trainable import apply_lora
+    from keyseg.train.build import starting_model
 
     cfg = load_config(run_dir / "config.yaml")
     set_seed(cfg.train.seed)  # as keyseg.train.loop.setup_accelerator does before building
-    if cfg.train.init_from:
-        model = KeySegModel.from_pretrained(cfg.train.init_from)
-        reconcile(model, cfg.model, cfg.train.init_from)
-    else:
-        model = build_keyseg(cfg.model)
-    apply_lora(model, cfg.model.lora)
-    return model
+    return starting_model(cfg)[0]
 
 
 def merge_lora(model) -> int:

@@ -24,26 +24,13 @@ def build_model(cfg: KeySegConfig, accelerator: Accelerator,
                 run_dir: Path | None = None) -> KeySegModel:
     """KeySegModel with LoRA, the trainable set applied (printed and logged), frozen weights
     in the compute dtype and gradient checkpointing as configured."""
-    from keyseg.build import build_keyseg
-    from keyseg.model.architecture import reconcile
-    from keyseg.model.keyseg import KeySegModel
-    from keyseg.model.trainable import apply_lora, configure_trainable, format_trainable_table
+    from keyseg.model.trainable import configure_trainable, format_trainable_table
 
     compute = resolve_dtype(cfg.train.precision, accelerator.device)
-    if cfg.train.init_from:
-        # Loaded in the dtype the weights are stored in (a directory or a Hub id): one copy
-        # per process, no fp32 detour for a bf16 checkpoint; what trains is upcast to fp32
-        # below (exactly), the frozen rest cast to the compute dtype.
-        model = KeySegModel.from_pretrained(cfg.train.init_from, dtype="auto")
-        # What and how to train from this run's config; architecture keys that differ from
-        # the directory's take effect or stop the run (keyseg.model.architecture).
-        notes = reconcile(model, cfg.model, cfg.train.init_from)
-        if accelerator.is_main_process:
-            for note in notes:
-                print(f"init_from: {note}")
-    else:
-        model = build_keyseg(cfg.model)
-    apply_lora(model, cfg.model.lora)
+    model, notes = starting_model(cfg)
+    if accelerator.is_main_process:
+        for note in notes:
+            print(f"init_from: {note}")
     counts = configure_trainable(model, cfg.model.trainable)  # raises on an empty component
     if accelerator.is_main_process:
         _print_trainable(counts)
@@ -62,6 +49,31 @@ def build_model(cfg: KeySegConfig, accelerator: Accelerator,
         model.image_embedding_cache = ImageEmbeddingCache(
             int(cfg.train.image_embedding_cache_gb * 2**30))
     return model
+
+
+def starting_model(cfg: KeySegConfig) -> tuple[KeySegModel, list[str]]:
+    """The model before its first step, LoRA wrapped, and the ``init_from`` notes.
+
+    Built after ``set_seed(cfg.train.seed)``, the same call gives the same random frozen
+    parts, which is how ``keyseg export`` rebuilds a run stopped before ``final/``."""
+    from keyseg.build import build_keyseg
+    from keyseg.model.architecture import reconcile
+    from keyseg.model.keyseg import KeySegModel
+    from keyseg.model.trainable import apply_lora
+
+    notes: list[str] = []
+    if cfg.train.init_from:
+        # Loaded in the dtype the weights are stored in (a directory or a Hub id): one copy
+        # per process, no fp32 detour for a bf16 checkpoint; what trains is upcast to fp32
+        # by build_model (exactly), the frozen rest cast to the compute dtype.
+        model = KeySegModel.from_pretrained(cfg.train.init_from, dtype="auto")
+        # What and how to train from this run's config; architecture keys that differ from
+        # the directory's take effect or stop the run (keyseg.model.architecture).
+        notes = reconcile(model, cfg.model, cfg.train.init_from)
+    else:
+        model = build_keyseg(cfg.model)
+    apply_lora(model, cfg.model.lora)
+    return model, notes
 
 
 def _print_trainable(counts: dict[str, ComponentCount]) -> None:
