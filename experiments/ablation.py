@@ -1,6 +1,7 @@
 """The [KEY] ablation on the procedural shapes world: does keyword fusion help?
 
-Each *arm* is a fusion variant (``reference``, ``residual``, ``none`` = no [KEY] at all)
+Each *arm* is a fusion variant (``reference``, ``residual``, ``gated``, ``none`` = no [KEY]
+at all)
 with a choice of the state that stands for [SEG] and [KEY] (``model.backbone.hidden_state``:
 ``before`` = the reference, ``at``; ``none`` keeps the choice for its [SEG]). For each arm and
 seed, train the tiny-shapes model for a fixed budget, then score it on the shapes *test*
@@ -40,7 +41,8 @@ from PIL import Image, ImageDraw
 from keyseg.config import load_config
 from keyseg.io import atomic_write_json, atomic_write_text
 
-VARIANTS = ("reference", "residual", "none")
+VARIANTS = ("reference", "residual", "gated", "none")
+FUSIONS = tuple(v for v in VARIANTS if v != "none")
 HIDDEN_STATES = ("before", "at")
 MODES = ("teacher", "generate")
 BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
@@ -143,11 +145,11 @@ def arms_in(results: list[dict]) -> list[Arm]:
 
 def comparisons(arms: Sequence[Arm]) -> list[tuple[Arm, Arm]]:
     """The ``(a, b)`` pairs whose difference ``a - b`` answers the question, among ``arms``:
-    each fusion against no [KEY] and the two fusions against each other at each hidden
+    each fusion against no [KEY] and each pair of fusions against each other at each hidden
     state, then ``at`` against ``before`` for each variant."""
+    against_none = [(f, "none") for f in FUSIONS]
     pairs = [((a, h), (b, h)) for h in HIDDEN_STATES
-             for a, b in (("reference", "none"), ("residual", "none"),
-                          ("reference", "residual"))]
+             for a, b in against_none + list(itertools.combinations(FUSIONS, 2))]
     pairs += [((v, "at"), (v, "before")) for v in VARIANTS]
     return [(a, b) for a, b in pairs if a in arms and b in arms]
 
@@ -274,7 +276,8 @@ def render_report(results: list[dict], report: Path, plot: Path, replicates: int
     atomic_write_text(report, text)
 
 
-COLOURS = {"reference": (31, 119, 180), "residual": (44, 160, 44), "none": (214, 39, 40)}
+COLOURS = {"reference": (31, 119, 180), "residual": (44, 160, 44), "gated": (148, 103, 189),
+           "none": (214, 39, 40)}
 
 
 def _polyline(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]],

@@ -269,10 +269,12 @@ def test_the_comparisons_answer_the_question(ablation):
              for a, b in ablation.comparisons(every)]
     assert names == [
         "reference/before - none/before", "residual/before - none/before",
-        "reference/before - residual/before", "reference/at - none/at",
-        "residual/at - none/at", "reference/at - residual/at",
+        "gated/before - none/before", "reference/before - residual/before",
+        "reference/before - gated/before", "residual/before - gated/before",
+        "reference/at - none/at", "residual/at - none/at", "gated/at - none/at",
+        "reference/at - residual/at", "reference/at - gated/at", "residual/at - gated/at",
         "reference/at - reference/before", "residual/at - residual/before",
-        "none/at - none/before"]
+        "gated/at - gated/before", "none/at - none/before"]
     assert len(ablation.comparisons([("reference", "before"), ("none", "before")])) == 1
 
 

@@ -110,7 +110,7 @@ def _known(value: str, known: Sequence[str]) -> str:
 
 
 HiddenStateChoice = Literal["before", "at"]
-FusionVariant = Literal["reference", "residual", "none"]
+FusionVariant = Literal["reference", "residual", "gated", "none"]
 KeywordTarget = Literal["first", "all"]
 
 
@@ -207,11 +207,13 @@ class FusionConfig(Checked):
     num_queries: PositiveInt = 12
     """[SEG] rows are resampled to this many before attention."""
     variant: FusionVariant = "reference"
-    """"reference" (SPEC §2.4), "residual" (pre-norm blocks with an MLP) or "none"."""
+    """"reference" (SPEC §2.4), "residual" (post-norm blocks with an MLP), "gated" (pre-norm
+    blocks with an MLP behind zero-initialised tanh gates, on the [SEG] rows themselves) or
+    "none" (see keyseg.model.fusion)."""
     mlp_ratio: PositiveFloat = 4.0
-    """MLP width / dim (residual variant only)."""
+    """MLP width / dim (residual and gated variants only)."""
     dropout: OpenUnit = 0.0
-    """Dropout in the MLP (residual variant only), in [0, 1)."""
+    """Dropout in the MLP (residual and gated variants only), in [0, 1)."""
     inner_dim: PositiveInt | None = None
     """Inner width of the cross-attention (q/k/v: dim -> inner_dim, out: inner_dim -> dim;
     scale 1/sqrt(inner_dim)); None = dim. The reference fixes it at 256 whatever its

@@ -25,14 +25,37 @@ def linear_resample(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def spec_reference(module: KeywordFusion, seg: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    def attend(att, q_in, kv_in):
-        q = q_in @ att.q_proj.weight.T + att.q_proj.bias
-        k = kv_in @ att.k_proj.weight.T + att.k_proj.bias
-        v = kv_in @ att.v_proj.weight.T + att.v_proj.bias
-        a = torch.softmax(q @ k.T / math.sqrt(q.shape[-1]), dim=-1)
-        return (a @ v) @ att.out_proj.weight.T + att.out_proj.bias
+def attend(att, q_in: torch.Tensor, kv_in: torch.Tensor) -> torch.Tensor:
+    """Single-head attention with the module's projections, written out."""
+    q = q_in @ att.q_proj.weight.T + att.q_proj.bias
+    k = kv_in @ att.k_proj.weight.T + att.k_proj.bias
+    v = kv_in @ att.v_proj.weight.T + att.v_proj.bias
+    a = torch.softmax(q @ k.T / math.sqrt(q.shape[-1]), dim=-1)
+    return (a @ v) @ att.out_proj.weight.T + att.out_proj.bias
 
+
+def layer_norm(layer, x: torch.Tensor) -> torch.Tensor:
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5) * layer.weight + layer.bias
+
+
+def gelu_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
+    first, _, _, second = mlp
+    h = x @ first.weight.T + first.bias
+    h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    return h @ second.weight.T + second.bias
+
+
+def randomise_norms(fusion: KeywordFusion) -> None:
+    """LayerNorm weights and biases that are not the identity."""
+    with torch.no_grad():
+        for norm in (fusion.norm_cross, fusion.norm_self, fusion.norm_mlp):
+            norm.weight.copy_(torch.rand(norm.weight.shape[0]) + 0.5)
+            norm.bias.copy_(torch.randn(norm.bias.shape[0]))
+
+
+def spec_reference(module: KeywordFusion, seg: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     x = linear_resample(seg, 12)
     x = attend(module.cross_attn, x, key)
     x = attend(module.self_attn, x, x)
@@ -129,38 +152,58 @@ def test_residual_equals_spec_restatement():
     torch.manual_seed(0)
     fusion = KeywordFusion(FusionConfig(dim=16, variant="residual", mlp_ratio=2.0,
                                         num_queries=12)).eval()
-    with torch.no_grad():
-        for norm in (fusion.norm_cross, fusion.norm_self, fusion.norm_mlp):
-            norm.weight.copy_(torch.rand(16) + 0.5)
-            norm.bias.copy_(torch.randn(16))
+    randomise_norms(fusion)
     first, _, _, second = fusion.mlp
     assert tuple(first.weight.shape) == (32, 16) and tuple(second.weight.shape) == (16, 32)
-
-    def attend(att, q_in, kv_in):
-        q = q_in @ att.q_proj.weight.T + att.q_proj.bias
-        k = kv_in @ att.k_proj.weight.T + att.k_proj.bias
-        v = kv_in @ att.v_proj.weight.T + att.v_proj.bias
-        a = torch.softmax(q @ k.T / math.sqrt(q.shape[-1]), dim=-1)
-        return (a @ v) @ att.out_proj.weight.T + att.out_proj.bias
-
-    def norm(layer, x):
-        mean = x.mean(-1, keepdim=True)
-        var = ((x - mean) ** 2).mean(-1, keepdim=True)
-        return (x - mean) / torch.sqrt(var + 1e-5) * layer.weight + layer.bias
-
-    def mlp(x):
-        h = x @ first.weight.T + first.bias
-        h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
-        return h @ second.weight.T + second.bias
-
     seg, key = torch.randn(5, 16), torch.randn(3, 16)
     x = linear_resample(seg, 12)
-    x = norm(fusion.norm_cross, x + attend(fusion.cross_attn, x, key))
-    x = norm(fusion.norm_self, x + attend(fusion.self_attn, x, x))
-    x = norm(fusion.norm_mlp, x + mlp(x))
+    x = layer_norm(fusion.norm_cross, x + attend(fusion.cross_attn, x, key))
+    x = layer_norm(fusion.norm_self, x + attend(fusion.self_attn, x, x))
+    x = layer_norm(fusion.norm_mlp, x + gelu_mlp(fusion.mlp, x))
     with torch.no_grad():
         torch.testing.assert_close(fusion(seg, key), linear_resample(x, 5), rtol=1e-5,
                                    atol=1e-5)
+
+
+def test_gated_starts_as_the_identity():
+    torch.manual_seed(0)
+    fusion = KeywordFusion(FusionConfig(dim=16, variant="gated"))
+    seg = torch.randn(4, 16)
+    torch.testing.assert_close(fusion(seg, torch.randn(2, 16)), seg, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n_seg", [1, 2, 5, 13])
+def test_gated_equals_spec_restatement(n_seg):
+    """``gated``: x += tanh(g1) cross(LN(x), key); x += tanh(g2) self(LN(x), LN(x));
+    x += tanh(g3) MLP(LN(x)), on the n rows themselves (no resampling)."""
+    torch.manual_seed(0)
+    fusion = KeywordFusion(FusionConfig(dim=16, variant="gated", mlp_ratio=2.0)).eval()
+    randomise_norms(fusion)
+    with torch.no_grad():
+        fusion.gates.copy_(torch.tensor([0.7, -0.4, 1.3]))
+    g1, g2, g3 = (math.tanh(g) for g in (0.7, -0.4, 1.3))
+    seg, key = torch.randn(n_seg, 16), torch.randn(3, 16)
+    x = seg + g1 * attend(fusion.cross_attn, layer_norm(fusion.norm_cross, seg), key)
+    h = layer_norm(fusion.norm_self, x)
+    x = x + g2 * attend(fusion.self_attn, h, h)
+    x = x + g3 * gelu_mlp(fusion.mlp, layer_norm(fusion.norm_mlp, x))
+    with torch.no_grad():
+        torch.testing.assert_close(fusion(seg, key), x, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_keeps_seg_rows_apart_with_one_key():
+    """One [KEY] (a multi-target answer): its cross-attention adds one vector to every row,
+    so the rows' differences pass unchanged."""
+    torch.manual_seed(0)
+    key = torch.randn(1, 32)
+    seg = torch.randn(1, 32) * 4 + 0.3 * torch.randn(3, 32)  # nearly parallel, as an LM gives
+    gated = KeywordFusion(FusionConfig(dim=32, variant="gated"))
+    with torch.no_grad():
+        gated.gates.copy_(torch.tensor([5.0, 0.0, 0.0]))  # cross-attention only
+        out = gated(seg, key)
+    shift = out - seg
+    torch.testing.assert_close(shift, shift[:1].expand_as(shift), rtol=1e-5, atol=1e-5)
+    assert float(shift.norm(dim=-1).min()) > 0.1  # the key did move the rows
 
 
 @pytest.mark.parametrize(("n", "rows"), [(5, 12), (12, 5), (3, 3)])
