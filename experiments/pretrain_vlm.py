@@ -11,6 +11,9 @@ cross-entropy on the answers only. Everything trains (vision tower, projector, L
     OMP_NUM_THREADS=1 python experiments/pretrain_vlm.py --preset shapes --steps 2000 \\
         --out runs/vlm_pretrain/shapes
 
+``--init DIR`` continues a saved run (its weights and tokenizer; ``--preset`` must name the
+preset it was built from) with a fresh warm-up and cosine schedule.
+
 The tokenizer is trained first, on ``keyseg.build.preset_corpus("shapes")`` (the KeySeg
 queries and answers the same tokenizer will serve in fine-tuning) plus QA text of train
 images; it already holds ``<image>``, ``[SEG]`` and ``[KEY]`` (``build_tiny_tokenizer``
@@ -259,6 +262,9 @@ def main() -> None:
     parser.add_argument("--patch-loss-weight", type=float, default=0.0,
                         help="weight of the auxiliary per-patch colour/kind loss on the vision "
                              "tower (PatchProbe; 0: off)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from this saved VLM directory (its tokenizer too) "
+                             "instead of a fresh --preset model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -269,10 +275,14 @@ def main() -> None:
 
     system_prompt = load_config(args.config).model.backbone.system_prompt
     started = time.perf_counter()
-    tokenizer = build_tokenizer(system_prompt, args.vocab_size, args.corpus_records)
     torch.manual_seed(args.seed)
-    backbone = BackboneConfig(preset=args.preset, system_prompt=system_prompt)
-    vlm, image_processor, tokenizer = build_vlm(backbone, tokenizer)
+    if args.init is not None:  # a continuation: the saved model with its own tokenizer
+        backbone = BackboneConfig(name_or_path=str(args.init), system_prompt=system_prompt)
+        vlm, image_processor, tokenizer = build_vlm(backbone)
+    else:
+        tokenizer = build_tokenizer(system_prompt, args.vocab_size, args.corpus_records)
+        backbone = BackboneConfig(preset=args.preset, system_prompt=system_prompt)
+        vlm, image_processor, tokenizer = build_vlm(backbone, tokenizer)
     encoder = QAEncoder(tokenizer, image_processor, vlm.config, system_prompt)
     setup_seconds = time.perf_counter() - started
     print(f"VLM preset {args.preset}: {sum(p.numel() for p in vlm.parameters()):,} parameters "
@@ -363,7 +373,8 @@ def main() -> None:
     image_processor.save_pretrained(args.out)
     atomic_write_json(args.out / "metrics.json", {
         "test": test, "val_curve": curve, "history": history, "examples": examples,
-        "preset": tiny.VLM_PRESETS[args.preset], "system_prompt": system_prompt,
+        "preset": tiny.VLM_PRESETS[args.preset], "init": str(args.init) if args.init else None,
+        "system_prompt": system_prompt,
         "parameters": sum(p.numel() for p in vlm.parameters()),
         "image_tokens": encoder.num_image_tokens, "vocab_size": len(tokenizer),
         "setup_seconds": round(setup_seconds, 1), "train_seconds": round(train_seconds, 1),

@@ -162,3 +162,24 @@ def test_patch_labels_name_the_object_covering_each_patch() -> None:
     assert labels[0, 5:7, 5:7].eq(colour).all() and labels[1, 5:7, 5:7].eq(kind).all()
     for outside in (labels[:, :4], labels[:, 8:], labels[:, :, :4], labels[:, :, 8:]):
         assert outside.eq(0).all()
+
+
+def test_init_continues_a_saved_run_with_its_tokenizer(tmp_path) -> None:
+    """``--init DIR`` starts from DIR's weights and tokenizer: at a vanishing learning rate
+    the continuation saves (nearly) DIR's weights, where a fresh model would be random."""
+    common = ["--preset", "tiny", "--images-per-step", "2", "--turns-per-image", "2",
+              "--eval-images", "1", "--log-every", "1", "--corpus-records", "10"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    for args in ([*common, "--steps", "2", "--out", str(first)],
+                 [*common, "--steps", "1", "--lr", "1e-12", "--init", str(first),
+                  "--out", str(second)]):
+        out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True,
+                             text=True, timeout=300, check=False)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((second / "metrics.json").read_text())["init"] == str(first)
+    vlm_a, _, tok_a = build_vlm(BackboneConfig(name_or_path=str(first)))
+    vlm_b, _, tok_b = build_vlm(BackboneConfig(name_or_path=str(second)))
+    assert tok_a.get_vocab() == tok_b.get_vocab()
+    state_b = vlm_b.state_dict()
+    for name, tensor in vlm_a.state_dict().items():
+        torch.testing.assert_close(state_b[name], tensor, rtol=0, atol=1e-6, msg=name)
