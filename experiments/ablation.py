@@ -340,7 +340,8 @@ def plot_curves(results: list[dict], path: Path, size: tuple[int, int] = (640, 4
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/tiny-shapes.yaml")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=["reference", "residual", "none"],
+                        choices=VARIANTS, help="fusion arms (gated is opt-in)")
     parser.add_argument("--hidden-states", nargs="+", default=list(HIDDEN_STATES),
                         choices=HIDDEN_STATES,
                         help="model.backbone.hidden_state of [SEG] and [KEY] (default both)")
