@@ -1,0 +1,54 @@
+"""experiments/seg_prompts.py: the [SEG] prompt similarity of multi-target answers, checked
+where the answer is known from the fusion's definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import experiment_module
+from keyseg.build import build_keyseg
+from keyseg.model.tiny import tiny_model_config
+
+
+def _module():
+    return experiment_module("seg_prompts")
+
+
+@pytest.fixture(scope="module")
+def items():
+    found = _module().multi_target_items("test", records=40, use_keyword=True)
+    assert found and all(item.referent.masks.shape[0] >= 2 for item in found)
+    return found[:3]
+
+
+def _model(variant: str):
+    torch.manual_seed(0)
+    return build_keyseg(tiny_model_config(variant=variant))
+
+
+def test_mean_pairwise_cosine() -> None:
+    cosine = _module().mean_pairwise_cosine
+    rows = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
+    assert cosine(rows) == pytest.approx((0.0 - 1.0 + 0.0) / 3)
+
+
+def test_reference_fusion_makes_every_prompt_of_an_answer_the_same(items) -> None:
+    """With one [KEY], the reference fusion's output does not depend on [SEG] (SPEC 2.4), so
+    the fused rows of an answer are identical whatever the LM gave."""
+    results = _module().measure(_model("reference"), items)
+    assert len(results) == len(items)
+    for row in results:
+        assert row["answer"].count("[SEG]") >= 2 and row["answer"].count("[KEY]") == 1
+        assert row["fused"] == pytest.approx(1.0, abs=1e-5)
+        assert row["projected"] < 0.9999  # the rows did differ before the fusion
+        assert row["mask_overlap"] is not None and 0.0 <= row["mask_overlap"] <= 1.0
+
+
+def test_without_fusion_the_prompts_are_the_projected_states(items) -> None:
+    results = _module().measure(_model("none"), items)
+    summary = _module().summary(results)
+    assert summary["answers"] == len(items)
+    for row in results:
+        assert row["fused"] == row["projected"]
+        assert -1.0 <= row["lm"] <= 1.0
