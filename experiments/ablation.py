@@ -1,8 +1,7 @@
 """The [KEY] ablation on the procedural shapes world: does keyword fusion help?
 
 Each *arm* is a fusion variant (``reference``, ``residual``, ``gated``, ``none`` = no [KEY]
-at all)
-with a choice of the state that stands for [SEG] and [KEY] (``model.backbone.hidden_state``:
+at all) with a choice of the state that stands for [SEG] and [KEY] (``model.backbone.hidden_state``:
 ``before`` = the reference, ``at``; ``none`` keeps the choice for its [SEG]). For each arm and
 seed, train the tiny-shapes model for a fixed budget, then score it on the shapes *test*
 split (held-out templates) in teacher-forced and generate modes, per query difficulty,
