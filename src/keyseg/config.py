@@ -208,10 +208,14 @@ class FusionConfig(Checked):
     """[SEG] rows are resampled to this many before attention."""
     variant: FusionVariant = "reference"
     """"reference" (SPEC §2.4), "residual" (post-norm blocks with an MLP), "gated" (pre-norm
-    blocks with an MLP behind zero-initialised tanh gates, on the [SEG] rows themselves) or
+    blocks with an MLP behind tanh gates (gate_init), on the [SEG] rows themselves) or
     "none" (see keyseg.model.fusion)."""
     mlp_ratio: PositiveFloat = 4.0
     """MLP width / dim (residual and gated variants only)."""
+    gate_init: OpenUnit = 0.0
+    """Starting value of each ``tanh(gate)`` of the gated variant, in [0, 1): 0 starts the
+    fusion as the identity (its blocks then train only as fast as their gates open), 0.5
+    starts every block at half strength."""
     dropout: OpenUnit = 0.0
     """Dropout in the MLP (residual and gated variants only), in [0, 1)."""
     inner_dim: PositiveInt | None = None

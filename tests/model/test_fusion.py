@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from keyseg.build import build_tiny_model
 from keyseg.config import FusionConfig
+from keyseg.errors import KeySegConfigError
 from keyseg.model.fusion import KeywordFusion
+from keyseg.model.tiny import tiny_model_config
 
 
 def linear_resample(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -216,3 +220,24 @@ def test_resample_rows_is_half_pixel_linear_interpolation(n, rows):
     got = resample_rows(x, rows)
     assert got.shape == (rows, 12)
     torch.testing.assert_close(got, linear_resample(x, rows), rtol=1e-6, atol=1e-6)
+
+
+def test_gated_gate_init_opens_every_block():
+    """``gate_init`` is the starting value of each tanh(gate): the blocks act from step 0,
+    and the built KeySeg model keeps that start (construction skips weight init)."""
+    fusion = KeywordFusion(FusionConfig(dim=16, variant="gated", gate_init=0.5))
+    torch.testing.assert_close(torch.tanh(fusion.gates.detach()), torch.full((3,), 0.5))
+    seg = torch.randn(4, 16)
+    assert not torch.allclose(fusion(seg, torch.randn(2, 16)), seg, atol=1e-3)
+
+    config = tiny_model_config()
+    config = dataclasses.replace(config, fusion=dataclasses.replace(
+        config.fusion, variant="gated", gate_init=0.25))
+    model = build_tiny_model(seed=0, config=config)
+    torch.testing.assert_close(torch.tanh(model.keyword_fusion.gates.detach()),
+                               torch.full((3,), 0.25))
+
+
+def test_gate_init_must_be_below_one():
+    with pytest.raises(KeySegConfigError, match="gate_init"):
+        FusionConfig(variant="gated", gate_init=1.0)

@@ -18,11 +18,13 @@ Four variants, chosen by :class:`keyseg.config.FusionConfig.variant`:
     mean cosine 0.92 from inputs at -0.05, 0.995 from 0.98: experiments/seg_prompts.py).
 ``gated``
     Pre-norm blocks on an untouched residual stream, each scaled by a learned
-    ``tanh(gate)`` that starts at 0: ``x = x + tanh(g1) * cross_attn(norm(x), key)``,
+    ``tanh(gate)`` that starts at ``gate_init`` (default 0):
+    ``x = x + tanh(g1) * cross_attn(norm(x), key)``,
     ``x = x + tanh(g2) * self_attn(norm(x))``, ``x = x + tanh(g3) * mlp(norm(x))``, on the
-    ``n`` rows themselves (no resampling, which blends neighbouring rows). It starts as
-    the identity, and a difference between two ``[SEG]`` rows reaches SAM unchanged unless
-    training learns to change it.
+    ``n`` rows themselves (no resampling, which blends neighbouring rows). With gates at 0
+    it starts as the identity (its blocks then get no gradient until the gates open, which
+    on the shapes lab they hardly did); a difference between two ``[SEG]`` rows reaches
+    SAM unchanged unless training learns to change it.
 ``none``
     ``[SEG]`` passes through unchanged (the no-``[KEY]`` ablation).
 
@@ -102,8 +104,9 @@ class KeywordFusion(nn.Module):
                 nn.Linear(hidden, dim),
             )
         if self.variant == "gated":
-            # (cross, self, mlp); tanh(0) = 0: the module starts as the identity
-            self.gates = nn.Parameter(torch.zeros(3))
+            # (cross, self, mlp); gate_init 0 -> tanh(0) = 0: the module starts as the identity
+            start = math.atanh(self.config.gate_init)
+            self.gates = nn.Parameter(torch.full((3,), start))
 
     def forward(self, seg: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """Return fused ``[SEG]`` embeddings.
