@@ -353,6 +353,8 @@ def main() -> None:
                         help="bootstrap replicates per interval")
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--report", default=None, help="markdown file to (re)write the table in")
+    parser.add_argument("--plot", default="results_val_giou.png",
+                        help="file name of the validation plot, written next to --report")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: render --report from --out's results")
     args = parser.parse_args()
@@ -372,7 +374,7 @@ def main() -> None:
     if args.report:
         report = Path(args.report)
         render_report(read_results(results_file), report,
-                      report.parent / "results_val_giou.png", args.replicates)
+                      report.parent / args.plot, args.replicates)
     assert all(not math.isnan(r["teacher"]["giou"]) for r in results)
 
 

@@ -85,6 +85,7 @@ BAD_VALUES = [
     ("model.fusion.num_queries=0", "model.fusion.num_queries"),
     ("model.fusion.mlp_ratio=0", "model.fusion.mlp_ratio"),
     ("model.fusion.dropout=1.0", "model.fusion.dropout"),
+    ("model.fusion.gate_init=1.0", "model.fusion.gate_init"),  # atanh(1) is infinite
     ("model.fusion.inner_dim=-8", "model.fusion.inner_dim"),
     ("model.loss.ce_weight=-0.1", "model.loss.ce_weight"),
     ("model.loss.bce_weight=-1", "model.loss.bce_weight"),

@@ -10,7 +10,6 @@ import torch
 
 from keyseg.build import build_tiny_model
 from keyseg.config import FusionConfig
-from keyseg.errors import KeySegConfigError
 from keyseg.model.fusion import KeywordFusion
 from keyseg.model.tiny import tiny_model_config
 
@@ -237,7 +236,3 @@ def test_gated_gate_init_opens_every_block():
     torch.testing.assert_close(torch.tanh(model.keyword_fusion.gates.detach()),
                                torch.full((3,), 0.25))
 
-
-def test_gate_init_must_be_below_one():
-    with pytest.raises(KeySegConfigError, match="gate_init"):
-        FusionConfig(variant="gated", gate_init=1.0)
