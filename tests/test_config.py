@@ -127,9 +127,14 @@ BAD_VALUES = [
     ("data.shapes.difficulty_weights={easy: 1.0}", "data.shapes.difficulty_weights"),
     ("data.shapes.difficulty_weights={direct: -1.0}", "data.shapes.difficulty_weights[0][1]"),
     ("data.shapes.difficulty_weights={direct: 0.0}", "data.shapes.difficulty_weights"),
+    ("data.shapes.train_difficulty_weights={hard: 1.0}",
+     "data.shapes.train_difficulty_weights"),
+    ("data.shapes.train_difficulty_weights={negative: -1.0}",
+     "data.shapes.train_difficulty_weights[0][1]"),
     ("data.shapes.seed=-1", "data.shapes.seed"),
     ("train.output_dir=", "train.output_dir"),
     ("train.seed=-1", "train.seed"),
+    ("train.val_mode=sampled", "train.val_mode"),
     ("train.epochs=0", "train.epochs"),
     ("train.steps_per_epoch=0", "train.steps_per_epoch"),
     ("train.batch_size=-1", "train.batch_size"),
@@ -306,11 +311,13 @@ def test_the_generator_uses_the_config_class_and_yaml_sets_every_option(tmp_path
         "    image_size: 96\n    min_objects: 3\n    max_objects: 4\n    min_radius: 0.1\n"
         "    max_radius: 0.12\n    min_visible: 0.5\n    train_size: 7\n    val_size: 3\n"
         "    test_size: 2\n    queries_per_image: 2\n"
-        "    difficulty_weights: {multi: 1.0}\n    seed: 5\n")
+        "    difficulty_weights: {multi: 1.0}\n    train_difficulty_weights: {negative: 2}\n"
+        "    seed: 5\n")
     cfg = load_config(path)
     expected = dict(image_size=96, min_objects=3, max_objects=4, min_radius=0.1,
                     max_radius=0.12, min_visible=0.5, train_size=7, val_size=3, test_size=2,
-                    queries_per_image=2, difficulty_weights=(("multi", 1.0),), seed=5)
+                    queries_per_image=2, difficulty_weights=(("multi", 1.0),),
+                    train_difficulty_weights=(("negative", 2.0),), seed=5)
     assert {f.name for f in dataclasses.fields(ShapesConfig)} == set(expected)
     assert {k: getattr(cfg.data.shapes, k) for k in expected} == expected
     records = build_dataset("shapes", cfg.data, "val")

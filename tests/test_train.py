@@ -324,6 +324,29 @@ def test_sanity_validation_runs_two_batches_before_step_one(tmp_path, monkeypatc
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_generate_mode_validation_scores_generated_answers(tmp_path, monkeypatch, capsys):
+    from keyseg.train import loop
+
+    modes = []
+    original = loop.run_evaluation
+
+    def recorded(model, records, config, **kwargs):
+        modes.append((config.limit, config.mode))
+        return original(model, records, config, **kwargs)
+
+    monkeypatch.setattr(loop, "run_evaluation", recorded)
+    result = main(tiny_config(tmp_path / "gen", "train.epochs=1", "train.steps_per_epoch=2",
+                              "train.val_limit=2", "train.val_mode=generate"))
+    # The sanity check and the epoch's validation both decode, as users' answers are made.
+    assert modes == [(2, "generate"), (2, "generate")]
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text()
+            .splitlines()]
+    val = [r for r in rows if "val" in r]
+    assert len(val) == 1 and val[0]["val_mode"] == "generate"
+    assert 0.0 <= val[0]["val"]["giou"] <= 1.0
+    assert "step 2 (generate): gIoU" in capsys.readouterr().out
+
+
 def test_loss_terms_are_logged_every_log_every_steps(tmp_path):
     cfg = tiny_config(tmp_path / "run", "train.epochs=1", "train.steps_per_epoch=5",
                       "train.log_every=2", "train.validate_every_epoch=false")

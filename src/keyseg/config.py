@@ -109,6 +109,7 @@ def _known(value: str, known: Sequence[str]) -> str:
 # The configs
 
 
+EvalMode = Literal["teacher", "generate"]
 HiddenStateChoice = Literal["before", "at"]
 FusionVariant = Literal["reference", "residual", "gated", "none"]
 KeywordTarget = Literal["first", "all"]
@@ -358,8 +359,18 @@ class ShapesConfig(Checked):
     )
     """Relative frequency of each query difficulty (names from SHAPES_DIFFICULTIES); YAML
     takes a mapping (``{direct: 1.0, multi: 0.5}``) or a list of pairs."""
+    train_difficulty_weights: tuple[tuple[str, NonNegativeFloat], ...] | None = None
+    """Difficulty weights for the train split only (same form as ``difficulty_weights``);
+    ``None`` uses ``difficulty_weights``. Val and test keep ``difficulty_weights``, so a run
+    that trains on more negatives is still validated and tested on the same records."""
     seed: NonNegativeInt = 0
     """World seed mixed into every image's random stream."""
+
+    def weights_for(self, split: str) -> tuple[tuple[str, float], ...]:
+        """The difficulty weights that ``split``'s records are drawn with."""
+        if split == "train" and self.train_difficulty_weights is not None:
+            return self.train_difficulty_weights
+        return self.difficulty_weights
 
     def relations(self) -> Iterable[Problem]:
         if self.min_objects > self.max_objects:
@@ -368,15 +379,19 @@ class ShapesConfig(Checked):
         if self.min_radius > self.max_radius:
             yield Problem("min_radius", f"must be <= max_radius ({self.max_radius}), got "
                           f"{self.min_radius}", ("max_radius",))
-        names = [name for name, _ in self.difficulty_weights]
-        unknown = [n for n in names if n not in SHAPES_DIFFICULTIES]
-        if unknown:
-            yield Problem("difficulty_weights", f"unknown difficulty {unknown[0]!r} (known: "
-                          f"{', '.join(SHAPES_DIFFICULTIES)})")
-        elif len(set(names)) != len(names):
-            yield Problem("difficulty_weights", "a difficulty is named twice")
-        if not any(isinstance(w, int | float) and w > 0 for _, w in self.difficulty_weights):
-            yield Problem("difficulty_weights", "needs at least one positive weight")
+        for key in ("difficulty_weights", "train_difficulty_weights"):
+            weights = getattr(self, key)
+            if weights is None:
+                continue
+            names = [name for name, _ in weights]
+            unknown = [n for n in names if n not in SHAPES_DIFFICULTIES]
+            if unknown:
+                yield Problem(key, f"unknown difficulty {unknown[0]!r} (known: "
+                              f"{', '.join(SHAPES_DIFFICULTIES)})")
+            elif len(set(names)) != len(names):
+                yield Problem(key, "a difficulty is named twice")
+            if not any(isinstance(w, int | float) and w > 0 for _, w in weights):
+                yield Problem(key, "needs at least one positive weight")
 
     def split_size(self, split: str) -> int:
         """Number of records in ``split``."""
@@ -496,6 +511,12 @@ class TrainConfig(Checked):
     """Validate on data.val_dataset after each epoch (and keep best/)."""
     val_limit: PositiveInt | None = None
     """Validate on the first this many records only (None: all)."""
+    val_mode: EvalMode = "teacher"
+    """How validation (and so best/) scores the model: ``teacher`` feeds the reference
+    answer (LISA's protocol, fast); ``generate`` lets the model answer greedily, as users and
+    ``keyseg eval --mode generate`` see it (slower: one decoding per query). With a small LM
+    the two can rank checkpoints differently: a model that answers badly still scores well
+    teacher-forced."""
     early_stopping_patience: PositiveInt | None = None
     """Stop after this many validations without a better gIoU (None: never)."""
     max_consecutive_nonfinite: PositiveInt = 10
@@ -552,7 +573,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 # ---------------------------------------------------------------------------------------
 # evaluation
 
-EvalMode = Literal["teacher", "generate"]
 EvalProtocol = Literal["lisa", "lisa-bugs"]
 
 

@@ -136,6 +136,18 @@ def test_single_difficulty_config_produces_that_difficulty() -> None:
     assert sum(ref.difficulty == "multi" for ref in refs) >= 0.9 * len(refs)
 
 
+def test_train_difficulty_weights_change_only_the_train_split() -> None:
+    base = ShapesConfig(queries_per_image=2)
+    cfg = ShapesConfig(queries_per_image=2, train_difficulty_weights=(("negative", 1.0),))
+    train = [ref for i in range(20) for ref in generate_sample(i, "train", cfg).referents]
+    assert all(ref.difficulty == "negative" for ref in train)
+    for split in ("val", "test"):
+        for i in range(10):
+            ours, theirs = generate_sample(i, split, cfg), generate_sample(i, split, base)
+            assert [r.text for r in ours.referents] == [r.text for r in theirs.referents]
+            assert np.array_equal(np.asarray(ours.image), np.asarray(theirs.image))
+
+
 def _rasterise_reason_seg(shapes: list[dict], height: int, width: int) -> np.ndarray:
     """SPEC §5 rasterisation: largest polygon first, outline + fill, ignore -> 255."""
 

@@ -110,16 +110,22 @@ class RunLogger:
         self._jsonl({"step": state.step, "steps": steps, **m, "bad_samples": state.bad_samples,
                      "nonfinite_skipped": state.nonfinite_skipped})
 
-    def log_validation(self, state: TrainState, scores: dict, improved: bool) -> None:
+    def log_validation(self, state: TrainState, scores: dict, improved: bool,
+                       mode: str = "teacher") -> None:
+        """One validation's scores: TensorBoard ``val/giou``, ``val/ciou``, a
+        ``metrics.jsonl`` row (with ``val_mode``) and a console line (naming ``generate``
+        mode, so the two kinds of number are not confused)."""
         if not self.main:
             return
         for key in ("giou", "ciou"):
             if key in scores:
                 self.writer.add_scalar(f"val/{key}", scores[key], state.step)
         self._jsonl({"step": state.step, "epoch": state.epoch, "val": scores,
-                     "best": improved})
+                     "val_mode": mode, "best": improved})
+        label = "" if mode == "teacher" else f" ({mode})"
         self.progress.console.print(
-            f"epoch {state.epoch} step {state.step}: gIoU {scores.get('giou', float('nan')):.4f} "
+            f"epoch {state.epoch} step {state.step}{label}: "
+            f"gIoU {scores.get('giou', float('nan')):.4f} "
             f"cIoU {scores.get('ciou', float('nan')):.4f} (n={scores.get('n')})"
             + (" best" if improved else ""))
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from keyseg.config import EvalConfig, KeySegConfig, TrainConfig, save_config
+from keyseg.config import EvalConfig, EvalMode, KeySegConfig, TrainConfig, save_config
 from keyseg.data.datasets import build_mixture, build_val_records
 from keyseg.data.mixture import MixtureSampler
 from keyseg.data.sample import SegRecord
@@ -209,7 +209,7 @@ def fit(run: Run, state: TrainState, batches: MicroBatches,
     total = train.epochs * train.steps_per_epoch
     result = TrainResult(run_dir=run.run_dir, state=state, last_checkpoint=None)
     if val_records is not None:
-        sanity_check(accelerator, state.model, val_records)
+        sanity_check(accelerator, state.model, val_records, mode=train.val_mode)
     logger = RunLogger(run.run_dir, accelerator, total, start=state.step, every=train.log_every)
     micro_batches = batches.loader(state.step, total)
     state.model.train()
@@ -222,9 +222,10 @@ def fit(run: Run, state: TrainState, batches: MicroBatches,
             if state.step % train.steps_per_epoch == 0:
                 state.epoch += 1
                 if val_records is not None:
-                    scores = validate(accelerator, state.model, val_records, train.val_limit)
+                    scores = validate(accelerator, state.model, val_records, train.val_limit,
+                                      mode=train.val_mode)
                     improved = track_best(accelerator, state, scores, run.run_dir)
-                    logger.log_validation(state, scores, improved)
+                    logger.log_validation(state, scores, improved, mode=train.val_mode)
                     if _early_stop(state, train):
                         result.stopped = "early_stopping"
             stopping = result.stopped != "finished" or stop.requested(accelerator)
@@ -325,15 +326,16 @@ def loss_terms(out: KeySegOutput) -> torch.Tensor:
 
 
 def validate(accelerator: Accelerator, model: torch.nn.Module, records: Sequence[SegRecord],
-             limit: int | None, progress: bool = True) -> dict[str, float]:
-    """Teacher-forced gIoU / cIoU on the first ``limit`` of ``records``
-    (:func:`keyseg.evaluate.run_evaluation`)."""
+             limit: int | None, progress: bool = True,
+             mode: EvalMode = "teacher") -> dict[str, float]:
+    """gIoU / cIoU on the first ``limit`` of ``records`` in ``mode`` (teacher-forced or
+    generated answers; :func:`keyseg.evaluate.run_evaluation`)."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     try:
         with accelerator.autocast():
             report = run_evaluation(unwrapped, records,
-                                    EvalConfig(mode="teacher", limit=limit, progress=progress),
+                                    EvalConfig(mode=mode, limit=limit, progress=progress),
                                     accelerator=accelerator)
     finally:
         model.train()
@@ -341,14 +343,16 @@ def validate(accelerator: Accelerator, model: torch.nn.Module, records: Sequence
 
 
 def sanity_check(accelerator: Accelerator, model: torch.nn.Module,
-                 records: Sequence[SegRecord]) -> dict[str, float]:
-    """:data:`SANITY_BATCHES` validation batches per process before step 1, so a broken
-    validation set or evaluation path fails in seconds rather than after an epoch. The RNG
-    states are put back afterwards: the run trains exactly as it would without it."""
+                 records: Sequence[SegRecord], mode: EvalMode = "teacher") -> dict[str, float]:
+    """:data:`SANITY_BATCHES` validation batches per process before step 1, in the
+    validation's own ``mode``, so a broken validation set or evaluation path fails in
+    seconds rather than after an epoch. The RNG states are put back afterwards: the run
+    trains exactly as it would without it."""
     saved = rng_state()
     try:
         scores = validate(accelerator, model, records,
-                          limit=SANITY_BATCHES * accelerator.num_processes, progress=False)
+                          limit=SANITY_BATCHES * accelerator.num_processes, progress=False,
+                          mode=mode)
     finally:
         set_rng_state(saved)
     accelerator.print(f"sanity check: gIoU {scores.get('giou', float('nan')):.4f} "

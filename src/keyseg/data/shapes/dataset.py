@@ -31,9 +31,10 @@ def generate_sample(seed: int, split: str, config: ShapesConfig | None = None) -
     cfg = config or ShapesConfig()
     check_split(split)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, seed]))
-    weights_by_name = dict(cfg.difficulty_weights)
-    names = [n for n, w in cfg.difficulty_weights if w > 0]
-    weights = np.array([w for _, w in cfg.difficulty_weights if w > 0], dtype=float)
+    split_weights = cfg.weights_for(split)
+    weights_by_name = dict(split_weights)
+    names = [n for n, w in split_weights if w > 0]
+    weights = np.array([w for _, w in split_weights if w > 0], dtype=float)
     wanted = [
         names[int(i)]
         for i in rng.choice(len(names), cfg.queries_per_image, p=weights / weights.sum())
