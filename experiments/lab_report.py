@@ -6,7 +6,8 @@
 
 Prints, for the generated answers: gIoU (mean per-sample IoU, LISA's) overall and per
 difficulty; the share of negative queries *answered* as negatives (the answer says there is
-no such shape; and, separately, the share whose masks are empty); for multi-target answers
+no such shape; and, separately, the share whose masks are empty) and the share of positive
+queries answered so (a shape that is there denied); for multi-target answers
 the largest IoU between two of an answer's masks (``max_pred_overlap``: one object drawn
 twice gives 1.0); and each acceptance check of the issue with PASS/FAIL. ``--compare`` adds
 the same numbers for a second file (the ReasonSeg-format export) and their difference.
@@ -52,6 +53,8 @@ def summarise(rows: list[dict]) -> dict:
     for row in rows:
         by_difficulty.setdefault(row.get("difficulty") or "none", []).append(row["iou"])
     negatives = [r for r in rows if r.get("difficulty") == "negative"]
+    # Shapes rows only: an export row has no difficulty, so it cannot say it was a positive.
+    positives = [r for r in rows if r.get("difficulty") not in (None, "negative")]
     multi = [r["max_pred_overlap"] for r in rows
              if r.get("difficulty") == "multi" and r.get("max_pred_overlap") is not None]
     return {
@@ -63,6 +66,9 @@ def summarise(rows: list[dict]) -> dict:
                                / len(negatives)) if negatives else None,
         "negatives_empty_mask": (sum(all(u == 0 for u in r["U"]) for r in negatives)
                                  / len(negatives)) if negatives else None,
+        # The other side of answering negatives: "no such shape" about a shape that is there.
+        "positives_denied": (sum(bool(NEGATIVE_ANSWER.search(r["answer"])) for r in positives)
+                             / len(positives)) if positives else None,
         "multi_answers": len(multi),
         "multi_mean_overlap": statistics.mean(multi) if multi else None,
         "multi_share_distinct": (sum(o < TARGETS["multi_overlap"] for o in multi) / len(multi)
@@ -106,6 +112,9 @@ def main() -> None:
         if export and name in export["by_difficulty"]:
             extra = f"  (export {export['by_difficulty'][name]['giou']:.3f})"
         print(f"{name:>10}: gIoU {d['giou']:.3f} (n={d['n']}){extra}")
+    if native["positives_denied"] is not None:
+        print(f"negatives answered {native['negatives_answered']:.1%}; positive queries "
+              f"answered as negatives {native['positives_denied']:.1%}")
     results = checks(native, export)
     for text, passed in results:
         print(f"{'PASS' if passed else 'FAIL'}  {text}")

@@ -34,6 +34,9 @@ def test_summary_and_checks_from_rows(tmp_path):
     assert abs(summary["giou"] - 3.6 / 6) < 1e-9
     assert summary["by_difficulty"]["direct"]["giou"] == 0.8
     assert summary["negatives_answered"] == 0.5 and summary["negatives_empty_mask"] == 0.5
+    assert summary["positives_denied"] == 0.0
+    denied = lab.summarise([*rows, _row("direct", 0.0, "Nothing in the image matches, [SEG].")])
+    assert denied["positives_denied"] == 1 / 5
     assert summary["multi_share_distinct"] == 0.5 and summary["multi_mean_overlap"] == 0.5
     results = dict((text.split(" ")[0], ok) for text, ok in lab.checks(summary, None))
     assert results["direct"] is True and results["multi"] is True  # 0.8 and 0.5 >= 0.5
