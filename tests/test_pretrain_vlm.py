@@ -88,12 +88,13 @@ def test_a_few_steps_write_a_directory_that_keyseg_loads(tmp_path) -> None:
         [sys.executable, str(SCRIPT), "--preset", "tiny", "--steps", "2", "--images-per-step",
          "2", "--turns-per-image", "3", "--eval-images", "2", "--val-every", "2",
          "--val-images", "2", "--log-every", "1", "--corpus-records", "10",
-         "--patch-loss-weight", "1", "--out", str(tmp_path)],
+         "--patch-loss-weight", "1", "--existence-loss-weight", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [h["step"] for h in metrics["history"]] == [1, 2]
-    assert all(h["patch_loss"] > 0 for h in metrics["history"])  # the probe trained
+    assert all(h["patch_loss"] > 0 for h in metrics["history"])  # the probes trained
+    assert all(h["existence_loss"] > 0 for h in metrics["history"])
     assert [c["step"] for c in metrics["val_curve"]] == [0, 2]
     assert metrics["test"]["questions"]["all"] >= 8  # one question per type and image, or so
     assert all(0.0 <= v <= 1.0 for v in metrics["test"]["accuracy"].values())
@@ -162,6 +163,18 @@ def test_patch_labels_name_the_object_covering_each_patch() -> None:
     assert labels[0, 5:7, 5:7].eq(colour).all() and labels[1, 5:7, 5:7].eq(kind).all()
     for outside in (labels[:, :4], labels[:, 8:], labels[:, :, :4], labels[:, :, 8:]):
         assert outside.eq(0).all()
+
+
+def test_existence_labels_mark_kinds_colours_and_pairs_present() -> None:
+    from types import SimpleNamespace
+
+    lab = _module()
+    meta = {"objects": [{"kind": "star", "colour": "red"}, {"kind": "ring", "colour": "blue"}]}
+    labels = lab.existence_labels(SimpleNamespace(meta=meta))
+    on = {lab.EXISTENCE_CONCEPTS[i] for i in labels.nonzero().flatten().tolist()}
+    assert on == {(None, "star"), (None, "ring"), ("red", None), ("blue", None),
+                  ("red", "star"), ("blue", "ring")}  # not ("red", "ring"): no such object
+    assert len(lab.EXISTENCE_CONCEPTS) == 8 + 6 + 48
 
 
 def test_init_continues_a_saved_run_with_its_tokenizer(tmp_path) -> None:

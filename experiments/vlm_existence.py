@@ -1,0 +1,166 @@
+"""Does the VLM's image side know whether a shape is there? (issue #16 diagnosis)
+
+The lab's models answer "There is no such shape" about as often when the shape is there as
+when it is not (docs/RESULTS.md, "Negatives are answered by wording"). This asks where the
+knowledge stops: in the image tokens the language model reads, or in the language model's
+lookup of them. For every test image and every concept of the shapes world (8 kinds, 6
+colours, 48 colour+kind pairs) the label is "some visible object has it"; the features are
+the image tokens after the projector (what the LM reads), pooled over the image two ways:
+
+- ``max``: each channel's largest value over the image tokens (a detector that fires on one
+  patch survives; what one attention head could read);
+- ``mean``: each channel's mean.
+
+A logistic regression per concept family (one shared classifier over concatenated
+``[pooled features, concept one-hot]`` would hide the lookup; so one binary classifier per
+concept, fitted on ``--train-images`` train images, scored on ``--test-images`` test
+images) gives a balanced accuracy per concept; the report averages them per family. Chance
+is 0.5. A model directory is a KeySeg export (``keyseg export``) or a HF LLaVA directory
+(the stage 2 VLM).
+
+    OMP_NUM_THREADS=1 python experiments/vlm_existence.py src/keyseg/assets/default_model \\
+        src/keyseg/assets/lab/vlm-shapes --out experiments/results/vlm_existence.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from keyseg.data.shapes import COLOURS, KINDS, ShapesDataset
+from keyseg.io import atomic_write_json
+
+
+def load_vision(path: Path):
+    """(llava model, image processor) of a KeySeg export or a HF LLaVA directory."""
+    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+
+    if (path / "keyseg_processor.json").is_file():
+        from keyseg.model.keyseg import KeySegModel
+
+        model = KeySegModel.from_pretrained(path)
+        return model.backbone.base, model.processor.image_processor
+    return (LlavaForConditionalGeneration.from_pretrained(path),
+            AutoImageProcessor.from_pretrained(path))
+
+
+@torch.no_grad()
+def pooled_features(vlm, image_processor, records) -> np.ndarray:
+    """``(N, 2 * D)``: [max, mean] over the projected image tokens of each record."""
+    vlm.eval()
+    rows = []
+    for record in records:
+        pixels = image_processor(images=[record.image], return_tensors="pt")["pixel_values"]
+        out = vlm.get_image_features(pixel_values=pixels.to(vlm.dtype))
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        if isinstance(feats, list | tuple):
+            feats = feats[0]
+        tokens = feats.reshape(-1, feats.shape[-1]).float()  # (T, D)
+        rows.append(torch.cat([tokens.max(0).values, tokens.mean(0)]).numpy())
+    return np.stack(rows)
+
+
+def concept_labels(records) -> dict[str, np.ndarray]:
+    """``{concept: (N,) bool}``: whether a visible object of the record has the concept."""
+    out: dict[str, list[bool]] = {}
+    for record in records:
+        present = {(o["colour"], o["kind"]) for o in record.meta["objects"]}
+        for kind in KINDS:
+            out.setdefault(f"kind:{kind}", []).append(any(k == kind for _, k in present))
+        for colour in COLOURS:
+            out.setdefault(f"colour:{colour}", []).append(any(c == colour for c, _ in present))
+        for colour in COLOURS:
+            for kind in KINDS:
+                out.setdefault(f"pair:{colour} {kind}", []).append((colour, kind) in present)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def balanced_accuracy(pred: np.ndarray, label: np.ndarray) -> float | None:
+    if label.all() or not label.any():
+        return None
+    return 0.5 * (float((pred[label]).mean()) + float((~pred[~label]).mean()))
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, steps: int = 300) -> torch.nn.Linear:
+    """Class-balanced logistic regression (L2 1e-3) by full-batch L-BFGS."""
+    xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).float()
+    probe = torch.nn.Linear(x.shape[1], 1)
+    pos = yt.mean().clamp(1e-3, 1 - 1e-3)
+    weight = torch.where(yt > 0, 0.5 / pos, 0.5 / (1 - pos))
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        logits = probe(xt).squeeze(-1)
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, yt, weight=weight)
+                + 1e-3 * probe.weight.square().sum())
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return probe
+
+
+def probe_model(path: Path, train_records, test_records) -> dict:
+    start = time.perf_counter()
+    vlm, image_processor = load_vision(path)
+    train_x = pooled_features(vlm, image_processor, train_records)
+    test_x = pooled_features(vlm, image_processor, test_records)
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mu) / sd, (test_x - mu) / sd
+    half = train_x.shape[1] // 2
+    train_y, test_y = concept_labels(train_records), concept_labels(test_records)
+    result: dict = {"model": str(path)}
+    for pooling, cols in (("max", slice(0, half)), ("mean", slice(half, None))):
+        by_family: dict[str, list[float]] = {}
+        for concept, y in train_y.items():
+            if y.all() or not y.any():
+                continue
+            probe = fit_probe(train_x[:, cols], y)
+            with torch.no_grad():
+                pred = probe(torch.from_numpy(test_x[:, cols]).float()).squeeze(-1).numpy() > 0
+            acc = balanced_accuracy(pred, test_y[concept])
+            if acc is not None:
+                by_family.setdefault(concept.split(":")[0], []).append(acc)
+        result[pooling] = {family: round(float(np.mean(v)), 4) for family, v in by_family.items()}
+        result[pooling]["concepts"] = {f: len(v) for f, v in by_family.items()}
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", type=Path, nargs="+",
+                        help="KeySeg export(s) or HF LLaVA director(y/ies)")
+    parser.add_argument("--train-images", type=int, default=600)
+    parser.add_argument("--test-images", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    for path in args.models:
+        if not path.is_dir():
+            raise SystemExit(f"{path}: not a directory")
+    train = ShapesDataset("train")
+    test = ShapesDataset("test")
+    train_records = [train[i] for i in range(args.train_images)]
+    test_records = [test[i] for i in range(args.test_images)]
+    results = []
+    for path in args.models:
+        result = probe_model(path, train_records, test_records)
+        results.append(result)
+        for pooling in ("max", "mean"):
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in result[pooling].items()
+                               if k != "concepts")
+            print(f"{path}: {pooling}-pooled image tokens, balanced accuracy: {scores}")
+    if args.out:
+        atomic_write_json(args.out, {"device": f"cpu ({platform.processor() or 'unknown'})",
+                                     "train_images": args.train_images,
+                                     "test_images": args.test_images, "results": results})
+
+
+if __name__ == "__main__":
+    main()
