@@ -7,7 +7,9 @@
 Prints, for the generated answers: gIoU (mean per-sample IoU, LISA's) overall and per
 difficulty; the share of negative queries *answered* as negatives (the answer says there is
 no such shape; and, separately, the share whose masks are empty) and the share of positive
-queries answered so (a shape that is there denied); for multi-target answers
+queries answered so (a shape that is there denied), and both over the wordings that negative
+and direct queries share (does the answer follow the image or the wording?); for multi-target
+answers
 the largest IoU between two of an answer's masks (``max_pred_overlap``: one object drawn
 twice gives 1.0); and each acceptance check of the issue with PASS/FAIL. ``--compare`` adds
 the same numbers for a second file (the ReasonSeg-format export) and their difference.
@@ -47,6 +49,43 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def said_no(row: dict) -> bool:
+    """Whether a generated answer says there is no such shape."""
+    return bool(NEGATIVE_ANSWER.search(row["answer"]))
+
+
+def by_wording(rows: list[dict]) -> dict | None:
+    """How often "no such shape" is said for a shape that is absent vs one that is present,
+    over the query wordings that both negative and direct queries use ("Where is the
+    {colour} {kind}?" asked with and without such a shape in the image). Equal shares mean
+    the answer follows the wording, not the image. Needs shapes rows (their records are
+    regenerated to read each query's template); ``None`` otherwise."""
+    from keyseg.data.shapes import ShapesDataset
+
+    shapes = [r for r in rows if r.get("source") == "shapes" and "index" in r]
+    if not shapes:
+        return None
+    datasets: dict[str, ShapesDataset] = {}
+    said: dict[str, dict[str, list[bool]]] = {}
+    for row in shapes:
+        split = row["record"].split("_")[1]
+        dataset = datasets.setdefault(split, ShapesDataset(split))
+        record = dataset[row["index"]]
+        if record.sample_id != row["record"]:
+            raise SystemExit(f"row {row.get('id')}: record {row['record']} is not "
+                             f"shapes:{split}[{row['index']}] of the default world")
+        difficulty, wording = record.meta["queries"][row["ref"]]["template_id"].split(".", 1)
+        if difficulty in ("negative", "direct"):
+            said.setdefault(wording, {}).setdefault(difficulty, []).append(said_no(row))
+    shared = sorted(w for w, v in said.items() if len(v) == 2)
+    absent = [x for w in shared for x in said[w]["negative"]]
+    present = [x for w in shared for x in said[w]["direct"]]
+    if not absent or not present:
+        return None
+    return {"wordings": shared, "absent": sum(absent) / len(absent), "n_absent": len(absent),
+            "present": sum(present) / len(present), "n_present": len(present)}
+
+
 def summarise(rows: list[dict]) -> dict:
     """gIoU overall and by difficulty, negatives answered, multi-target overlaps."""
     by_difficulty: dict[str, list[float]] = {}
@@ -62,13 +101,14 @@ def summarise(rows: list[dict]) -> dict:
         "giou": statistics.mean(r["iou"] for r in rows),
         "by_difficulty": {d: {"giou": statistics.mean(v), "n": len(v)}
                           for d, v in sorted(by_difficulty.items())},
-        "negatives_answered": (sum(bool(NEGATIVE_ANSWER.search(r["answer"])) for r in negatives)
-                               / len(negatives)) if negatives else None,
+        "negatives_answered": (sum(map(said_no, negatives)) / len(negatives)
+                               if negatives else None),
         "negatives_empty_mask": (sum(all(u == 0 for u in r["U"]) for r in negatives)
                                  / len(negatives)) if negatives else None,
         # The other side of answering negatives: "no such shape" about a shape that is there.
-        "positives_denied": (sum(bool(NEGATIVE_ANSWER.search(r["answer"])) for r in positives)
-                             / len(positives)) if positives else None,
+        "positives_denied": (sum(map(said_no, positives)) / len(positives)
+                             if positives else None),
+        "said_no_by_wording": by_wording(rows),
         "multi_answers": len(multi),
         "multi_mean_overlap": statistics.mean(multi) if multi else None,
         "multi_share_distinct": (sum(o < TARGETS["multi_overlap"] for o in multi) / len(multi)
@@ -115,6 +155,11 @@ def main() -> None:
     if native["positives_denied"] is not None:
         print(f"negatives answered {native['negatives_answered']:.1%}; positive queries "
               f"answered as negatives {native['positives_denied']:.1%}")
+    wording = native["said_no_by_wording"]
+    if wording is not None:
+        print(f"same wordings ({len(wording['wordings'])}): 'no such shape' for "
+              f"{wording['absent']:.0%} of {wording['n_absent']} absent shapes, "
+              f"{wording['present']:.0%} of {wording['n_present']} present ones")
     results = checks(native, export)
     for text, passed in results:
         print(f"{'PASS' if passed else 'FAIL'}  {text}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from helpers import experiment_module
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "lab_report.py"
@@ -43,3 +45,33 @@ def test_summary_and_checks_from_rows(tmp_path):
     assert results["gIoU"] is False and results["negatives"] is False
     export = dict(summary, giou=summary["giou"] + 0.05)
     assert lab.checks(summary, export)[-1][1] is False  # a 0.05 gap is outside 0.03
+
+
+def test_by_wording_compares_absent_and_present_shapes_asked_alike():
+    from keyseg.data.shapes import ShapesDataset
+
+    lab = _module()
+    test = ShapesDataset("test")
+    rows, kinds = [], {}
+    for index in range(120):
+        record = test[index]
+        template = record.meta["queries"][0]["template_id"]
+        difficulty, wording = template.split(".", 1)
+        if difficulty not in ("negative", "direct"):
+            continue
+        kinds.setdefault(wording, set()).add(difficulty)
+        # A model that says "no" to every negative and to no direct query: it looks.
+        answer = "There is no such shape, [SEG]." if difficulty == "negative" else "Sure, [SEG]."
+        rows.append({"source": "shapes", "record": record.sample_id, "index": index, "ref": 0,
+                     "difficulty": difficulty, "answer": answer, "iou": 1.0, "U": [0]})
+    shared = sorted(w for w, d in kinds.items() if d == {"negative", "direct"})
+    assert shared  # the first 120 test records ask some wording both ways
+    result = lab.by_wording(rows)
+    assert result["wordings"] == shared and result["absent"] == 1.0 and result["present"] == 0.0
+    # One that says "no" whatever it sees: equal shares.
+    same = lab.by_wording([dict(r, answer="Nothing in the image matches, [SEG].") for r in rows])
+    assert same["absent"] == same["present"] == 1.0
+    assert lab.by_wording([{"answer": "x", "iou": 0.0}]) is None  # not shapes rows
+    bad = [dict(rows[0], index=rows[0]["index"] + 1)]
+    with pytest.raises(SystemExit, match="is not shapes:test"):
+        lab.by_wording(bad)
