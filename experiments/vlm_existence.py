@@ -11,6 +11,11 @@ the image tokens after the projector (what the LM reads), pooled over the image 
   patch survives; what one attention head could read);
 - ``mean``: each channel's mean.
 
+With ``--qa``, each HF LLaVA directory also answers the existence questions of the stage 2
+QA on ``--qa-images`` test images (``pretrain_vlm.eval_items``, greedy, exact match), scored
+per wording family: "is there anything {colour}?" (``c``), "is there a {kind}?" (``k``),
+"is there a {colour} {kind}?" (``ck``), about half of each answered "yes".
+
 A logistic regression per concept family (one shared classifier over concatenated
 ``[pooled features, concept one-hot]`` would hide the lookup; so one binary classifier per
 concept, fitted on ``--train-images`` train images, scored on ``--test-images`` test
@@ -20,6 +25,8 @@ is 0.5. A model directory is a KeySeg export (``keyseg export``) or a HF LLaVA d
 
     OMP_NUM_THREADS=1 python experiments/vlm_existence.py src/keyseg/assets/default_model \\
         src/keyseg/assets/lab/vlm-shapes --out experiments/results/vlm_existence.json
+    OMP_NUM_THREADS=1 python experiments/vlm_existence.py runs/vlm_pretrain/shapes192_E0 \\
+        runs/vlm_pretrain/shapes192_E1 --qa --out runs/vlm_existence_E.json
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import numpy as np
 import torch
 
 from keyseg.data.shapes import COLOURS, KINDS, ShapesDataset
+from keyseg.data.shapes.qa import normalise_answer
 from keyseg.io import atomic_write_json
 
 
@@ -133,12 +141,42 @@ def probe_model(path: Path, train_records, test_records) -> dict:
     return result
 
 
+def existence_qa(path: Path, images: int) -> dict[str, float]:
+    """Exact-match accuracy on the stage 2 existence questions of ``images`` test images,
+    per wording family (``c``, ``k``, ``ck``) and ``all``."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import pretrain_vlm as stage2
+
+    from keyseg.build import build_vlm
+    from keyseg.config import BackboneConfig, load_config
+
+    system_prompt = load_config(stage2.ROOT / "configs" / "tiny-shapes.yaml").model.backbone \
+        .system_prompt
+    vlm, image_processor, tokenizer = build_vlm(BackboneConfig(name_or_path=str(path),
+                                                               system_prompt=system_prompt))
+    encoder = stage2.QAEncoder(tokenizer, image_processor, vlm.config, system_prompt)
+    items = [item for item in stage2.eval_items("test", images) if item[1].qtype == "existence"]
+    replies = stage2.answer_all(vlm, encoder, items)
+    right: dict[str, list[bool]] = {}
+    for (_, pair), reply in zip(items, replies, strict=True):
+        ok = normalise_answer(reply) == normalise_answer(pair.answer)
+        right.setdefault(pair.template_id.split(".")[1], []).append(ok)
+        right.setdefault("all", []).append(ok)
+    return {k: round(sum(v) / len(v), 4) for k, v in sorted(right.items())} | {
+        "questions": {k: len(v) for k, v in sorted(right.items())}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", type=Path, nargs="+",
                         help="KeySeg export(s) or HF LLaVA director(y/ies)")
     parser.add_argument("--train-images", type=int, default=600)
     parser.add_argument("--test-images", type=int, default=300)
+    parser.add_argument("--qa", action="store_true",
+                        help="also score the existence questions (HF LLaVA directories)")
+    parser.add_argument("--qa-images", type=int, default=200)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     for path in args.models:
@@ -151,6 +189,9 @@ def main() -> None:
     results = []
     for path in args.models:
         result = probe_model(path, train_records, test_records)
+        if args.qa and not (path / "keyseg_processor.json").is_file():
+            result["existence_qa"] = existence_qa(path, args.qa_images)
+            print(f"{path}: existence questions, accuracy {result['existence_qa']}")
         results.append(result)
         for pooling in ("max", "mean"):
             scores = ", ".join(f"{k} {v:.3f}" for k, v in result[pooling].items()
