@@ -133,7 +133,18 @@ def patch_labels(record, grid: int) -> torch.Tensor:
     return torch.from_numpy(cell_labels(scene_from_record(record), grid)).long()
 
 
-class PatchProbe(torch.nn.Module):
+class TowerProbe(torch.nn.Module):
+    """An auxiliary head on the vision tower's last hidden states, caught by a forward hook
+    (:meth:`capture`). Not saved."""
+
+    features: torch.Tensor | None = None
+
+    def capture(self, module, inputs, output) -> None:
+        """Forward hook on the vision tower: keep its last hidden states ``(B, 1 + P, C)``."""
+        self.features = output[0]
+
+
+class PatchProbe(TowerProbe):
     """An auxiliary dense objective for the vision tower (``--patch-loss-weight``): linear
     colour and kind classifiers on every patch feature the LM receives. A tower trained
     from scratch only through the LM's answers learns to see slowly; this gives it a direct
@@ -143,11 +154,6 @@ class PatchProbe(torch.nn.Module):
         super().__init__()
         self.colour = torch.nn.Linear(width, len(COLOURS) + 1)
         self.kind = torch.nn.Linear(width, len(KINDS) + 1)
-        self.features: torch.Tensor | None = None
-
-    def capture(self, module, inputs, output) -> None:
-        """Forward hook on the vision tower: keep its last hidden states ``(B, 1 + P, C)``."""
-        self.features = output[0]
 
     def loss(self, labels: torch.Tensor) -> torch.Tensor:
         """Mean CE of colour and kind over ``(B, 2, P)`` labels (the CLS token dropped)."""
@@ -174,23 +180,19 @@ def existence_labels(record) -> torch.Tensor:
                          for c, k in EXISTENCE_CONCEPTS])
 
 
-class ExistenceProbe(torch.nn.Module):
+class ExistenceProbe(TowerProbe):
     """An auxiliary image-level objective for the vision tower (``--existence-loss-weight``):
     from each channel's maximum over the patches, a linear multi-label classifier says
     which kinds, colours and colour + kind pairs are in the image. The per-patch probe alone
     left kind out of reach of a pooled read-out (``experiments/vlm_existence.py``: kind
     existence 0.58 balanced accuracy, colour 0.99), and a question "is there a star?" needs
-    exactly that read-out; a real CLIP arrives with it from image-text pretraining. Not
-    saved."""
+    exactly that read-out; a real CLIP arrives with it from image-text pretraining.
+    Measured (docs/RESULTS.md): the LM then answers colour-existence questions, but kinds
+    stay unreadable; the tower itself does not see them."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.head = torch.nn.Linear(width, len(EXISTENCE_CONCEPTS))
-        self.features: torch.Tensor | None = None
-
-    def capture(self, module, inputs, output) -> None:
-        """Forward hook on the vision tower: keep its last hidden states ``(B, 1 + P, C)``."""
-        self.features = output[0]
 
     def loss(self, labels: torch.Tensor) -> torch.Tensor:
         """BCE of the ``(B, len(EXISTENCE_CONCEPTS))`` presence labels from the max-pooled

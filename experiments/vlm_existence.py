@@ -16,12 +16,11 @@ QA on ``--qa-images`` test images (``pretrain_vlm.eval_items``, greedy, exact ma
 per wording family: "is there anything {colour}?" (``c``), "is there a {kind}?" (``k``),
 "is there a {colour} {kind}?" (``ck``), about half of each answered "yes".
 
-A logistic regression per concept family (one shared classifier over concatenated
-``[pooled features, concept one-hot]`` would hide the lookup; so one binary classifier per
-concept, fitted on ``--train-images`` train images, scored on ``--test-images`` test
-images) gives a balanced accuracy per concept; the report averages them per family. Chance
-is 0.5. A model directory is a KeySeg export (``keyseg export``) or a HF LLaVA directory
-(the stage 2 VLM).
+One logistic regression per concept (not one shared classifier fed a concept one-hot,
+which would hide whether each concept can be read), fitted on ``--train-images`` train
+images and scored on ``--test-images`` test images, gives a balanced accuracy per concept;
+the report averages them per family (kind, colour, pair). Chance is 0.5. A model
+directory is a KeySeg export (``keyseg export``) or a HF LLaVA directory (the stage 2 VLM).
 
     OMP_NUM_THREADS=1 python experiments/vlm_existence.py src/keyseg/assets/default_model \\
         src/keyseg/assets/lab/vlm-shapes --out experiments/results/vlm_existence.json
@@ -33,13 +32,17 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from keyseg.data.shapes import COLOURS, KINDS, ShapesDataset
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pretrain_vlm as stage2
+
+from keyseg.data.shapes import ShapesDataset
 from keyseg.data.shapes.qa import normalise_answer
 from keyseg.io import atomic_write_json
 
@@ -75,17 +78,10 @@ def pooled_features(vlm, image_processor, records) -> np.ndarray:
 
 def concept_labels(records) -> dict[str, np.ndarray]:
     """``{concept: (N,) bool}``: whether a visible object of the record has the concept."""
-    out: dict[str, list[bool]] = {}
-    for record in records:
-        present = {(o["colour"], o["kind"]) for o in record.meta["objects"]}
-        for kind in KINDS:
-            out.setdefault(f"kind:{kind}", []).append(any(k == kind for _, k in present))
-        for colour in COLOURS:
-            out.setdefault(f"colour:{colour}", []).append(any(c == colour for c, _ in present))
-        for colour in COLOURS:
-            for kind in KINDS:
-                out.setdefault(f"pair:{colour} {kind}", []).append((colour, kind) in present)
-    return {k: np.asarray(v) for k, v in out.items()}
+    labels = torch.stack([stage2.existence_labels(r) for r in records]).numpy() > 0.5
+    names = [f"kind:{k}" if c is None else f"colour:{c}" if k is None else f"pair:{c} {k}"
+             for c, k in stage2.EXISTENCE_CONCEPTS]  # the stage 2 probe's concepts
+    return {name: labels[:, i] for i, name in enumerate(names)}
 
 
 def balanced_accuracy(pred: np.ndarray, label: np.ndarray) -> float | None:
@@ -144,11 +140,6 @@ def probe_model(path: Path, train_records, test_records) -> dict:
 def existence_qa(path: Path, images: int) -> dict[str, float]:
     """Exact-match accuracy on the stage 2 existence questions of ``images`` test images,
     per wording family (``c``, ``k``, ``ck``) and ``all``."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import pretrain_vlm as stage2
-
     from keyseg.build import build_vlm
     from keyseg.config import BackboneConfig, load_config
 
