@@ -14,6 +14,11 @@ cross-entropy on the answers only. Everything trains (vision tower, projector, L
 ``--init DIR`` continues a saved run (its weights and tokenizer; ``--preset`` must name the
 preset it was built from) with a fresh warm-up and cosine schedule.
 
+``--tower-steps N`` first trains the vision tower alone, N steps on the auxiliary probes
+(``--patch-loss-weight``, ``--existence-loss-weight``) with no LM forward: the lab's stand-in
+for the image pretraining a real CLIP arrives with, about a quarter of a QA step's cost. The
+QA steps that follow let the projector and LM catch up with the moved tower.
+
 The tokenizer is trained first, on ``keyseg.build.preset_corpus("shapes")`` (the KeySeg
 queries and answers the same tokenizer will serve in fine-tuning) plus QA text of train
 images; it already holds ``<image>``, ``[SEG]`` and ``[KEY]`` (``build_tiny_tokenizer``
@@ -201,6 +206,65 @@ class ExistenceProbe(TowerProbe):
         return torch.nn.functional.binary_cross_entropy_with_logits(self.head(pooled), labels)
 
 
+def warmup_cosine(steps: int, warmup_steps: int):
+    """LambdaLR factor: linear warm-up over ``min(warmup_steps, steps // 10)`` steps, then a
+    cosine to zero at ``steps``."""
+    warmup = max(1, min(warmup_steps, steps // 10))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return factor
+
+
+def pretrain_tower(vlm, image_processor, probes: list[tuple[float, TowerProbe]],
+                   train: ShapesDataset, rng: np.random.Generator, steps: int, images: int,
+                   lr: float, warmup_steps: int, log_every: int) -> list[dict]:
+    """``steps`` optimiser steps of the vision tower and its probes only (weighted probe
+    losses on ``images`` random train images a step; the LM and projector untouched).
+    Returns the logged history, rows ``{"phase": "tower", "step", "patch_loss",
+    "existence_loss", "seconds"}``."""
+    vision = vlm.model.vision_tower
+    params = [*vision.parameters(), *(p for _, probe in probes for p in probe.parameters())]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup_steps))
+    grid = vision.config.image_size // vision.config.patch_size
+    history, sums, count, started = [], defaultdict(float), 0, time.perf_counter()
+    vision.train()
+    for step in range(1, steps + 1):
+        records = [train[int(i)] for i in rng.integers(len(train), size=images)]
+        pixels = image_processor(images=[r.image for r in records],
+                                 return_tensors="pt")["pixel_values"].to(vlm.dtype)
+        vision(pixel_values=pixels)  # the probes' hooks catch the hidden states
+        loss = 0.0
+        for weight, probe in probes:
+            if isinstance(probe, PatchProbe):
+                part = probe.loss(torch.stack([patch_labels(r, grid) for r in records]))
+                sums["patch_loss"] += part.item()
+            else:
+                part = probe.loss(torch.stack([existence_labels(r) for r in records]))
+                sums["existence_loss"] += part.item()
+            loss = loss + weight * part
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        count += 1
+        if step % log_every == 0 or step == steps:
+            seconds = time.perf_counter() - started
+            row = {"phase": "tower", "step": step, "patch_loss": 0.0, "existence_loss": 0.0,
+                   **{k: round(v / count, 4) for k, v in sums.items()},
+                   "seconds": round(seconds, 1)}
+            history.append(row)
+            print(f"tower step {step}: patch {row['patch_loss']:.3f} existence "
+                  f"{row['existence_loss']:.3f} ({seconds / step:.3f} s/step)", flush=True)
+            sums, count = defaultdict(float), 0
+    return history
+
+
 def sample_conversations(dataset: ShapesDataset, rng: np.random.Generator, images: int,
                          turns: int) -> list[tuple[object, list[QAPair]]]:
     """``images`` random records, each with up to ``turns`` QA pairs of different types in a
@@ -307,6 +371,11 @@ def main() -> None:
     parser.add_argument("--existence-loss-weight", type=float, default=0.0,
                         help="weight of the auxiliary image-level kind/colour/pair presence "
                              "loss on the vision tower (ExistenceProbe; 0: off)")
+    parser.add_argument("--tower-steps", type=int, default=0,
+                        help="steps training only the vision tower on the probe losses, "
+                             "before the QA steps (needs a probe weight; 0: none)")
+    parser.add_argument("--tower-lr", type=float, default=None,
+                        help="learning rate of the tower steps (default: --lr)")
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from this saved VLM directory (its tokenizer too) "
                              "instead of a fresh --preset model")
@@ -317,6 +386,11 @@ def main() -> None:
         parser.error("--steps must be at least 1")
     if args.turns_per_image < 1:
         parser.error("--turns-per-image must be at least 1")
+    if args.tower_steps < 0:
+        parser.error("--tower-steps must not be negative")
+    if args.tower_steps and not (args.patch_loss_weight or args.existence_loss_weight):
+        parser.error("--tower-steps trains the tower on the probe losses: give "
+                     "--patch-loss-weight and/or --existence-loss-weight")
 
     system_prompt = load_config(args.config).model.backbone.system_prompt
     started = time.perf_counter()
@@ -351,16 +425,19 @@ def main() -> None:
         existence = ExistenceProbe(vision.config.hidden_size)
         vision.register_forward_hook(existence.capture)
         params += list(existence.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    warmup = max(1, min(args.warmup_steps, args.steps // 10))
-
-    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to zero
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     curve, history = [], []
+    tower_seconds = 0.0
+    if args.tower_steps:
+        tick = time.perf_counter()
+        probes = [(w, p) for w, p in ((args.patch_loss_weight, probe),
+                                      (args.existence_loss_weight, existence)) if p is not None]
+        history += pretrain_tower(vlm, image_processor, probes, train, rng, args.tower_steps,
+                                  args.images_per_step, args.tower_lr or args.lr,
+                                  args.warmup_steps, args.log_every)
+        tower_seconds = time.perf_counter() - tick
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(args.steps, args.warmup_steps))
 
     def validate(step: int) -> None:
         result = score(validation, answer_all(vlm, encoder, validation))
@@ -401,7 +478,7 @@ def main() -> None:
         loss_sum, loss_count = loss_sum + lm_loss.item(), loss_count + 1
         if step % args.log_every == 0 or step == args.steps:
             seconds = time.perf_counter() - started
-            history.append({"step": step, "loss": round(loss_sum / loss_count, 4),
+            history.append({"phase": "qa", "step": step, "loss": round(loss_sum / loss_count, 4),
                             "patch_loss": round(patch_sum / loss_count, 4),
                             "existence_loss": round(exist_sum / loss_count, 4),
                             "lr": schedule.get_last_lr()[0], "seconds": round(seconds, 1)})
@@ -435,7 +512,8 @@ def main() -> None:
         "system_prompt": system_prompt,
         "parameters": sum(p.numel() for p in vlm.parameters()),
         "image_tokens": encoder.num_image_tokens, "vocab_size": len(tokenizer),
-        "setup_seconds": round(setup_seconds, 1), "train_seconds": round(train_seconds, 1),
+        "setup_seconds": round(setup_seconds, 1), "tower_seconds": round(tower_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
         "s_per_step": round(train_seconds / args.steps, 3),
         "data_s_per_step": round(data_seconds / args.steps, 3),

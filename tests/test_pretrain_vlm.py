@@ -88,11 +88,13 @@ def test_a_few_steps_write_a_directory_that_keyseg_loads(tmp_path) -> None:
         [sys.executable, str(SCRIPT), "--preset", "tiny", "--steps", "2", "--images-per-step",
          "2", "--turns-per-image", "3", "--eval-images", "2", "--val-every", "2",
          "--val-images", "2", "--log-every", "1", "--corpus-records", "10",
-         "--patch-loss-weight", "1", "--existence-loss-weight", "1", "--out", str(tmp_path)],
+         "--patch-loss-weight", "1", "--existence-loss-weight", "1", "--tower-steps", "1",
+         "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert [h["step"] for h in metrics["history"]] == [1, 2]
+    assert [(h["phase"], h["step"]) for h in metrics["history"]] == [
+        ("tower", 1), ("qa", 1), ("qa", 2)]
     assert all(h["patch_loss"] > 0 for h in metrics["history"])  # the probes trained
     assert all(h["existence_loss"] > 0 for h in metrics["history"])
     assert [c["step"] for c in metrics["val_curve"]] == [0, 2]
@@ -196,3 +198,32 @@ def test_init_continues_a_saved_run_with_its_tokenizer(tmp_path) -> None:
     state_b = vlm_b.state_dict()
     for name, tensor in vlm_a.state_dict().items():
         torch.testing.assert_close(state_b[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_tower_steps_train_the_vision_tower_alone() -> None:
+    """``pretrain_tower`` moves the vision tower (and its probes), never the LM or projector."""
+    lab = _module()
+    torch.manual_seed(0)
+    vlm, image_processor, _ = build_vlm(BackboneConfig(preset="tiny"))
+    width = vlm.model.vision_tower.config.hidden_size
+    probes = [(1.0, lab.PatchProbe(width)), (0.5, lab.ExistenceProbe(width))]
+    for _, probe in probes:
+        vlm.model.vision_tower.register_forward_hook(probe.capture)
+    before = {k: v.clone() for k, v in vlm.state_dict().items()}
+    history = lab.pretrain_tower(vlm, image_processor, probes, ShapesDataset("val"),
+                                 np.random.default_rng(0), steps=3, images=2, lr=1e-2,
+                                 warmup_steps=1, log_every=2)
+    assert [(h["phase"], h["step"]) for h in history] == [("tower", 2), ("tower", 3)]
+    assert all(h["patch_loss"] > 0 and h["existence_loss"] > 0 for h in history)
+    after = vlm.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("model.vision_tower.") for k in moved), sorted(moved)[:5]
+    assert any("patch_embedding" in k for k in moved)
+
+
+def test_tower_steps_need_a_probe_loss(tmp_path) -> None:
+    out = subprocess.run([sys.executable, str(SCRIPT), "--preset", "tiny", "--steps", "1",
+                          "--tower-steps", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 2
+    assert "--tower-steps" in out.stderr and "--patch-loss-weight" in out.stderr
