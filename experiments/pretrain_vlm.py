@@ -43,6 +43,7 @@ import platform
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -219,14 +220,15 @@ def warmup_cosine(steps: int, warmup_steps: int):
     return factor
 
 
-def pretrain_tower(vlm, image_processor, probes: list[tuple[float, TowerProbe]],
+def pretrain_tower(vision, image_processor, probes: list[tuple[float, TowerProbe]],
                    train: ShapesDataset, rng: np.random.Generator, steps: int, images: int,
-                   lr: float, warmup_steps: int, log_every: int) -> list[dict]:
-    """``steps`` optimiser steps of the vision tower and its probes only (weighted probe
-    losses on ``images`` random train images a step; the LM and projector untouched).
+                   lr: float, warmup_steps: int, log_every: int,
+                   on_log: Callable[[int], None] | None = None) -> list[dict]:
+    """``steps`` optimiser steps of the vision tower (a ``CLIPVisionModel``, e.g. a VLM's
+    ``model.vision_tower``, whose forward hooks feed ``probes``) and its probes only:
+    weighted probe losses on ``images`` random train images a step, nothing else touched.
     Returns the logged history, rows ``{"phase": "tower", "step", "patch_loss",
-    "existence_loss", "seconds"}``."""
-    vision = vlm.model.vision_tower
+    "existence_loss", "seconds"}``; ``on_log(step)`` is called after each."""
     params = [*vision.parameters(), *(p for _, probe in probes for p in probe.parameters())]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup_steps))
@@ -236,7 +238,7 @@ def pretrain_tower(vlm, image_processor, probes: list[tuple[float, TowerProbe]],
     for step in range(1, steps + 1):
         records = [train[int(i)] for i in rng.integers(len(train), size=images)]
         pixels = image_processor(images=[r.image for r in records],
-                                 return_tensors="pt")["pixel_values"].to(vlm.dtype)
+                                 return_tensors="pt")["pixel_values"].to(vision.dtype)
         vision(pixel_values=pixels)  # the probes' hooks catch the hidden states
         loss = 0.0
         for weight, probe in probes:
@@ -262,6 +264,8 @@ def pretrain_tower(vlm, image_processor, probes: list[tuple[float, TowerProbe]],
             print(f"tower step {step}: patch {row['patch_loss']:.3f} existence "
                   f"{row['existence_loss']:.3f} ({seconds / step:.3f} s/step)", flush=True)
             sums, count = defaultdict(float), 0
+            if on_log is not None:
+                on_log(step)
     return history
 
 
@@ -431,8 +435,8 @@ def main() -> None:
         tick = time.perf_counter()
         probes = [(w, p) for w, p in ((args.patch_loss_weight, probe),
                                       (args.existence_loss_weight, existence)) if p is not None]
-        history += pretrain_tower(vlm, image_processor, probes, train, rng, args.tower_steps,
-                                  args.images_per_step, args.tower_lr or args.lr,
+        history += pretrain_tower(vlm.model.vision_tower, image_processor, probes, train, rng,
+                                  args.tower_steps, args.images_per_step, args.tower_lr or args.lr,
                                   args.warmup_steps, args.log_every)
         tower_seconds = time.perf_counter() - tick
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)

@@ -210,9 +210,9 @@ def test_tower_steps_train_the_vision_tower_alone() -> None:
     for _, probe in probes:
         vlm.model.vision_tower.register_forward_hook(probe.capture)
     before = {k: v.clone() for k, v in vlm.state_dict().items()}
-    history = lab.pretrain_tower(vlm, image_processor, probes, ShapesDataset("val"),
-                                 np.random.default_rng(0), steps=3, images=2, lr=1e-2,
-                                 warmup_steps=1, log_every=2)
+    history = lab.pretrain_tower(vlm.model.vision_tower, image_processor, probes,
+                                 ShapesDataset("val"), np.random.default_rng(0), steps=3,
+                                 images=2, lr=1e-2, warmup_steps=1, log_every=2)
     assert [(h["phase"], h["step"]) for h in history] == [("tower", 2), ("tower", 3)]
     assert all(h["patch_loss"] > 0 and h["existence_loss"] > 0 for h in history)
     after = vlm.state_dict()
