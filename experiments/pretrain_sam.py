@@ -21,7 +21,6 @@ prompted mIoU, and the correlation of the IoU head with the real IoU; writes
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance
 
 from keyseg.data.shapes import (
     COLOURS,
@@ -393,9 +395,7 @@ def main() -> None:
         "train_seconds": round(train_seconds, 1),
         "s_per_step": round(train_seconds / args.steps, 3),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "command": " ".join(["python", *sys.argv]),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+        **provenance(),
     })
     print(f"wrote {args.out / 'metrics.json'} and {args.out / 'sam'}")
 

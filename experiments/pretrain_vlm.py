@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 import time
 from collections import Counter, defaultdict
@@ -48,6 +47,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance
 
 from keyseg import tokens
 from keyseg.build import build_vlm, preset_corpus
@@ -522,9 +524,7 @@ def main() -> None:
         "s_per_step": round(train_seconds / args.steps, 3),
         "data_s_per_step": round(data_seconds / args.steps, 3),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "command": " ".join(["python", *sys.argv]),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+        **provenance(),
     })
     print(f"wrote {args.out / 'metrics.json'} and the VLM, tokenizer and image processor "
           f"to {args.out}")

@@ -20,7 +20,6 @@ is where. Two measurements on a SAM directory (``experiments/pretrain_sam.py`` o
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretrain_sam as stage1
+from provenance import provenance
 
 from keyseg.convert.sam import load_sam
 from keyseg.data.shapes import ShapesDataset
@@ -177,9 +177,7 @@ def main() -> None:
         "sam": str(args.sam), "oracle_features": args.oracle_features, "probes": probes,
         "concept_baselines": baselines,
         "concept_lookup": curve, "seconds": round(time.perf_counter() - started, 1),
-        "command": " ".join(["python", *sys.argv]),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+        **provenance(),
     })
     print(f"wrote {args.out}")
 

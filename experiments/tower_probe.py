@@ -26,7 +26,6 @@ Every ``--eval-every`` steps it scores ``--eval-images`` test images:
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretrain_vlm as stage2
+from provenance import provenance
 from vlm_existence import balanced_accuracy
 
 from keyseg.data.shapes import KINDS, ShapesDataset
@@ -138,9 +138,7 @@ def main() -> None:
                   "patch_size": tower.config.patch_size,
                   "init": str(args.init) if args.init else None},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "command": " ".join(["python", *sys.argv]),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+        **provenance(),
     })
     print(f"wrote {args.out}")
 
