@@ -19,8 +19,8 @@ Every ``--eval-every`` steps it scores ``--eval-images`` test images:
   about 1/8).
 
     OMP_NUM_THREADS=1 python experiments/tower_probe.py --steps 1500 --out runs/tower_A.json
-    OMP_NUM_THREADS=1 python experiments/tower_probe.py --init runs/vlm_pretrain/shapes192_E1 \\
-        --steps 3000 --out runs/tower_I.json
+    OMP_NUM_THREADS=1 python experiments/tower_probe.py --init src/keyseg/assets/lab/vlm-shapes \\
+        --steps 4500 --lr 3e-3 --out runs/tower_I.json
 """
 
 from __future__ import annotations
