@@ -42,7 +42,7 @@ import math
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -272,13 +272,16 @@ def pretrain_tower(vision, image_processor, probes: list[tuple[float, TowerProbe
 
 
 def sample_conversations(dataset: ShapesDataset, rng: np.random.Generator, images: int,
-                         turns: int) -> list[tuple[object, list[QAPair]]]:
-    """``images`` random records, each with up to ``turns`` QA pairs of different types in a
-    random order (freshly drawn questions on every visit of an image)."""
+                         turns: int, types: Sequence[str] = QUESTION_TYPES,
+                         per_type: int = 1) -> list[tuple[object, list[QAPair]]]:
+    """``images`` random records, each with up to ``turns`` QA pairs (up to ``per_type`` of
+    each of ``types``) in a random order (freshly drawn questions on every visit of an
+    image)."""
     out = []
     for index in rng.integers(len(dataset), size=images):
         record = dataset[int(index)]
-        pairs = record_qa(record, seed=int(rng.integers(2**31)))
+        pairs = record_qa(record, seed=int(rng.integers(2**31)), per_type=per_type,
+                          types=types)
         keep = rng.permutation(len(pairs))[:turns]
         out.append((record, [pairs[int(i)] for i in keep]))
     return out
@@ -382,6 +385,12 @@ def main() -> None:
                              "before the QA steps (needs a probe weight; 0: none)")
     parser.add_argument("--tower-lr", type=float, default=None,
                         help="learning rate of the tower steps (default: --lr)")
+    parser.add_argument("--qa-types", nargs="+", choices=QUESTION_TYPES,
+                        default=list(QUESTION_TYPES),
+                        help="question types of the training turns (validation and test "
+                             "ask all types)")
+    parser.add_argument("--per-type", type=int, default=1,
+                        help="training questions of each --qa-types type per image, at most")
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from this saved VLM directory (its tokenizer too) "
                              "instead of a fresh --preset model")
@@ -392,6 +401,8 @@ def main() -> None:
         parser.error("--steps must be at least 1")
     if args.turns_per_image < 1:
         parser.error("--turns-per-image must be at least 1")
+    if args.per_type < 1:
+        parser.error("--per-type must be at least 1")
     if args.tower_steps < 0:
         parser.error("--tower-steps must not be negative")
     if args.tower_steps and not (args.patch_loss_weight or args.existence_loss_weight):
@@ -459,7 +470,8 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         tick = time.perf_counter()
         conversations = sample_conversations(train, rng, args.images_per_step,
-                                             args.turns_per_image)
+                                             args.turns_per_image, args.qa_types,
+                                             args.per_type)
         batch = encoder.train_batch([(record.image, pairs) for record, pairs in conversations])
         if probe is not None:
             labels = torch.stack([patch_labels(record, grid) for record, _ in conversations])

@@ -227,3 +227,23 @@ def test_tower_steps_need_a_probe_loss(tmp_path) -> None:
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2
     assert "--tower-steps" in out.stderr and "--patch-loss-weight" in out.stderr
+
+
+def test_sampled_conversations_ask_only_the_chosen_types_several_times() -> None:
+    lab = _module()
+    rng = np.random.default_rng(0)
+    conversations = lab.sample_conversations(ShapesDataset("train"), rng, images=6, turns=6,
+                                             types=("existence", "what"), per_type=3)
+    pairs = [p for _, ps in conversations for p in ps]
+    assert {p.qtype for p in pairs} == {"existence", "what"}
+    per_image = [sum(p.qtype == "existence" for p in ps) for _, ps in conversations]
+    assert max(per_image) > 1  # per_type 3, not one question per type
+    assert all(len(ps) <= 6 for _, ps in conversations)
+    for _, ps in conversations:
+        assert len({p.question for p in ps}) == len(ps)  # no question asked twice
+
+
+def test_unknown_qa_type_is_a_parser_error(tmp_path) -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), "--qa-types", "colours", "--steps", "1",
+                           "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert done.returncode == 2 and "colours" in done.stderr and "existence" in done.stderr
