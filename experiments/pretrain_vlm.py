@@ -19,6 +19,12 @@ preset it was built from) with a fresh warm-up and cosine schedule.
 for the image pretraining a real CLIP arrives with, about a quarter of a QA step's cost. The
 QA steps that follow let the projector and LM catch up with the moved tower.
 
+``--image-token-norm R`` scales the projector's output layer before the QA steps so the
+projected image tokens have mean norm R (``metrics.json`` ``norms`` records them and the
+text embeddings' norm before and after the QA steps): a pre-norm LM's layers add O(1)
+updates to each position, so image tokens far above that scale pass through them almost
+unchanged.
+
 The tokenizer is trained first, on ``keyseg.build.preset_corpus("shapes")`` (the KeySeg
 queries and answers the same tokenizer will serve in fine-tuning) plus QA text of train
 images; it already holds ``<image>``, ``[SEG]`` and ``[KEY]`` (``build_tiny_tokenizer``
@@ -341,6 +347,42 @@ def score(items: list[tuple[object, QAPair]], answers: list[str]) -> dict:
     }
 
 
+@torch.no_grad()
+def projected_image_tokens(vlm, pixels: torch.Tensor) -> torch.Tensor:
+    """``(B, T, D)``: the projected image tokens of ``pixels`` ``(B, 3, s, s)``, what the LM
+    reads at the ``<image>`` positions."""
+    out = vlm.get_image_features(pixel_values=pixels.to(vlm.dtype))
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    if isinstance(feats, list | tuple):
+        feats = torch.stack(list(feats))
+    return feats.reshape(pixels.shape[0], -1, feats.shape[-1])
+
+
+def image_token_norm(vlm, pixels: torch.Tensor) -> float:
+    """Mean L2 norm of the projected image tokens of ``pixels`` (eval mode, no grad)."""
+    was_training = vlm.training
+    vlm.eval()
+    norm = projected_image_tokens(vlm, pixels).float().norm(dim=-1).mean().item()
+    vlm.train(was_training)
+    return norm
+
+
+def text_embedding_norm(vlm) -> float:
+    """Mean L2 norm of the LM's token embeddings (the scale text enters the LM at)."""
+    return vlm.get_input_embeddings().weight.detach().float().norm(dim=-1).mean().item()
+
+
+@torch.no_grad()
+def rescale_image_tokens(vlm, factor: float) -> None:
+    """Scale the projector's last (linear) layer, weight and bias, by ``factor``: every
+    projected image token scales by exactly ``factor``. Nothing else in the model changes, so
+    the result still loads as a plain LLaVA."""
+    last = vlm.model.multi_modal_projector.linear_2
+    last.weight.mul_(factor)
+    if last.bias is not None:
+        last.bias.mul_(factor)
+
+
 def neutral_special_rows(vlm, tokenizer) -> None:
     """Set the input and output rows of ``[SEG]``/``[KEY]`` (never in QA text) to the mean
     of the other rows, as ``keyseg.tokens.resize_embeddings`` starts new tokens."""
@@ -391,6 +433,10 @@ def main() -> None:
                              "ask all types)")
     parser.add_argument("--per-type", type=int, default=1,
                         help="training questions of each --qa-types type per image, at most")
+    parser.add_argument("--image-token-norm", type=float, default=None,
+                        help="before the QA steps, scale the projector's output layer so the "
+                        "projected image tokens have this mean L2 norm (on 16 train images); "
+                        "default: leave them as they are")
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from this saved VLM directory (its tokenizer too) "
                              "instead of a fresh --preset model")
@@ -403,6 +449,8 @@ def main() -> None:
         parser.error("--turns-per-image must be at least 1")
     if args.per_type < 1:
         parser.error("--per-type must be at least 1")
+    if args.image_token_norm is not None and args.image_token_norm <= 0:
+        parser.error("--image-token-norm must be positive")
     if args.tower_steps < 0:
         parser.error("--tower-steps must not be negative")
     if args.tower_steps and not (args.patch_loss_weight or args.existence_loss_weight):
@@ -452,6 +500,17 @@ def main() -> None:
                                   args.tower_steps, args.images_per_step, args.tower_lr or args.lr,
                                   args.warmup_steps, args.log_every)
         tower_seconds = time.perf_counter() - tick
+    # The image tokens' scale against the text's: a pre-norm LM adds O(1) updates to each
+    # position's residual stream, so tokens far larger than that pass its layers almost
+    # unchanged (measured on the same 16 train images before the QA steps, and after them).
+    norm_pixels = encoder.pixels([train[i].image for i in range(16)])
+    start = image_token_norm(vlm, norm_pixels)
+    norms = {"text_embedding": round(text_embedding_norm(vlm), 4),
+             "image_tokens_start": round(start, 4)}
+    if args.image_token_norm is not None:
+        rescale_image_tokens(vlm, args.image_token_norm / start)
+        norms["image_tokens_rescaled"] = round(image_token_norm(vlm, norm_pixels), 4)
+    print("mean norms: " + ", ".join(f"{k} {v}" for k, v in norms.items()), flush=True)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(args.steps, args.warmup_steps))
@@ -507,6 +566,10 @@ def main() -> None:
         if args.val_every and step % args.val_every == 0:
             validate(step)
     train_seconds = time.perf_counter() - started
+    norms["image_tokens_end"] = round(image_token_norm(vlm, norm_pixels), 4)
+    norms["text_embedding_end"] = round(text_embedding_norm(vlm), 4)
+    print(f"mean norms after the QA steps: image tokens {norms['image_tokens_end']}, "
+          f"text embeddings {norms['text_embedding_end']}", flush=True)
 
     tick = time.perf_counter()
     test_items = eval_items("test", args.eval_images)
@@ -530,6 +593,7 @@ def main() -> None:
         "system_prompt": system_prompt,
         "parameters": sum(p.numel() for p in vlm.parameters()),
         "image_tokens": encoder.num_image_tokens, "vocab_size": len(tokenizer),
+        "norms": norms,
         "setup_seconds": round(setup_seconds, 1), "tower_seconds": round(tower_seconds, 1),
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),

@@ -67,11 +67,7 @@ def pooled_features(vlm, image_processor, records) -> np.ndarray:
     rows = []
     for record in records:
         pixels = image_processor(images=[record.image], return_tensors="pt")["pixel_values"]
-        out = vlm.get_image_features(pixel_values=pixels.to(vlm.dtype))
-        feats = out.pooler_output if hasattr(out, "pooler_output") else out
-        if isinstance(feats, list | tuple):
-            feats = feats[0]
-        tokens = feats.reshape(-1, feats.shape[-1]).float()  # (T, D)
+        tokens = stage2.projected_image_tokens(vlm, pixels)[0].float()  # (T, D)
         rows.append(torch.cat([tokens.max(0).values, tokens.mean(0)]).numpy())
     return np.stack(rows)
 

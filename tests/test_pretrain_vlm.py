@@ -89,7 +89,7 @@ def test_a_few_steps_write_a_directory_that_keyseg_loads(tmp_path) -> None:
          "2", "--turns-per-image", "3", "--eval-images", "2", "--val-every", "2",
          "--val-images", "2", "--log-every", "1", "--corpus-records", "10",
          "--patch-loss-weight", "1", "--existence-loss-weight", "1", "--tower-steps", "1",
-         "--out", str(tmp_path)],
+         "--image-token-norm", "0.5", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -102,6 +102,10 @@ def test_a_few_steps_write_a_directory_that_keyseg_loads(tmp_path) -> None:
     assert all(0.0 <= v <= 1.0 for v in metrics["test"]["accuracy"].values())
     assert metrics["command"].startswith("python") and metrics["s_per_step"] > 0
     assert metrics["system_prompt"] == SYSTEM
+    norms = metrics["norms"]  # --image-token-norm rescaled the image tokens before the QA steps
+    assert norms["image_tokens_rescaled"] == pytest.approx(0.5, abs=1e-3)
+    assert norms["image_tokens_start"] != pytest.approx(0.5, abs=0.05)
+    assert norms["text_embedding"] > 0 and norms["image_tokens_end"] > 0
 
     vlm, image_processor, tokenizer = build_vlm(BackboneConfig(name_or_path=str(tmp_path)))
     assert type(image_processor).__name__ == "CLIPImageProcessorPil"  # no torchvision needed
@@ -247,3 +251,26 @@ def test_unknown_qa_type_is_a_parser_error(tmp_path) -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), "--qa-types", "colours", "--steps", "1",
                            "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert done.returncode == 2 and "colours" in done.stderr and "existence" in done.stderr
+
+
+def test_rescaling_the_projector_scales_every_image_token_and_nothing_else(tiny_parts) -> None:
+    import copy
+
+    lab = _module()
+    vlm, encoder = tiny_parts
+    vlm = copy.deepcopy(vlm).eval()
+    pixels = encoder.pixels([ShapesDataset("val")[i].image for i in range(2)])
+    before = lab.projected_image_tokens(vlm, pixels)
+    assert before.shape == (2, encoder.num_image_tokens, vlm.config.text_config.hidden_size)
+    embeddings = vlm.get_input_embeddings().weight.clone()
+    lab.rescale_image_tokens(vlm, 0.25)
+    assert torch.allclose(lab.projected_image_tokens(vlm, pixels), 0.25 * before, atol=1e-6)
+    assert torch.equal(vlm.get_input_embeddings().weight, embeddings)
+    assert lab.image_token_norm(vlm, pixels) == pytest.approx(
+        0.25 * before.norm(dim=-1).mean().item(), rel=1e-5)
+
+
+def test_image_token_norm_must_be_positive(tmp_path) -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), "--image-token-norm", "0", "--steps", "1",
+                           "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert done.returncode == 2 and "--image-token-norm" in done.stderr
