@@ -6,10 +6,10 @@ at all) with a choice of the state that stands for [SEG] and [KEY] (``model.back
 seed, train the tiny-shapes model for a fixed budget, then score it on the shapes *test*
 split (held-out templates) in teacher-forced and generate modes, per query difficulty,
 keeping every sample's score. Results go to ``--out/results.json`` as each run finishes
-(re-running skips finished runs), and ``--report`` renders into ``docs/RESULTS.md`` the
-table of mean ± std over seeds, the paired bootstrap intervals of the differences that
-answer the question (:mod:`paired_bootstrap`), the validation flatness and a
-validation-curve plot.
+(re-running skips finished runs and resumes an interrupted one from its last checkpoint),
+and ``--report`` renders into ``docs/RESULTS.md`` the table of mean ± std over seeds, the
+paired bootstrap intervals of the differences that answer the question
+(:mod:`paired_bootstrap`), the validation flatness and a validation-curve plot.
 
     OMP_NUM_THREADS=1 python experiments/ablation.py --steps 800 --seeds 0 1 2 \
         --out runs/ablation --report docs/RESULTS.md
@@ -68,6 +68,7 @@ def run_one(variant: str, hidden_state: str, seed: int, args: argparse.Namespace
     from keyseg.evaluate import run_evaluation
     from keyseg.model.keyseg import KeySegModel
     from keyseg.train import main as train_main
+    from keyseg.train.checkpoint import list_checkpoints
 
     run_dir = Path(args.out) / run_name(variant, hidden_state, seed)
     steps_per_epoch = max(1, args.steps // args.validations)
@@ -88,7 +89,9 @@ def run_one(variant: str, hidden_state: str, seed: int, args: argparse.Namespace
         trainable = [c for c in load_config(args.config).model.trainable if c != "fusion"]
         overrides.append(f"model.trainable=[{','.join(trainable)}]")
     cfg = load_config(args.config, overrides)
-    train_main(cfg)
+    # A run stopped part-way (Ctrl-C, SIGTERM, a restart) continues from its last checkpoint
+    # instead of refusing the folder: training resumes exactly, so the result is the same.
+    train_main(cfg, resume="latest" if list_checkpoints(run_dir) else None)
     model = KeySegModel.from_pretrained(run_dir / "final").eval()
     # The standard test split (one query per image, as `keyseg eval` reads it), whatever the
     # training config asks of the training data.

@@ -385,3 +385,15 @@ def test_a_tiny_run_keeps_its_arm_and_per_sample_scores(ablation, tmp_path):
         assert num.sum() / den.sum() == pytest.approx(got[mode]["giou"], abs=1e-12)
         assert sum(r["I"] for r in samples) == got[mode]["intersection"]
     assert got["val_curve"] and got["val_curve"][-1][0] == 2
+
+
+def test_a_run_whose_folder_holds_a_checkpoint_resumes_instead_of_refusing(ablation, tmp_path):
+    args = argparse.Namespace(config="configs/tiny-test.yaml", out=str(tmp_path), steps=2,
+                              validations=1, val_limit=2, test_limit=3)
+    first = ablation.run_one("none", "at", 0, args)
+    # The folder now holds the step-2 checkpoint, as a run stopped at its end would; the
+    # training loop alone refuses such a folder without --resume.
+    again = ablation.run_one("none", "at", 0, args)
+    for mode in ablation.MODES:
+        assert again[mode]["per_sample"] == first[mode]["per_sample"]
+    assert again["steps"] == 2
