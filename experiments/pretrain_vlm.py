@@ -14,6 +14,10 @@ cross-entropy on the answers only. Everything trains (vision tower, projector, L
 ``--init DIR`` continues a saved run (its weights and tokenizer; ``--preset`` must name the
 preset it was built from) with a fresh warm-up and cosine schedule.
 
+``--warm-start DIR`` builds a fresh ``--preset`` model that differs from DIR's only in patch
+size (e.g. ``shapes192p32``, 36 image tokens) and fills it with DIR's weights and tokenizer
+(``warm_start``: the patch kernel and position grid adapted, the rest copied).
+
 ``--tower-steps N`` first trains the vision tower alone, N steps on the auxiliary probes
 (``--patch-loss-weight``, ``--existence-loss-weight``) with no LM forward: the lab's stand-in
 for the image pretraining a real CLIP arrives with, about a quarter of a QA step's cost. The
@@ -383,6 +387,45 @@ def rescale_image_tokens(vlm, factor: float) -> None:
         last.bias.mul_(factor)
 
 
+def warm_start(vlm, source) -> list[str]:
+    """Copy ``source``'s weights into ``vlm``, a VLM of another patch size (same widths).
+
+    Every tensor of equal shape is copied. The patch embedding (``[width, 3, p, p]`` from
+    ``[width, 3, q, q]``, ``p = k q``) becomes ``source``'s kernel repeated k x k times and
+    divided by k^2: on an image the new kernel computes what the old one computes on the
+    image average-pooled k-fold. The position table's patch rows are average-pooled over
+    k x k blocks of the old grid (the class row is copied). Returns the names that were
+    adapted rather than copied.
+    """
+    target = vlm.state_dict()
+    adapted = []
+    with torch.no_grad():
+        for name, tensor in source.state_dict().items():
+            if name not in target:
+                raise KeyError(f"--warm-start: {name} has no counterpart in the new preset")
+            if target[name].shape == tensor.shape:
+                target[name].copy_(tensor)
+            elif name.endswith("patch_embedding.weight"):
+                k = target[name].shape[-1] // tensor.shape[-1]
+                target[name].copy_(tensor.repeat_interleave(k, -1).repeat_interleave(k, -2)
+                                   / k**2)
+                adapted.append(name)
+            elif name.endswith("position_embedding.weight"):
+                old_grid = math.isqrt(tensor.shape[0] - 1)
+                new_grid = math.isqrt(target[name].shape[0] - 1)
+                patches = tensor[1:].T.reshape(1, -1, old_grid, old_grid)
+                pooled = torch.nn.functional.adaptive_avg_pool2d(patches, new_grid)
+                target[name][0].copy_(tensor[0])
+                target[name][1:].copy_(pooled.reshape(-1, new_grid**2).T)
+                adapted.append(name)
+            elif name.endswith("position_ids"):
+                adapted.append(name)  # a buffer: the new preset's own
+            else:
+                raise ValueError(f"--warm-start: {name} is {tuple(tensor.shape)} in the "
+                                 f"source and {tuple(target[name].shape)} in the new preset")
+    return adapted
+
+
 def neutral_special_rows(vlm, tokenizer) -> None:
     """Set the input and output rows of ``[SEG]``/``[KEY]`` (never in QA text) to the mean
     of the other rows, as ``keyseg.tokens.resize_embeddings`` starts new tokens."""
@@ -440,6 +483,10 @@ def main() -> None:
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from this saved VLM directory (its tokenizer too) "
                              "instead of a fresh --preset model")
+    parser.add_argument("--warm-start", type=Path, default=None,
+                        help="a fresh --preset model (e.g. another patch size) holding this "
+                             "saved VLM's weights and tokenizer: equal-shape tensors copied, "
+                             "patch kernel and position grid adapted (see warm_start)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -453,6 +500,8 @@ def main() -> None:
         parser.error("--image-token-norm must be positive")
     if args.tower_steps < 0:
         parser.error("--tower-steps must not be negative")
+    if args.init is not None and args.warm_start is not None:
+        parser.error("give --init (continue a run) or --warm-start (a new preset), not both")
     if args.tower_steps and not (args.patch_loss_weight or args.existence_loss_weight):
         parser.error("--tower-steps trains the tower on the probe losses: give "
                      "--patch-loss-weight and/or --existence-loss-weight")
@@ -463,6 +512,15 @@ def main() -> None:
     if args.init is not None:  # a continuation: the saved model with its own tokenizer
         backbone = BackboneConfig(name_or_path=str(args.init), system_prompt=system_prompt)
         vlm, image_processor, tokenizer = build_vlm(backbone)
+    elif args.warm_start is not None:
+        source, _, tokenizer = build_vlm(
+            BackboneConfig(name_or_path=str(args.warm_start), system_prompt=system_prompt))
+        backbone = BackboneConfig(preset=args.preset, system_prompt=system_prompt)
+        vlm, image_processor, tokenizer = build_vlm(backbone, tokenizer)
+        adapted = warm_start(vlm, source)
+        print(f"warm start from {args.warm_start}: adapted {', '.join(adapted) or 'nothing'}; "
+              "the rest copied", flush=True)
+        del source
     else:
         tokenizer = build_tokenizer(system_prompt, args.vocab_size, args.corpus_records)
         backbone = BackboneConfig(preset=args.preset, system_prompt=system_prompt)
@@ -590,6 +648,7 @@ def main() -> None:
     atomic_write_json(args.out / "metrics.json", {
         "test": test, "val_curve": curve, "history": history, "examples": examples,
         "preset": tiny.VLM_PRESETS[args.preset], "init": str(args.init) if args.init else None,
+        "warm_start": str(args.warm_start) if args.warm_start else None,
         "system_prompt": system_prompt,
         "parameters": sum(p.numel() for p in vlm.parameters()),
         "image_tokens": encoder.num_image_tokens, "vocab_size": len(tokenizer),

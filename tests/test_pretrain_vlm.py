@@ -274,3 +274,44 @@ def test_image_token_norm_must_be_positive(tmp_path) -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), "--image-token-norm", "0", "--steps", "1",
                            "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert done.returncode == 2 and "--image-token-norm" in done.stderr
+
+
+def test_warm_start_fills_a_coarser_patch_preset_with_the_saved_weights() -> None:
+    """``warm_start`` into the 32 px preset: the new patch kernel computes the old kernel on
+    the 2x average-pooled image, a position is the mean of the 2x2 old positions it covers,
+    and every other tensor (LM, projector, tower layers) is the source's."""
+    from keyseg.model import tiny
+
+    lab = _module()
+    tokenizer = tiny.build_tiny_tokenizer()
+    torch.manual_seed(0)
+    source, _, _ = build_vlm(BackboneConfig(preset="shapes192"), tokenizer)
+    torch.manual_seed(1)
+    target, _, _ = build_vlm(BackboneConfig(preset="shapes192p32"), tokenizer)
+    assert target.config.image_seq_length == 36
+    adapted = lab.warm_start(target, source)
+    assert sorted(adapted) == ["model.vision_tower.embeddings.patch_embedding.weight",
+                               "model.vision_tower.embeddings.position_embedding.weight"]
+    old, new = source.model.vision_tower.embeddings, target.model.vision_tower.embeddings
+    image = torch.randn(1, 3, 192, 192)
+    with torch.no_grad():
+        torch.testing.assert_close(new.patch_embedding(image),
+                                   old.patch_embedding(torch.nn.functional.avg_pool2d(image, 2)),
+                                   rtol=0, atol=1e-5)
+        positions_old = old.position_embedding.weight
+        positions_new = new.position_embedding.weight
+        assert torch.equal(positions_new[0], positions_old[0])  # the class position
+        # new cell (row 1, column 2) of the 6x6 grid covers old rows 2-3, columns 4-5 of 12x12
+        block = [1 + 12 * r + c for r in (2, 3) for c in (4, 5)]
+        torch.testing.assert_close(positions_new[1 + 6 * 1 + 2], positions_old[block].mean(0))
+    state = target.state_dict()
+    for name, tensor in source.state_dict().items():
+        if name not in adapted and not name.endswith("position_ids"):
+            assert torch.equal(state[name], tensor), name
+
+
+def test_init_and_warm_start_are_exclusive(tmp_path) -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), "--init", str(tmp_path), "--warm-start",
+                           str(tmp_path), "--steps", "1", "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "--warm-start" in done.stderr

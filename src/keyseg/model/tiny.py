@@ -145,6 +145,11 @@ VLM_PRESETS: dict[str, dict[str, int]] = {
     "shapes192": {"hidden_size": 128, "num_layers": 3, "image_size": 192, "patch_size": 16,
                   "num_heads": 4, "vision_hidden_size": 96, "vision_layers": 2,
                   "vision_feature_layer": -1},
+    # The same at 32 px patches: 36 image tokens, each about one object across (issue #16:
+    # does an LM this small find a kind more easily among fewer tokens?).
+    "shapes192p32": {"hidden_size": 128, "num_layers": 3, "image_size": 192, "patch_size": 32,
+                     "num_heads": 4, "vision_hidden_size": 96, "vision_layers": 2,
+                     "vision_feature_layer": -1},
 }
 
 
