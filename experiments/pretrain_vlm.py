@@ -14,9 +14,10 @@ cross-entropy on the answers only. Everything trains (vision tower, projector, L
 ``--init DIR`` continues a saved run (its weights and tokenizer; ``--preset`` must name the
 preset it was built from) with a fresh warm-up and cosine schedule.
 
-``--warm-start DIR`` builds a fresh ``--preset`` model that differs from DIR's only in patch
-size (e.g. ``shapes192p32``, 36 image tokens) and fills it with DIR's weights and tokenizer
-(``warm_start``: the patch kernel and position grid adapted, the rest copied).
+``--warm-start DIR`` builds a fresh ``--preset`` model that differs from DIR's in patch size
+(e.g. ``shapes192p32``, 36 image tokens) or LM depth (``shapes192deep``, 6 layers) and fills
+it with DIR's weights and tokenizer (``warm_start``: the patch kernel and position grid
+adapted, extra LM layers started as identities, the rest copied).
 
 ``--tower-steps N`` first trains the vision tower alone, N steps on the auxiliary probes
 (``--patch-loss-weight``, ``--existence-loss-weight``) with no LM forward: the lab's stand-in
@@ -388,18 +389,28 @@ def rescale_image_tokens(vlm, factor: float) -> None:
 
 
 def warm_start(vlm, source) -> list[str]:
-    """Copy ``source``'s weights into ``vlm``, a VLM of another patch size (same widths).
+    """Copy ``source``'s weights into ``vlm``, a VLM of another patch size or a deeper LM
+    (same widths).
 
     Every tensor of equal shape is copied. The patch embedding (``[width, 3, p, p]`` from
     ``[width, 3, q, q]``, ``p = k q``) becomes ``source``'s kernel repeated k x k times and
     divided by k^2: on an image the new kernel computes what the old one computes on the
     image average-pooled k-fold. The position table's patch rows are average-pooled over
-    k x k blocks of the old grid (the class row is copied). Returns the names that were
-    adapted rather than copied.
+    k x k blocks of the old grid (the class row is copied). LM layers the source lacks keep
+    their fresh init except the two projections that write into the residual stream
+    (``o_proj``, ``down_proj``), which are zeroed: each new pre-norm block starts as the
+    identity, so the warm-started LM computes what the source's does and the new depth is
+    learned from there. Returns the names that were adapted rather than copied.
     """
     target = vlm.state_dict()
     adapted = []
+    sourced = source.state_dict().keys()
     with torch.no_grad():
+        for name in target:
+            if name not in sourced and ".layers." in name and name.endswith(
+                    ("o_proj.weight", "o_proj.bias", "down_proj.weight", "down_proj.bias")):
+                target[name].zero_()
+                adapted.append(name)
         for name, tensor in source.state_dict().items():
             if name not in target:
                 raise KeyError(f"--warm-start: {name} has no counterpart in the new preset")

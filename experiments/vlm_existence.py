@@ -61,15 +61,76 @@ def load_vision(path: Path):
 
 
 @torch.no_grad()
-def pooled_features(vlm, image_processor, records) -> np.ndarray:
-    """``(N, 2 * D)``: [max, mean] over the projected image tokens of each record."""
+def image_tokens(vlm, image_processor, records) -> torch.Tensor:
+    """``(N, T, D)``: the projected image tokens of each record (fp32)."""
     vlm.eval()
     rows = []
     for record in records:
         pixels = image_processor(images=[record.image], return_tensors="pt")["pixel_values"]
-        tokens = stage2.projected_image_tokens(vlm, pixels)[0].float()  # (T, D)
-        rows.append(torch.cat([tokens.max(0).values, tokens.mean(0)]).numpy())
-    return np.stack(rows)
+        rows.append(stage2.projected_image_tokens(vlm, pixels)[0].float())
+    return torch.stack(rows)
+
+
+def pooled_features(tokens: torch.Tensor) -> np.ndarray:
+    """``(N, 2 * D)``: [max, mean] over the image tokens ``(N, T, D)``."""
+    return torch.cat([tokens.max(1).values, tokens.mean(1)], dim=-1).numpy()
+
+
+class AttentionProbe(torch.nn.Module):
+    """What one softmax attention head can read: per concept a learned query attends over the
+    layer-normed image tokens (keys and values shared by all concepts, as an LM head's are
+    shared by all questions), and a linear read-out of the attended value says present or
+    absent. ``(N, T, D)`` tokens -> ``(N, C)`` logits."""
+
+    def __init__(self, dim: int, concepts: int, head_dim: int = 32) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dim)
+        self.key = torch.nn.Linear(dim, head_dim)
+        self.value = torch.nn.Linear(dim, head_dim)
+        self.query = torch.nn.Parameter(torch.randn(concepts, head_dim) * head_dim ** -0.5)
+        self.readout = torch.nn.Parameter(torch.zeros(concepts, head_dim))
+        self.bias = torch.nn.Parameter(torch.zeros(concepts))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.norm(tokens)
+        keys, values = self.key(x), self.value(x)  # (N, T, h)
+        scores = torch.einsum("ch,nth->nct", self.query, keys) / keys.shape[-1] ** 0.5
+        attended = torch.einsum("nct,nth->nch", scores.softmax(-1), values)  # (N, C, h)
+        return (attended * self.readout).sum(-1) + self.bias
+
+
+def fit_attention_probe(tokens: torch.Tensor, labels: torch.Tensor, steps: int = 600,
+                        lr: float = 3e-3, seed: int = 0) -> AttentionProbe:
+    """Class-balanced BCE per concept, full batch, Adam. ``labels``: ``(N, C)`` in {0, 1}."""
+    torch.manual_seed(seed)
+    probe = AttentionProbe(tokens.shape[-1], labels.shape[1])
+    pos = labels.mean(0).clamp(1e-3, 1 - 1e-3)
+    weight = torch.where(labels > 0, 0.5 / pos, 0.5 / (1 - pos))
+    optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(probe(tokens), labels,
+                                                                    weight=weight)
+        loss.backward()
+        optimizer.step()
+    return probe
+
+
+def attention_probe_scores(train_tokens: torch.Tensor, train_y: dict[str, np.ndarray],
+                           test_tokens: torch.Tensor, test_y: dict[str, np.ndarray]) -> dict:
+    """Balanced accuracy per family of :class:`AttentionProbe` on the test tokens."""
+    names = [c for c, y in train_y.items() if y.any() and not y.all()]
+    labels = torch.from_numpy(np.stack([train_y[c] for c in names], 1)).float()
+    mu, sd = train_tokens.mean((0, 1)), train_tokens.std((0, 1)) + 1e-6
+    probe = fit_attention_probe((train_tokens - mu) / sd, labels)
+    with torch.no_grad():
+        pred = (probe((test_tokens - mu) / sd) > 0).numpy()
+    by_family: dict[str, list[float]] = {}
+    for i, concept in enumerate(names):
+        acc = balanced_accuracy(pred[:, i], test_y[concept])
+        if acc is not None:
+            by_family.setdefault(concept.split(":")[0], []).append(acc)
+    return {family: round(float(np.mean(v)), 4) for family, v in by_family.items()}
 
 
 def concept_labels(records) -> dict[str, np.ndarray]:
@@ -106,11 +167,12 @@ def fit_probe(x: np.ndarray, y: np.ndarray, steps: int = 300) -> torch.nn.Linear
     return probe
 
 
-def probe_model(path: Path, train_records, test_records) -> dict:
+def probe_model(path: Path, train_records, test_records, attention: bool = False) -> dict:
     start = time.perf_counter()
     vlm, image_processor = load_vision(path)
-    train_x = pooled_features(vlm, image_processor, train_records)
-    test_x = pooled_features(vlm, image_processor, test_records)
+    train_tokens = image_tokens(vlm, image_processor, train_records)
+    test_tokens = image_tokens(vlm, image_processor, test_records)
+    train_x, test_x = pooled_features(train_tokens), pooled_features(test_tokens)
     mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, test_x = (train_x - mu) / sd, (test_x - mu) / sd
     half = train_x.shape[1] // 2
@@ -129,6 +191,8 @@ def probe_model(path: Path, train_records, test_records) -> dict:
                 by_family.setdefault(concept.split(":")[0], []).append(acc)
         result[pooling] = {family: round(float(np.mean(v)), 4) for family, v in by_family.items()}
         result[pooling]["concepts"] = {f: len(v) for f, v in by_family.items()}
+    if attention:
+        result["attention"] = attention_probe_scores(train_tokens, train_y, test_tokens, test_y)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -164,6 +228,9 @@ def main() -> None:
     parser.add_argument("--qa", action="store_true",
                         help="also score the existence questions (HF LLaVA directories)")
     parser.add_argument("--qa-images", type=int, default=200)
+    parser.add_argument("--attention-probe", action="store_true",
+                        help="also fit AttentionProbe: what one softmax attention head with a "
+                             "learned query per concept reads from the tokens")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     for path in args.models:
@@ -175,12 +242,14 @@ def main() -> None:
     test_records = [test[i] for i in range(args.test_images)]
     results = []
     for path in args.models:
-        result = probe_model(path, train_records, test_records)
+        result = probe_model(path, train_records, test_records, args.attention_probe)
         if args.qa and not (path / "keyseg_processor.json").is_file():
             result["existence_qa"] = existence_qa(path, args.qa_images)
             print(f"{path}: existence questions, accuracy {result['existence_qa']}")
         results.append(result)
-        for pooling in ("max", "mean"):
+        for pooling in ("max", "mean", "attention"):
+            if pooling not in result:
+                continue
             scores = ", ".join(f"{k} {v:.3f}" for k, v in result[pooling].items()
                                if k != "concepts")
             print(f"{path}: {pooling}-pooled image tokens, balanced accuracy: {scores}")

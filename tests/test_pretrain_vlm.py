@@ -310,6 +310,33 @@ def test_warm_start_fills_a_coarser_patch_preset_with_the_saved_weights() -> Non
             assert torch.equal(state[name], tensor), name
 
 
+def test_warm_start_into_a_deeper_lm_starts_the_new_layers_as_identities() -> None:
+    """``warm_start`` into the 6-layer preset: layers 0-2 are the source's, layers 3-5 add
+    nothing yet, so the deeper VLM's logits are the source's; the new layers still learn
+    (their zeroed output projections get gradients)."""
+    from keyseg.model import tiny
+
+    lab = _module()
+    tokenizer = tiny.build_tiny_tokenizer()
+    torch.manual_seed(0)
+    source, _, _ = build_vlm(BackboneConfig(preset="shapes192"), tokenizer)
+    torch.manual_seed(1)
+    target, _, _ = build_vlm(BackboneConfig(preset="shapes192deep"), tokenizer)
+    assert len(target.model.language_model.layers) == 6
+    adapted = lab.warm_start(target, source)
+    assert sorted(adapted) == sorted(
+        f"model.language_model.layers.{i}.{proj}.weight"
+        for i in (3, 4, 5) for proj in ("self_attn.o_proj", "mlp.down_proj"))
+    source.eval(), target.eval()
+    ids = torch.randint(3, 60, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(target(input_ids=ids).logits, source(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    target.train()
+    target(input_ids=ids).logits.square().mean().backward()
+    assert target.model.language_model.layers[4].self_attn.o_proj.weight.grad.abs().sum() > 0
+
+
 def test_init_and_warm_start_are_exclusive(tmp_path) -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), "--init", str(tmp_path), "--warm-start",
                            str(tmp_path), "--steps", "1", "--out", str(tmp_path / "x")],

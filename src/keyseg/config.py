@@ -83,7 +83,8 @@ SAM_PRESET_NAMES: dict[str, tuple[str, ...]] = {
     "sam2": ("hiera_tiny", "hiera_small", "hiera_base_plus", "hiera_large", "tiny"),
 }
 LOCAL_VLM_PRESETS: dict[str, tuple[str, ...]] = {
-    "llava": ("tiny", "shapes", "shapes192", "shapes192p32"),  # keyseg.model.tiny.VLM_PRESETS
+    # llava: keyseg.model.tiny.VLM_PRESETS
+    "llava": ("tiny", "shapes", "shapes192", "shapes192p32", "shapes192deep"),
     "qwen2_vl": ("tiny",), "qwen2_5_vl": ("tiny",), "qwen3_vl": ("tiny",),  # qwen.QWEN_PRESETS
 }
 TRAINABLE_COMPONENTS: tuple[str, ...] = (  # keyseg.model.trainable.COMPONENTS
@@ -136,8 +137,8 @@ class BackboneConfig(Checked):
     image_token="<|image_pad|>" and a Qwen system prompt)."""
     preset: str = "tiny"
     """Used when name_or_path is None: a random local VLM of that size (llava: "tiny" (a
-    few MB), "shapes", "shapes192" or "shapes192p32" (32 px patches); Qwen families:
-    "tiny"). Checked at load unless train.init_from."""
+    few MB), "shapes", "shapes192", "shapes192p32" (32 px patches) or "shapes192deep"
+    (a 6-layer LM); Qwen families: "tiny"). Checked at load unless train.init_from."""
     name_or_path: str | None = None
     """HF directory or hub name of the VLM."""
     hidden_state: HiddenStateChoice = "before"

@@ -150,6 +150,12 @@ VLM_PRESETS: dict[str, dict[str, int]] = {
     "shapes192p32": {"hidden_size": 128, "num_layers": 3, "image_size": 192, "patch_size": 32,
                      "num_heads": 4, "vision_hidden_size": 96, "vision_layers": 2,
                      "vision_feature_layer": -1},
+    # shapes192 with a 6-layer LM (issue #16: does a deeper LM learn to look a named kind up
+    # among the image tokens?); pretrain_vlm --warm-start fills layers 0-2 from a shapes192
+    # VLM and starts layers 3-5 as identities.
+    "shapes192deep": {"hidden_size": 128, "num_layers": 6, "image_size": 192, "patch_size": 16,
+                      "num_heads": 4, "vision_hidden_size": 96, "vision_layers": 2,
+                      "vision_feature_layer": -1},
 }
 
 
