@@ -276,20 +276,25 @@ def test_image_token_norm_must_be_positive(tmp_path) -> None:
     assert done.returncode == 2 and "--image-token-norm" in done.stderr
 
 
-def test_warm_start_fills_a_coarser_patch_preset_with_the_saved_weights() -> None:
-    """``warm_start`` into the 32 px preset: the new patch kernel computes the old kernel on
-    the 2x average-pooled image, a position is the mean of the 2x2 old positions it covers,
-    and every other tensor (LM, projector, tower layers) is the source's."""
+def _shapes192_and(preset: str):
+    """(a random ``shapes192`` VLM, a differently seeded random ``preset`` VLM), one tokenizer."""
     from keyseg.model import tiny
 
-    lab = _module()
     tokenizer = tiny.build_tiny_tokenizer()
     torch.manual_seed(0)
     source, _, _ = build_vlm(BackboneConfig(preset="shapes192"), tokenizer)
     torch.manual_seed(1)
-    target, _, _ = build_vlm(BackboneConfig(preset="shapes192p32"), tokenizer)
+    target, _, _ = build_vlm(BackboneConfig(preset=preset), tokenizer)
+    return source, target
+
+
+def test_warm_start_fills_a_coarser_patch_preset_with_the_saved_weights() -> None:
+    """``warm_start`` into the 32 px preset: the new patch kernel computes the old kernel on
+    the 2x average-pooled image, a position is the mean of the 2x2 old positions it covers,
+    and every other tensor (LM, projector, tower layers) is the source's."""
+    source, target = _shapes192_and(preset="shapes192p32")
     assert target.config.image_seq_length == 36
-    adapted = lab.warm_start(target, source)
+    adapted = _module().warm_start(target, source)
     assert sorted(adapted) == ["model.vision_tower.embeddings.patch_embedding.weight",
                                "model.vision_tower.embeddings.position_embedding.weight"]
     old, new = source.model.vision_tower.embeddings, target.model.vision_tower.embeddings
@@ -314,16 +319,9 @@ def test_warm_start_into_a_deeper_lm_starts_the_new_layers_as_identities() -> No
     """``warm_start`` into the 6-layer preset: layers 0-2 are the source's, layers 3-5 add
     nothing yet, so the deeper VLM's logits are the source's; the new layers still learn
     (their zeroed output projections get gradients)."""
-    from keyseg.model import tiny
-
-    lab = _module()
-    tokenizer = tiny.build_tiny_tokenizer()
-    torch.manual_seed(0)
-    source, _, _ = build_vlm(BackboneConfig(preset="shapes192"), tokenizer)
-    torch.manual_seed(1)
-    target, _, _ = build_vlm(BackboneConfig(preset="shapes192deep"), tokenizer)
+    source, target = _shapes192_and(preset="shapes192deep")
     assert len(target.model.language_model.layers) == 6
-    adapted = lab.warm_start(target, source)
+    adapted = _module().warm_start(target, source)
     assert sorted(adapted) == sorted(
         f"model.language_model.layers.{i}.{proj}.weight"
         for i in (3, 4, 5) for proj in ("self_attn.o_proj", "mlp.down_proj"))
