@@ -220,6 +220,73 @@ class ExistenceProbe(TowerProbe):
         return torch.nn.functional.binary_cross_entropy_with_logits(self.head(pooled), labels)
 
 
+def last_token_of(word: list[int], ids: list[int]) -> int:
+    """The position in ``ids`` of the last token of ``word``'s last occurrence."""
+    for start in range(len(ids) - len(word), -1, -1):
+        if ids[start : start + len(word)] == word:
+            return start + len(word) - 1
+    raise ValueError(f"token sequence {word} not in the prompt")
+
+
+class KindLookupProbe(torch.nn.Module):
+    """An auxiliary objective for the *language model* (``--lm-probe-weight``): after each
+    image, one extra prompt lists the 8 kind words in a random order, and a linear head on
+    the LM's last hidden state at each kind word says whether that kind is in the image.
+
+    "Is there a star?" needs the LM to look a named kind up among the image tokens, and it
+    does not learn to (docs/RESULTS.md: at chance after thousands of such questions, while
+    one attention head with a learned query per kind reads 0.8 from the same tokens). A QA
+    step asks a few existence questions, each one answer token; this asks all 8 kinds of
+    every image, the dense signal that head had. The order is shuffled so that the word, not
+    its position, must say which kind is asked; a word of several tokens is read at its last.
+    Not saved."""
+
+    def __init__(self, hidden_size: int, encoder: QAEncoder) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(hidden_size, 1)
+        self.encoder = encoder
+        # each kind word's token ids after a space (byte-level BPE splits words before merging,
+        # so they are the same inside the prompt)
+        self.kind_ids = [encoder.tokenizer(" " + k, add_special_tokens=False).input_ids
+                         for k in KINDS]
+
+    def prompts(self, records, rng: np.random.Generator):
+        """(prompt ids per record, ``(B, 8)`` kind-word positions, ``(B, 8)`` presence
+        labels in prompt order); the kinds in a fresh random order per record."""
+        prompts, positions, labels = [], [], []
+        for record in records:
+            order = rng.permutation(len(KINDS))
+            ids = self.encoder.encode(
+                [tokens.Turn("kinds: " + " ".join(KINDS[i] for i in order))]).input_ids
+            prompts.append(ids)
+            positions.append(torch.tensor([last_token_of(self.kind_ids[i], ids.tolist())
+                                           for i in order]))
+            labels.append(existence_labels(record)[: len(KINDS)][torch.from_numpy(order)])
+        return prompts, torch.stack(positions), torch.stack(labels)
+
+    def forward(self, vlm, records, rng: np.random.Generator) -> tuple[torch.Tensor, float]:
+        """(class-balanced BCE, balanced accuracy) of the kind-presence read-out on
+        ``records`` (one prompt each)."""
+        prompts, positions, labels = self.prompts(records, rng)
+        out = vlm(input_ids=self.encoder.pad(prompts, self.encoder.ids.pad, left=False),
+                  attention_mask=self.encoder.pad([torch.ones_like(p) for p in prompts], 0,
+                                                  left=False),
+                  pixel_values=self.encoder.pixels([r.image for r in records]),
+                  output_hidden_states=True)
+        hidden = out.hidden_states[-1]  # (B, L, H)
+        at_words = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = self.head(at_words).squeeze(-1)  # (B, 8)
+        pos = labels.mean().clamp(0.05, 0.95)
+        weight = torch.where(labels > 0, 0.5 / pos, 0.5 / (1 - pos))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, weight=weight)
+        with torch.no_grad():
+            said = logits > 0
+            truth = labels > 0
+            recall = said[truth].float().mean() if truth.any() else torch.tensor(0.5)
+            rejection = (~said[~truth]).float().mean() if (~truth).any() else torch.tensor(0.5)
+        return loss, float(0.5 * (recall + rejection))
+
+
 def warmup_cosine(steps: int, warmup_steps: int):
     """LambdaLR factor: linear warm-up over ``min(warmup_steps, steps // 10)`` steps, then a
     cosine to zero at ``steps``."""
@@ -476,6 +543,9 @@ def main() -> None:
     parser.add_argument("--existence-loss-weight", type=float, default=0.0,
                         help="weight of the auxiliary image-level kind/colour/pair presence "
                              "loss on the vision tower (ExistenceProbe; 0: off)")
+    parser.add_argument("--lm-probe-weight", type=float, default=0.0,
+                        help="weight of the auxiliary kind-lookup loss on the language model "
+                             "(KindLookupProbe: one extra prompt per image; 0: off)")
     parser.add_argument("--tower-steps", type=int, default=0,
                         help="steps training only the vision tower on the probe losses, "
                              "before the QA steps (needs a probe weight; 0: none)")
@@ -559,6 +629,11 @@ def main() -> None:
         existence = ExistenceProbe(vision.config.hidden_size)
         vision.register_forward_hook(existence.capture)
         params += list(existence.parameters())
+    lookup = None
+    if args.lm_probe_weight:
+        lookup = KindLookupProbe(vlm.config.text_config.hidden_size, encoder)
+        params += list(lookup.parameters())
+        lookup_rng = np.random.default_rng(args.seed + 1)  # the QA data stays the control's
     curve, history = [], []
     tower_seconds = 0.0
     if args.tower_steps:
@@ -595,6 +670,7 @@ def main() -> None:
     vlm.train()
     started = time.perf_counter()
     data_seconds, loss_sum, loss_count, patch_sum, exist_sum = 0.0, 0.0, 0, 0.0, 0.0
+    lookup_sum, lookup_acc = 0.0, 0.0
     for step in range(1, args.steps + 1):
         tick = time.perf_counter()
         conversations = sample_conversations(train, rng, args.images_per_step,
@@ -616,6 +692,11 @@ def main() -> None:
             exist_loss = existence.loss(present)
             exist_sum += exist_loss.item()
             loss = loss + args.existence_loss_weight * exist_loss
+        if lookup is not None:
+            lookup_loss, accuracy = lookup(vlm, [record for record, _ in conversations],
+                                           lookup_rng)
+            lookup_sum, lookup_acc = lookup_sum + lookup_loss.item(), lookup_acc + accuracy
+            loss = loss + args.lm_probe_weight * lookup_loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -627,11 +708,16 @@ def main() -> None:
             history.append({"phase": "qa", "step": step, "loss": round(loss_sum / loss_count, 4),
                             "patch_loss": round(patch_sum / loss_count, 4),
                             "existence_loss": round(exist_sum / loss_count, 4),
+                            "lookup_loss": round(lookup_sum / loss_count, 4),
+                            "lookup_balanced_accuracy": round(lookup_acc / loss_count, 4),
                             "lr": schedule.get_last_lr()[0], "seconds": round(seconds, 1)})
             print(f"step {step}: loss {loss_sum / loss_count:.4f} "
                   f"patch {patch_sum / loss_count:.3f} existence {exist_sum / loss_count:.3f} "
-                  f"({seconds / step:.3f} s/step, data {data_seconds / step:.3f})", flush=True)
+                  + (f"lookup {lookup_sum / loss_count:.3f} (balanced accuracy "
+                     f"{lookup_acc / loss_count:.3f}) " if lookup is not None else "")
+                  + f"({seconds / step:.3f} s/step, data {data_seconds / step:.3f})", flush=True)
             loss_sum, loss_count, patch_sum, exist_sum = 0.0, 0, 0.0, 0.0
+            lookup_sum, lookup_acc = 0.0, 0.0
         if args.val_every and step % args.val_every == 0:
             validate(step)
     train_seconds = time.perf_counter() - started
@@ -648,6 +734,15 @@ def main() -> None:
     print("test accuracy: " + " ".join(f"{k} {v:.3f}" for k, v in test["accuracy"].items()))
     print("constant baseline: " + " ".join(f"{k} {v:.3f}"
                                            for k, v in test["constant_baseline"].items()))
+    lookup_test = None
+    if lookup is not None:  # the LM's own kind read-out on test images
+        vlm.eval()
+        test_records = [ShapesDataset("test")[i] for i in range(args.eval_images)]
+        with torch.no_grad():
+            lookup_test = round(np.mean([lookup(vlm, test_records[i: i + 25], lookup_rng)[1]
+                                         for i in range(0, len(test_records), 25)]), 4)
+        print(f"kind lookup probe on {len(test_records)} test images: balanced accuracy "
+              f"{lookup_test}", flush=True)
     examples = [{"type": p.qtype, "question": p.question, "answer": p.answer, "reply": r}
                 for (_, p), r in zip(test_items[:40], replies[:40], strict=True)]
 
@@ -663,7 +758,7 @@ def main() -> None:
         "system_prompt": system_prompt,
         "parameters": sum(p.numel() for p in vlm.parameters()),
         "image_tokens": encoder.num_image_tokens, "vocab_size": len(tokenizer),
-        "norms": norms,
+        "norms": norms, "lookup_probe_test_balanced_accuracy": lookup_test,
         "setup_seconds": round(setup_seconds, 1), "tower_seconds": round(tower_seconds, 1),
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),

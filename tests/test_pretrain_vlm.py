@@ -89,7 +89,7 @@ def test_a_few_steps_write_a_directory_that_keyseg_loads(tmp_path) -> None:
          "2", "--turns-per-image", "3", "--eval-images", "2", "--val-every", "2",
          "--val-images", "2", "--log-every", "1", "--corpus-records", "10",
          "--patch-loss-weight", "1", "--existence-loss-weight", "1", "--tower-steps", "1",
-         "--image-token-norm", "0.5", "--out", str(tmp_path)],
+         "--image-token-norm", "0.5", "--lm-probe-weight", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -97,6 +97,8 @@ def test_a_few_steps_write_a_directory_that_keyseg_loads(tmp_path) -> None:
         ("tower", 1), ("qa", 1), ("qa", 2)]
     assert all(h["patch_loss"] > 0 for h in metrics["history"])  # the probes trained
     assert all(h["existence_loss"] > 0 for h in metrics["history"])
+    assert all(h["lookup_loss"] > 0 for h in metrics["history"] if h["phase"] == "qa")
+    assert 0.0 <= metrics["lookup_probe_test_balanced_accuracy"] <= 1.0
     assert [c["step"] for c in metrics["val_curve"]] == [0, 2]
     assert metrics["test"]["questions"]["all"] >= 8  # one question per type and image, or so
     assert all(0.0 <= v <= 1.0 for v in metrics["test"]["accuracy"].values())
@@ -181,6 +183,35 @@ def test_existence_labels_mark_kinds_colours_and_pairs_present() -> None:
     assert on == {(None, "star"), (None, "ring"), ("red", None), ("blue", None),
                   ("red", "star"), ("blue", "ring")}  # not ("red", "ring"): no such object
     assert len(lab.EXISTENCE_CONCEPTS) == 8 + 6 + 48
+
+
+def test_kind_lookup_probe_asks_every_kind_by_its_word_and_trains_the_lm() -> None:
+    """``KindLookupProbe``: each prompt names the 8 kinds once, in its own order; the label
+    at a word is whether that kind is in the image; its loss reaches the LM's layers."""
+    from keyseg.data.shapes import KINDS
+    from keyseg.model import tiny
+
+    lab = _module()
+    torch.manual_seed(0)
+    vlm, image_processor, tokenizer = build_vlm(BackboneConfig(preset="shapes192"),
+                                                tiny.build_tiny_tokenizer())
+    encoder = lab.QAEncoder(tokenizer, image_processor, vlm.config, SYSTEM)
+    probe = lab.KindLookupProbe(vlm.config.text_config.hidden_size, encoder)
+    records = [ShapesDataset("val")[i] for i in range(3)]
+    prompts, positions, labels = probe.prompts(records, np.random.default_rng(0))
+    orders = set()
+    for record, ids, where, label in zip(records, prompts, positions, labels, strict=True):
+        prefixes = [tokenizer.decode(ids[: int(j) + 1]) for j in where]  # ends with the word
+        words = [next(k for k in KINDS if text.endswith(" " + k)) for text in prefixes]
+        assert sorted(words) == sorted(KINDS)
+        orders.add(tuple(words))
+        present = {o["kind"] for o in record.meta["objects"]}
+        assert label.tolist() == [float(w in present) for w in words]
+    assert len(orders) > 1  # shuffled per record
+    loss, accuracy = probe(vlm, records, np.random.default_rng(0))
+    loss.backward()
+    assert torch.isfinite(loss) and 0.0 <= accuracy <= 1.0
+    assert vlm.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
 def test_init_continues_a_saved_run_with_its_tokenizer(tmp_path) -> None:
