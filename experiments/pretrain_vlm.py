@@ -735,7 +735,7 @@ def main() -> None:
     print("constant baseline: " + " ".join(f"{k} {v:.3f}"
                                            for k, v in test["constant_baseline"].items()))
     lookup_test = None
-    if lookup is not None:  # the LM's own kind read-out on test images
+    if lookup is not None:  # the LM's own kind read-out on test images (mean over batches of 25)
         vlm.eval()
         test_records = [ShapesDataset("test")[i] for i in range(args.eval_images)]
         with torch.no_grad():
