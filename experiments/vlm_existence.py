@@ -219,6 +219,60 @@ def existence_qa(path: Path, images: int) -> dict[str, float]:
         "questions": {k: len(v) for k, v in sorted(right.items())}}
 
 
+@torch.no_grad()
+def question_states(path: Path, records, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """The LM's hidden states for "Is there a {kind}?" about each record, half of them about
+    a kind that is there: ``(N, layers + 1, 2, H)`` at the kind's word and at the answer
+    position (the prompt's last token), and the ``(N,)`` labels."""
+    from keyseg import tokens
+    from keyseg.build import build_vlm
+    from keyseg.config import BackboneConfig, load_config
+    from keyseg.data.shapes import KINDS
+
+    system_prompt = load_config(stage2.ROOT / "configs" / "tiny-shapes.yaml").model.backbone \
+        .system_prompt
+    vlm, image_processor, tokenizer = build_vlm(BackboneConfig(name_or_path=str(path),
+                                                               system_prompt=system_prompt))
+    vlm.eval()
+    encoder = stage2.QAEncoder(tokenizer, image_processor, vlm.config, system_prompt)
+    rng = np.random.default_rng(seed)
+    rows, labels = [], []
+    for record in records:
+        present = sorted({o["kind"] for o in record.meta["objects"]})
+        absent = [k for k in KINDS if k not in present]
+        ask_present = bool(rng.random() < 0.5 and present) or not absent
+        kind = str(rng.choice(present if ask_present else absent))
+        article = "an" if kind[0] in "aeiou" else "a"
+        ids = encoder.encode([tokens.Turn(f"Is there {article} {kind}?")]).input_ids
+        word = stage2.last_token_of(tokenizer(" " + kind, add_special_tokens=False).input_ids,
+                                    ids.tolist())
+        out = vlm(input_ids=ids[None], pixel_values=encoder.pixels([record.image]),
+                  output_hidden_states=True)
+        hidden = torch.stack(out.hidden_states)[:, 0]  # (layers + 1, L, H)
+        rows.append(hidden[:, [word, len(ids) - 1]].float())
+        labels.append(ask_present)
+    return torch.stack(rows), np.array(labels)
+
+
+def question_state_probes(path: Path, train_records, test_records) -> dict:
+    """Balanced accuracy of a logistic probe for "the asked kind is there", per LM layer,
+    on the states at the kind's word and at the answer position of "Is there a {kind}?"."""
+    train_x, train_y = question_states(path, train_records, seed=0)
+    test_x, test_y = question_states(path, test_records, seed=1)
+    result: dict = {}
+    for where, column in (("word", 0), ("answer", 1)):
+        scores = []
+        for layer in range(train_x.shape[1]):
+            x, t = train_x[:, layer, column].numpy(), test_x[:, layer, column].numpy()
+            mu, sd = x.mean(0), x.std(0) + 1e-6
+            probe = fit_probe((x - mu) / sd, train_y)
+            with torch.no_grad():
+                pred = probe(torch.from_numpy((t - mu) / sd).float()).squeeze(-1).numpy() > 0
+            scores.append(round(balanced_accuracy(pred, test_y) or 0.5, 4))
+        result[where] = scores  # index 0: the embeddings, i: after layer i
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", type=Path, nargs="+",
@@ -228,6 +282,9 @@ def main() -> None:
     parser.add_argument("--qa", action="store_true",
                         help="also score the existence questions (HF LLaVA directories)")
     parser.add_argument("--qa-images", type=int, default=200)
+    parser.add_argument("--question-states", action="store_true",
+                        help="also probe the LM's states at the kind's word and at the answer "
+                             "position of 'Is there a {kind}?', per layer (HF LLaVA directories)")
     parser.add_argument("--attention-probe", action="store_true",
                         help="also fit AttentionProbe: what one softmax attention head with a "
                              "learned query per concept reads from the tokens")
@@ -246,6 +303,10 @@ def main() -> None:
         if args.qa and not (path / "keyseg_processor.json").is_file():
             result["existence_qa"] = existence_qa(path, args.qa_images)
             print(f"{path}: existence questions, accuracy {result['existence_qa']}")
+        if args.question_states and not (path / "keyseg_processor.json").is_file():
+            result["question_states"] = question_state_probes(path, train_records, test_records)
+            print(f"{path}: 'is there a {{kind}}?' read from the LM's states, by layer: "
+                  f"{result['question_states']}")
         results.append(result)
         for pooling in ("max", "mean", "attention"):
             if pooling not in result:
