@@ -197,9 +197,9 @@ def probe_model(path: Path, train_records, test_records, attention: bool = False
     return result
 
 
-def existence_qa(path: Path, images: int) -> dict[str, float]:
-    """Exact-match accuracy on the stage 2 existence questions of ``images`` test images,
-    per wording family (``c``, ``k``, ``ck``) and ``all``."""
+def qa_model(path: Path):
+    """(llava model, tokenizer, stage 2 QA encoder) of a HF LLaVA directory, prompted with
+    the lab's system prompt (``configs/tiny-shapes.yaml``)."""
     from keyseg.build import build_vlm
     from keyseg.config import BackboneConfig, load_config
 
@@ -207,7 +207,14 @@ def existence_qa(path: Path, images: int) -> dict[str, float]:
         .system_prompt
     vlm, image_processor, tokenizer = build_vlm(BackboneConfig(name_or_path=str(path),
                                                                system_prompt=system_prompt))
-    encoder = stage2.QAEncoder(tokenizer, image_processor, vlm.config, system_prompt)
+    return vlm, tokenizer, stage2.QAEncoder(tokenizer, image_processor, vlm.config,
+                                            system_prompt)
+
+
+def existence_qa(path: Path, images: int) -> dict[str, float]:
+    """Exact-match accuracy on the stage 2 existence questions of ``images`` test images,
+    per wording family (``c``, ``k``, ``ck``) and ``all``."""
+    vlm, _, encoder = qa_model(path)
     items = [item for item in stage2.eval_items("test", images) if item[1].qtype == "existence"]
     replies = stage2.answer_all(vlm, encoder, items)
     right: dict[str, list[bool]] = {}
@@ -225,16 +232,10 @@ def question_states(path: Path, records, seed: int = 0) -> tuple[torch.Tensor, n
     a kind that is there: ``(N, layers + 1, 2, H)`` at the kind's word and at the answer
     position (the prompt's last token), and the ``(N,)`` labels."""
     from keyseg import tokens
-    from keyseg.build import build_vlm
-    from keyseg.config import BackboneConfig, load_config
     from keyseg.data.shapes import KINDS
 
-    system_prompt = load_config(stage2.ROOT / "configs" / "tiny-shapes.yaml").model.backbone \
-        .system_prompt
-    vlm, image_processor, tokenizer = build_vlm(BackboneConfig(name_or_path=str(path),
-                                                               system_prompt=system_prompt))
+    vlm, tokenizer, encoder = qa_model(path)
     vlm.eval()
-    encoder = stage2.QAEncoder(tokenizer, image_processor, vlm.config, system_prompt)
     rng = np.random.default_rng(seed)
     rows, labels = [], []
     for record in records:
