@@ -351,7 +351,8 @@ def pretrain_tower(vision, image_processor, probes: list[tuple[float, TowerProbe
 
 def sample_conversations(dataset: ShapesDataset, rng: np.random.Generator, images: int,
                          turns: int, types: Sequence[str] = QUESTION_TYPES,
-                         per_type: int = 1) -> list[tuple[object, list[QAPair]]]:
+                         per_type: int = 1,
+                         restate: bool = False) -> list[tuple[object, list[QAPair]]]:
     """``images`` random records, each with up to ``turns`` QA pairs (up to ``per_type`` of
     each of ``types``) in a random order (freshly drawn questions on every visit of an
     image)."""
@@ -359,17 +360,18 @@ def sample_conversations(dataset: ShapesDataset, rng: np.random.Generator, image
     for index in rng.integers(len(dataset), size=images):
         record = dataset[int(index)]
         pairs = record_qa(record, seed=int(rng.integers(2**31)), per_type=per_type,
-                          types=types)
+                          types=types, restate=restate)
         keep = rng.permutation(len(pairs))[:turns]
         out.append((record, [pairs[int(i)] for i in keep]))
     return out
 
 
-def eval_items(split: str, images: int, seed: int = 0) -> list[tuple[object, QAPair]]:
+def eval_items(split: str, images: int, seed: int = 0,
+               restate: bool = False) -> list[tuple[object, QAPair]]:
     """Every question (one per type) about the first ``images`` records of ``split``."""
     dataset = ShapesDataset(split)
     return [(dataset[i].image, pair) for i in range(images)
-            for pair in record_qa(dataset[i], seed=seed)]
+            for pair in record_qa(dataset[i], seed=seed, restate=restate)]
 
 
 @torch.no_grad()
@@ -557,6 +559,9 @@ def main() -> None:
                              "ask all types)")
     parser.add_argument("--per-type", type=int, default=1,
                         help="training questions of each --qa-types type per image, at most")
+    parser.add_argument("--restate-existence", action="store_true",
+                        help="existence answers name the thing before yes/no (\"red star: "
+                             "no\"), in training and in the validation/test answers")
     parser.add_argument("--image-token-norm", type=float, default=None,
                         help="before the QA steps, scale the projector's output layer so the "
                         "projected image tokens have this mean L2 norm (on 16 train images); "
@@ -614,7 +619,8 @@ def main() -> None:
 
     rng = np.random.default_rng(args.seed)
     train = ShapesDataset("train")
-    validation = eval_items("val", args.val_images) if args.val_every else []
+    validation = (eval_items("val", args.val_images, restate=args.restate_existence)
+                  if args.val_every else [])
     probe = None
     params = list(vlm.parameters())
     if args.patch_loss_weight:
@@ -675,7 +681,7 @@ def main() -> None:
         tick = time.perf_counter()
         conversations = sample_conversations(train, rng, args.images_per_step,
                                              args.turns_per_image, args.qa_types,
-                                             args.per_type)
+                                             args.per_type, args.restate_existence)
         batch = encoder.train_batch([(record.image, pairs) for record, pairs in conversations])
         if probe is not None:
             labels = torch.stack([patch_labels(record, grid) for record, _ in conversations])
@@ -727,7 +733,7 @@ def main() -> None:
           f"text embeddings {norms['text_embedding_end']}", flush=True)
 
     tick = time.perf_counter()
-    test_items = eval_items("test", args.eval_images)
+    test_items = eval_items("test", args.eval_images, restate=args.restate_existence)
     replies = answer_all(vlm, encoder, test_items)
     test = score(test_items, replies)
     eval_seconds = time.perf_counter() - tick

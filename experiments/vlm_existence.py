@@ -211,15 +211,22 @@ def qa_model(path: Path):
                                             system_prompt)
 
 
+def verdict(answer: str) -> str:
+    """The last word of a normalised answer: "yes" of "Red star: yes." ("" when empty)."""
+    words = normalise_answer(answer).split()
+    return words[-1] if words else ""
+
+
 def existence_qa(path: Path, images: int) -> dict[str, float]:
-    """Exact-match accuracy on the stage 2 existence questions of ``images`` test images,
-    per wording family (``c``, ``k``, ``ck``) and ``all``."""
+    """Accuracy of the yes/no on the stage 2 existence questions of ``images`` test images,
+    per wording family (``c``, ``k``, ``ck``) and ``all``: the answer's last word, so a
+    VLM trained to restate the thing first ("red star: no") is scored on its verdict."""
     vlm, _, encoder = qa_model(path)
     items = [item for item in stage2.eval_items("test", images) if item[1].qtype == "existence"]
     replies = stage2.answer_all(vlm, encoder, items)
     right: dict[str, list[bool]] = {}
     for (_, pair), reply in zip(items, replies, strict=True):
-        ok = normalise_answer(reply) == normalise_answer(pair.answer)
+        ok = verdict(reply) == verdict(pair.answer)
         right.setdefault(pair.template_id.split(".")[1], []).append(ok)
         right.setdefault("all", []).append(ok)
     return {k: round(sum(v) / len(v), 4) for k, v in sorted(right.items())} | {

@@ -131,6 +131,7 @@ BAD_VALUES = [
      "data.shapes.train_difficulty_weights"),
     ("data.shapes.train_difficulty_weights={negative: -1.0}",
      "data.shapes.train_difficulty_weights[0][1]"),
+    ("data.shapes.answer_style=short", "data.shapes.answer_style"),
     ("data.shapes.seed=-1", "data.shapes.seed"),
     ("train.output_dir=", "train.output_dir"),
     ("train.seed=-1", "train.seed"),

@@ -148,6 +148,38 @@ def test_train_difficulty_weights_change_only_the_train_split() -> None:
             assert np.array_equal(np.asarray(ours.image), np.asarray(theirs.image))
 
 
+def test_restated_answers_name_the_target_and_decide_right_after_it() -> None:
+    lisa = ShapesConfig(queries_per_image=2)
+    restate = ShapesConfig(queries_per_image=2, answer_style="restate")
+    seen = Counter()
+    for i in range(60):
+        ours, theirs = generate_sample(i, "train", restate), generate_sample(i, "train", lisa)
+        assert np.array_equal(np.asarray(ours.image), np.asarray(theirs.image))
+        for mine, base, meta in zip(ours.referents, theirs.referents, ours.meta["queries"],
+                                    strict=True):
+            assert (mine.text, mine.keyword, mine.difficulty) == (
+                base.text, base.keyword, base.difficulty)
+            assert mine.answer.count("[SEG]") == base.answer.count("[SEG]")
+            name = meta["explanation"].removeprefix("It is the ").removeprefix(
+                "There is no ").removesuffix(" in the image.").removesuffix(".")
+            if len(meta["targets"]) > 1:
+                assert mine.answer == base.answer
+                seen["multi"] += 1
+            elif meta["targets"]:
+                assert mine.answer.endswith(f"the {name} [SEG].".lstrip()) or \
+                    mine.answer == f"The {name} [SEG]."
+                seen["single"] += 1
+            else:
+                # the same start as a positive answer up to the name, then the denial
+                assert f"he {name}: " in mine.answer and "no such shape" in mine.answer
+                seen["negative"] += 1
+    assert min(seen.values()) > 3
+    with pytest.raises(KeySegConfigError, match="answer style"):
+        from keyseg.data.shapes.queries import write_answer
+
+        write_answer(None, np.random.default_rng(0), style="short")  # type: ignore[arg-type]
+
+
 def _rasterise_reason_seg(shapes: list[dict], height: int, width: int) -> np.ndarray:
     """SPEC §5 rasterisation: largest polygon first, outline + fill, ignore -> 255."""
 

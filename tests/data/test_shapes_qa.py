@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from keyseg.data.shapes import (
@@ -152,7 +153,6 @@ def _mentioned(question: str) -> tuple[set[str], set[str]]:
 def test_generated_questions_agree_with_the_hand_written_truth(main_view) -> None:
     """Every count / existence / where question asked about the hand-built scene, in any
     wording, has the answer read off the scene by hand (an oracle independent of qa.py)."""
-    import numpy as np
 
     checked = Counter()
     for seed in range(150):
@@ -220,3 +220,24 @@ def test_normalised_answers_compare_equal() -> None:
     assert normalise_answer("a red circle, a blue star and a green ring") == (
         "red circle blue star and green ring")
     assert normalise_answer("yes") != normalise_answer("no")
+
+
+def test_restated_existence_answers_name_the_thing_then_the_same_verdict() -> None:
+    scene = _scene(("red", "star", 50, 50, 20), ("blue", "circle", 140, 140, 22))
+    for seed in range(30):
+        plain = scene_qa(scene, "train", np.random.default_rng(seed), types=("existence",))
+        restated = scene_qa(scene, "train", np.random.default_rng(seed), types=("existence",),
+                            restate=True)
+        assert [p.question for p in restated] == [p.question for p in plain]
+        for p, q in zip(plain, restated, strict=True):
+            thing, _, verdict = q.answer.partition(": ")
+            assert verdict == p.answer in ("yes", "no")
+            # the named thing is the one asked about ("red ring" in "Any red rings?")
+            assert all(word in q.question.lower() for word in thing.split() if word != "shape")
+            present = any(thing in (f"{c} {k}", k, f"{c} shape")
+                          for c, k in (("red", "star"), ("blue", "circle")))
+            assert (verdict == "yes") == present
+    # other question types are untouched
+    rng_a, rng_b = np.random.default_rng(0), np.random.default_rng(0)
+    assert [p for p in scene_qa(scene, "train", rng_a, types=("count", "what"))] == [
+        p for p in scene_qa(scene, "train", rng_b, types=("count", "what"), restate=True)]

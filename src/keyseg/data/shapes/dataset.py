@@ -58,7 +58,7 @@ def generate_sample(seed: int, split: str, config: ShapesConfig | None = None) -
             if query is not None:
                 break
         assert query is not None
-        answer, explanation = write_answer(query, rng, scene)
+        answer, explanation = write_answer(query, rng, scene, cfg.answer_style)
         if query.targets:
             masks = scene.visible[list(query.targets)].astype(np.uint8)
         else:

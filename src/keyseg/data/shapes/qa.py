@@ -603,9 +603,15 @@ def _choices(slot: str, view: SceneView, rng: np.random.Generator) -> list[dict[
     return [{}]
 
 
+def _noun(p: dict[str, str]) -> str:
+    """The thing a count or existence question asks about: "red star", "star", "red shape"."""
+    colour, kind = p.get("colour", ""), p.get("kind", "")
+    return f"{colour} {kind}".strip() if kind else f"{colour} shape"
+
+
 def _fill(template: QATemplate, p: dict[str, str], rng: np.random.Generator) -> str:
     colour, kind = p.get("colour", ""), p.get("kind", "")
-    noun = f"{colour} {kind}".strip() if kind else f"{colour} shape"
+    noun = _noun(p)
     text = template.pattern.format(
         colour=colour, kind=kind, kinds=PLURALS.get(kind, ""), region=p.get("region", ""),
         an=_article(noun), first=p.get("first", ""), second=p.get("second", ""),
@@ -616,22 +622,29 @@ def _fill(template: QATemplate, p: dict[str, str], rng: np.random.Generator) -> 
     return wrapper.format(x=text, X=text[0].upper() + text[1:])
 
 
-def realise(template: QATemplate, view: SceneView, rng: np.random.Generator) -> QAPair | None:
+def realise(template: QATemplate, view: SceneView, rng: np.random.Generator,
+            restate: bool = False) -> QAPair | None:
     """Ask ``template`` about ``view`` if some choice of its parameters has a clear answer
-    that the doubtful objects do not change; None otherwise."""
+    that the doubtful objects do not change; None otherwise.
+
+    ``restate``: an existence answer names what was asked before its yes/no ("red star:
+    no"), so the answer is decided at the position right after the thing's own word."""
     for p in _choices(template.slot, view, rng):
         reply = answer(template.slot, view, **p)
         if reply is not None:
+            if restate and template.qtype == "existence":
+                reply = f"{_noun(p)}: {reply}"
             return QAPair(template.qtype, template.id, _fill(template, p, rng), reply,
                           template.heldout)
     return None
 
 
 def scene_qa(scene: Scene | SceneView, split: str, rng: np.random.Generator,
-             per_type: int = 1, types: Sequence[str] = QUESTION_TYPES) -> list[QAPair]:
+             per_type: int = 1, types: Sequence[str] = QUESTION_TYPES,
+             restate: bool = False) -> list[QAPair]:
     """Up to ``per_type`` distinct questions of each of ``types`` about ``scene``, in the
     order of ``types`` (fewer where the scene supports fewer), from the templates ``split``
-    may use."""
+    may use (``restate``: see :func:`realise`)."""
     unknown = [t for t in types if t not in QUESTION_TYPES]
     if unknown:
         raise KeySegConfigError(f"unknown QA question type {unknown[0]!r} "
@@ -645,7 +658,7 @@ def scene_qa(scene: Scene | SceneView, split: str, rng: np.random.Generator,
         for j in rng.permutation(len(pool)):
             if len(asked) >= per_type:
                 break
-            pair = realise(pool[int(j)], view, rng)
+            pair = realise(pool[int(j)], view, rng, restate)
             if pair is not None and pair.question not in asked:
                 asked.add(pair.question)
                 out.append(pair)
@@ -653,13 +666,13 @@ def scene_qa(scene: Scene | SceneView, split: str, rng: np.random.Generator,
 
 
 def record_qa(record: SegRecord, seed: int = 0, per_type: int = 1,
-              types: Sequence[str] = QUESTION_TYPES) -> list[QAPair]:
+              types: Sequence[str] = QUESTION_TYPES, restate: bool = False) -> list[QAPair]:
     """:func:`scene_qa` for a shapes record (its split from ``meta``), seeded by ``seed``
     and the record's own seeds: the same record and seed give the same questions."""
     meta = record.meta
     rng = np.random.default_rng(np.random.SeedSequence(
         [int(seed), int(meta["image_seed"]), int(meta.get("world_seed", 0))]))
-    return scene_qa(scene_from_record(record), meta["split"], rng, per_type, types)
+    return scene_qa(scene_from_record(record), meta["split"], rng, per_type, types, restate)
 
 
 _NORMAL = {str(i): w for i, w in enumerate(NUMBER_WORDS)} | {"none": "zero", "color": "colour"}

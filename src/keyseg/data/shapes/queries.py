@@ -566,6 +566,16 @@ _NEGATIVE_ANSWERS = (
 )
 
 
+# answer_style "restate": positive and negative answers share their start up to the target's
+# name, so the answer is decided at the position right after it.
+_RESTATED_SINGLE_ANSWERS = ("The {desc} [SEG].", "Sure, the {desc} [SEG].")
+_RESTATED_NEGATIVE_ANSWERS = (
+    "The {desc}: there is no such shape, [SEG].",
+    "Sure, the {desc}: no such shape in the image, [SEG].",
+)
+ANSWER_STYLES = ("lisa", "restate")
+
+
 def target_names(query: Query, scene: Scene) -> list[str]:
     """One name per target of a multi-target query, in target order (left to right): its
     colour and kind, with an ordinal where two targets share both ("the first red circle")."""
@@ -582,18 +592,25 @@ def target_names(query: Query, scene: Scene) -> list[str]:
 
 
 def write_answer(query: Query, rng: np.random.Generator,
-                 scene: Scene | None = None) -> tuple[str, str]:
+                 scene: Scene | None = None, style: str = "lisa") -> tuple[str, str]:
     """(answer with exactly k ``[SEG]``, explanation without ``[SEG]`` for the keyword file).
 
     A multi-target answer names each target before its ``[SEG]`` ("the red circle [SEG] and
     the blue circle [SEG]") when ``scene`` is given: the state that prompts each mask then
-    follows a different object's name, so the masks of one answer can differ."""
+    follows a different object's name, so the masks of one answer can differ. ``style``
+    (``ShapesConfig.answer_style``) words single-target and negative answers."""
+    if style not in ANSWER_STYLES:
+        raise KeySegConfigError(f"unknown answer style {style!r} (known: "
+                                f"{', '.join(ANSWER_STYLES)})")
     k = len(query.targets)
     if k == 0:
-        answer = _NEGATIVE_ANSWERS[int(rng.integers(len(_NEGATIVE_ANSWERS)))]
-        return answer, f"There is no {query.description} in the image."
+        pool = _NEGATIVE_ANSWERS if style == "lisa" else _RESTATED_NEGATIVE_ANSWERS
+        answer = pool[int(rng.integers(len(pool)))]
+        return (answer.format(desc=query.description),
+                f"There is no {query.description} in the image.")
     if k == 1:
-        answer = _SINGLE_ANSWERS[int(rng.integers(len(_SINGLE_ANSWERS)))]
+        pool = _SINGLE_ANSWERS if style == "lisa" else _RESTATED_SINGLE_ANSWERS
+        answer = pool[int(rng.integers(len(pool)))]
         return answer.format(desc=query.description), f"It is the {query.description}."
     named = ([f"{name} [SEG]" for name in target_names(query, scene)] if scene is not None
              else ["[SEG]"] * k)
