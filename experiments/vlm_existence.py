@@ -217,20 +217,37 @@ def verdict(answer: str) -> str:
     return words[-1] if words else ""
 
 
-def existence_qa(path: Path, images: int) -> dict[str, float]:
+def existence_qa(path: Path, images: int) -> dict:
     """Accuracy of the yes/no on the stage 2 existence questions of ``images`` test images,
     per wording family (``c``, ``k``, ``ck``) and ``all``: the answer's last word, so a
-    VLM trained to restate the thing first ("red star: no") is scored on its verdict."""
+    VLM trained to restate the thing first ("red star: no") is scored on its verdict.
+
+    For such a VLM, ``restated``: the share of answers that name the thing asked about, and
+    the verdict's accuracy among those (``right_when_named``) and the others."""
     vlm, _, encoder = qa_model(path)
-    items = [item for item in stage2.eval_items("test", images) if item[1].qtype == "existence"]
+    # restated gold answers ("red star: no"): the same questions, the asked thing spelled out
+    items = [item for item in stage2.eval_items("test", images, restate=True)
+             if item[1].qtype == "existence"]
     replies = stage2.answer_all(vlm, encoder, items)
     right: dict[str, list[bool]] = {}
+    named: list[tuple[bool, bool]] = []
     for (_, pair), reply in zip(items, replies, strict=True):
         ok = verdict(reply) == verdict(pair.answer)
         right.setdefault(pair.template_id.split(".")[1], []).append(ok)
         right.setdefault("all", []).append(ok)
-    return {k: round(sum(v) / len(v), 4) for k, v in sorted(right.items())} | {
+        if ":" in reply:
+            thing = normalise_answer(reply.split(":")[0])
+            named.append((thing == normalise_answer(pair.answer.split(":")[0]), ok))
+    out = {k: round(sum(v) / len(v), 4) for k, v in sorted(right.items())} | {
         "questions": {k: len(v) for k, v in sorted(right.items())}}
+    if named:
+        hits = [ok for is_named, ok in named if is_named]
+        misses = [ok for is_named, ok in named if not is_named]
+        out["restated"] = {
+            "answers": len(named), "named_the_asked_thing": round(len(hits) / len(named), 4),
+            "right_when_named": round(sum(hits) / len(hits), 4) if hits else None,
+            "right_when_not": round(sum(misses) / len(misses), 4) if misses else None}
+    return out
 
 
 @torch.no_grad()
