@@ -239,5 +239,5 @@ def test_restated_existence_answers_name_the_thing_then_the_same_verdict() -> No
             assert (verdict == "yes") == present
     # other question types are untouched
     rng_a, rng_b = np.random.default_rng(0), np.random.default_rng(0)
-    assert [p for p in scene_qa(scene, "train", rng_a, types=("count", "what"))] == [
-        p for p in scene_qa(scene, "train", rng_b, types=("count", "what"), restate=True)]
+    assert scene_qa(scene, "train", rng_a, types=("count", "what")) == scene_qa(
+        scene, "train", rng_b, types=("count", "what"), restate=True)
