@@ -131,17 +131,27 @@ class QAEncoder:
                 out[i, : len(r)] = r
         return out
 
-    def train_batch(self, conversations: list[tuple[object, list[QAPair]]]) -> dict:
+    def train_batch(self, conversations: list[tuple[object, list[QAPair]]],
+                    verdict_marks: tuple[int, int] | None = None) -> dict:
         """One image per row with all its QA turns answered; right-padded, labels ``-100``
-        except on answers."""
+        except on answers. ``verdict_marks`` (the ":" and "," ids): each conversation's last
+        turn is a :func:`lookup_turn`, labelled on its verdicts only
+        (:func:`verdict_labels_only`)."""
         encoded = [self.encode([tokens.Turn(p.question, p.answer) for p in pairs])
                    for _, pairs in conversations]
+        marked = [(e.labels, None) if verdict_marks is None
+                  else verdict_labels_only(e.labels, e.input_ids, *verdict_marks)
+                  for e in encoded]
+        labels = [label for label, _ in marked]
         input_ids = self.pad([e.input_ids for e in encoded], self.ids.pad, left=False)
-        return {
+        # (B, L) bool: the first token of each lookup verdict, where it is decided
+        batch = {} if verdict_marks is None else {
+            "verdict_first": self.pad([f for _, f in marked], 0, left=False).bool()}
+        return batch | {
             "input_ids": input_ids,
             "attention_mask": self.pad([torch.ones_like(e.input_ids) for e in encoded], 0,
                                        left=False),
-            "labels": self.pad([e.labels for e in encoded], tokens.IGNORE_INDEX, left=False),
+            "labels": self.pad(labels, tokens.IGNORE_INDEX, left=False),
             "pixel_values": self.pixels([image for image, _ in conversations]),
         }
 
@@ -220,6 +230,14 @@ class ExistenceProbe(TowerProbe):
         return torch.nn.functional.binary_cross_entropy_with_logits(self.head(pooled), labels)
 
 
+def single_token(tokenizer, text: str) -> int:
+    """The one token id of ``text``; a clear error if the tokenizer splits it."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"{text!r} is {len(ids)} tokens in this tokenizer, expected one")
+    return ids[0]
+
+
 def last_token_of(word: list[int], ids: list[int]) -> int:
     """The position in ``ids`` of the last token of ``word``'s last occurrence."""
     for start in range(len(ids) - len(word), -1, -1):
@@ -285,6 +303,65 @@ class KindLookupProbe(torch.nn.Module):
             recall = said[truth].float().mean() if truth.any() else torch.tensor(0.5)
             rejection = (~said[~truth]).float().mean() if (~truth).any() else torch.tensor(0.5)
         return loss, float(0.5 * (recall + rejection))
+
+
+#: The question of the lookup turn (``--lookup-turn``); one fixed wording, since it is a
+#: training device, not a question users ask.
+LOOKUP_QUESTION = "Which of these are in the image?"
+
+
+def lookup_turn(record, rng: np.random.Generator, pairs: int = 4) -> QAPair:
+    """The kind lookup *as text* (``--lookup-turn``): an answer that names every kind and
+    colour, and ``pairs`` colour + kind pairs (half of them present where possible, the
+    absent ones sharing a colour or a kind with a present object), each followed by its
+    verdict, in a fresh random order: "star: yes, red: no, blue circle: yes, ...".
+
+    The restated existence answer ("red star: no") has the same shape, so the LM head
+    learns the verdict at the very position where a question's answer gives it. Trained
+    through :func:`verdict_labels_only`: the loss falls on the verdict tokens alone, since
+    which name comes next is a coin toss."""
+    present = existence_labels(record)
+    presence = dict(zip(EXISTENCE_CONCEPTS, present.tolist(), strict=True))
+    singles = [c for c in EXISTENCE_CONCEPTS if c[0] is None or c[1] is None]
+    have = [c for c in EXISTENCE_CONCEPTS if None not in c and presence[c]]
+    near = [c for c in EXISTENCE_CONCEPTS if None not in c and not presence[c]
+            and any(c[0] == h[0] or c[1] == h[1] for h in have)]
+    chosen: list = []
+    for pool in (have, near):
+        for i in rng.permutation(len(pool))[: pairs // 2]:
+            chosen.append(pool[int(i)])
+    items = singles + chosen
+    order = rng.permutation(len(items))
+    answer = ", ".join(f"{' '.join(w for w in items[i] if w)}: "
+                       f"{'yes' if presence[items[i]] else 'no'}" for i in order)
+    return QAPair(qtype="lookup", template_id="lookup", question=LOOKUP_QUESTION,
+                  answer=answer)
+
+
+def verdict_labels_only(labels: torch.Tensor, input_ids: torch.Tensor, colon: int,
+                        comma: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last answer's (the lookup turn's) labels kept only inside a verdict, the tokens
+    between a ``colon`` and the next ``comma`` (a tiny BPE may split " yes" into two tokens;
+    the last verdict keeps the end-of-answer token after it); earlier answers untouched.
+
+    Returns ``(L,)`` labels and an ``(L,)`` bool mask of each verdict's first token, where
+    the verdict is decided."""
+    first = torch.zeros_like(labels, dtype=torch.bool)
+    answered = (labels != tokens.IGNORE_INDEX).nonzero().flatten().tolist()
+    if not answered:
+        return labels, first
+    start = answered[-1]
+    while start > 0 and labels[start - 1] != tokens.IGNORE_INDEX:
+        start -= 1
+    out, inside = labels.clone(), False
+    for i in range(start, len(out)):
+        token = int(input_ids[i])
+        keep = inside and token != comma
+        first[i] = keep and int(input_ids[i - 1]) == colon
+        inside = (inside or token == colon) and token != comma
+        if not keep:
+            out[i] = tokens.IGNORE_INDEX
+    return out, first
 
 
 def warmup_cosine(steps: int, warmup_steps: int):
@@ -548,6 +625,10 @@ def main() -> None:
     parser.add_argument("--lm-probe-weight", type=float, default=0.0,
                         help="weight of the auxiliary kind-lookup loss on the language model "
                              "(KindLookupProbe: one extra prompt per image; 0: off)")
+    parser.add_argument("--lookup-turn", action="store_true",
+                        help="append to every training conversation the kind/colour lookup as "
+                             "text (lookup_turn: \"star: yes, red: no, ...\"), its verdicts "
+                             "trained by the ordinary next-token loss")
     parser.add_argument("--tower-steps", type=int, default=0,
                         help="steps training only the vision tower on the probe losses, "
                              "before the QA steps (needs a probe weight; 0: none)")
@@ -640,6 +721,10 @@ def main() -> None:
         lookup = KindLookupProbe(vlm.config.text_config.hidden_size, encoder)
         params += list(lookup.parameters())
         lookup_rng = np.random.default_rng(args.seed + 1)  # the QA data stays the control's
+    verdict_marks = None
+    if args.lookup_turn:
+        verdict_marks = (single_token(tokenizer, ":"), single_token(tokenizer, ","))
+        turn_rng = np.random.default_rng(args.seed + 2)  # the QA data stays the control's
     curve, history = [], []
     tower_seconds = 0.0
     if args.tower_steps:
@@ -676,19 +761,32 @@ def main() -> None:
     vlm.train()
     started = time.perf_counter()
     data_seconds, loss_sum, loss_count, patch_sum, exist_sum = 0.0, 0.0, 0, 0.0, 0.0
-    lookup_sum, lookup_acc = 0.0, 0.0
+    lookup_sum, lookup_acc, turn_acc = 0.0, 0.0, 0.0
     for step in range(1, args.steps + 1):
         tick = time.perf_counter()
         conversations = sample_conversations(train, rng, args.images_per_step,
                                              args.turns_per_image, args.qa_types,
                                              args.per_type, args.restate_existence)
-        batch = encoder.train_batch([(record.image, pairs) for record, pairs in conversations])
+        if verdict_marks is not None:
+            conversations = [(record, [*pairs, lookup_turn(record, turn_rng)])
+                             for record, pairs in conversations]
+        batch = encoder.train_batch([(record.image, pairs) for record, pairs in conversations],
+                                    verdict_marks)
         if probe is not None:
             labels = torch.stack([patch_labels(record, grid) for record, _ in conversations])
         if existence is not None:
             present = torch.stack([existence_labels(record) for record, _ in conversations])
         data_seconds += time.perf_counter() - tick
-        lm_loss = vlm(**batch).loss
+        verdict_first = batch.pop("verdict_first", None)
+        out = vlm(**batch)
+        lm_loss = out.loss
+        if verdict_first is not None:  # balanced accuracy of the lookup turn's verdicts
+            with torch.no_grad():
+                said = out.logits[:, :-1].argmax(-1)[verdict_first[:, 1:]]
+                truth = batch["labels"][:, 1:][verdict_first[:, 1:]]
+                right = said == truth
+                classes = [right[truth == t].float().mean() for t in truth.unique()]
+                turn_acc += float(torch.stack(classes).mean())
         loss = lm_loss
         if probe is not None:
             patch_loss = probe.loss(labels)
@@ -716,14 +814,17 @@ def main() -> None:
                             "existence_loss": round(exist_sum / loss_count, 4),
                             "lookup_loss": round(lookup_sum / loss_count, 4),
                             "lookup_balanced_accuracy": round(lookup_acc / loss_count, 4),
+                            "lookup_turn_balanced_accuracy": round(turn_acc / loss_count, 4),
                             "lr": schedule.get_last_lr()[0], "seconds": round(seconds, 1)})
             print(f"step {step}: loss {loss_sum / loss_count:.4f} "
                   f"patch {patch_sum / loss_count:.3f} existence {exist_sum / loss_count:.3f} "
                   + (f"lookup {lookup_sum / loss_count:.3f} (balanced accuracy "
                      f"{lookup_acc / loss_count:.3f}) " if lookup is not None else "")
+                  + (f"lookup turn verdicts {turn_acc / loss_count:.3f} (balanced accuracy) "
+                     if verdict_marks is not None else "")
                   + f"({seconds / step:.3f} s/step, data {data_seconds / step:.3f})", flush=True)
             loss_sum, loss_count, patch_sum, exist_sum = 0.0, 0, 0.0, 0.0
-            lookup_sum, lookup_acc = 0.0, 0.0
+            lookup_sum, lookup_acc, turn_acc = 0.0, 0.0, 0.0
         if args.val_every and step % args.val_every == 0:
             validate(step)
     train_seconds = time.perf_counter() - started

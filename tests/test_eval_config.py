@@ -93,3 +93,32 @@ def test_eval_arguments_become_the_config_and_bad_ones_fail_before_opening_data(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "limit must be >= 0, got -1" in err
     assert not out.exists()
+
+
+def test_shapes_answer_style_feeds_restated_references_and_is_fingerprinted():
+    """A model trained with data.shapes.answer_style restate is teacher-forced on its own
+    wording (the reference answer is fed when its [SEG] count matches)."""
+    from keyseg.data.eval_sets import resolve_eval_set
+
+    parser = build_parser()
+    plain = parser.parse_args(["eval", "--dataset", "shapes:test"])
+    restated = parser.parse_args(["eval", "--dataset", "shapes:test",
+                                  "--shapes-answer-style", "restate"])
+    answers = {}
+    for name, args in (("lisa", plain), ("restate", restated)):
+        records = resolve_eval_set("shapes:test", data_config=command._data_config(args)).records
+        answers[name] = [ref.answer for i in range(20) for ref in records[i].referents]
+    assert len(answers["lisa"]) == len(answers["restate"]) >= 20
+    singles = [(a, b) for a, b in zip(answers["lisa"], answers["restate"], strict=True)
+               if a.count("[SEG]") == 1]
+    assert singles and all(b.startswith(("The ", "Sure, the ")) for _, b in singles)
+    assert any(a != b for a, b in singles)
+    assert all(not a.startswith("The ") for a, _ in singles)
+
+    def fingerprint(args):
+        return command.run_fingerprint(args, command.eval_config(args), "float32", None, [])
+
+    assert "shapes_answer_style" not in fingerprint(plain)  # older runs still resume
+    assert fingerprint(restated)["shapes_answer_style"] == "restate"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--dataset", "shapes:test", "--shapes-answer-style", "x"])

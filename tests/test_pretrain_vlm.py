@@ -89,7 +89,8 @@ def test_a_few_steps_write_a_directory_that_keyseg_loads(tmp_path) -> None:
          "2", "--turns-per-image", "3", "--eval-images", "2", "--val-every", "2",
          "--val-images", "2", "--log-every", "1", "--corpus-records", "10",
          "--patch-loss-weight", "1", "--existence-loss-weight", "1", "--tower-steps", "1",
-         "--image-token-norm", "0.5", "--lm-probe-weight", "1", "--out", str(tmp_path)],
+         "--image-token-norm", "0.5", "--lm-probe-weight", "1", "--lookup-turn",
+         "--restate-existence", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -98,6 +99,8 @@ def test_a_few_steps_write_a_directory_that_keyseg_loads(tmp_path) -> None:
     assert all(h["patch_loss"] > 0 for h in metrics["history"])  # the probes trained
     assert all(h["existence_loss"] > 0 for h in metrics["history"])
     assert all(h["lookup_loss"] > 0 for h in metrics["history"] if h["phase"] == "qa")
+    assert all(0.0 <= h["lookup_turn_balanced_accuracy"] <= 1.0
+               for h in metrics["history"] if h["phase"] == "qa")
     assert 0.0 <= metrics["lookup_probe_test_balanced_accuracy"] <= 1.0
     assert [c["step"] for c in metrics["val_curve"]] == [0, 2]
     assert metrics["test"]["questions"]["all"] >= 8  # one question per type and image, or so
@@ -371,3 +374,46 @@ def test_init_and_warm_start_are_exclusive(tmp_path) -> None:
                            str(tmp_path), "--steps", "1", "--out", str(tmp_path / "x")],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "--warm-start" in done.stderr
+
+
+def test_lookup_turn_says_every_kind_and_colour_and_is_trained_on_its_verdicts_only(
+        tiny_parts) -> None:
+    """``lookup_turn``: every kind and colour once, and colour + kind pairs, each with the
+    verdict the record's objects give, in a fresh order; ``train_batch`` with the verdict
+    marks supervises the lookup turn on those verdicts alone, earlier answers as before."""
+    from keyseg.data.shapes import COLOURS, KINDS
+
+    lab = _module()
+    _, encoder = tiny_parts
+    tok = encoder.tokenizer
+    rng = np.random.default_rng(0)
+    orders = set()
+    for index in range(6):
+        record = ShapesDataset("val")[index]
+        objects = {(o["colour"], o["kind"]) for o in record.meta["objects"]}
+        turn = lab.lookup_turn(record, rng)
+        said = dict(item.split(": ") for item in turn.answer.split(", "))
+        singles = [name for name in said if " " not in name]
+        assert sorted(singles) == sorted([*KINDS, *COLOURS])
+        for name, verdict in said.items():
+            colour, _, kind = name.rpartition(" ") if " " in name else (
+                (name, "", None) if name in COLOURS else (None, "", name))
+            truth = any((colour is None or colour == c) and (kind is None or kind == k)
+                        for c, k in objects)
+            assert verdict == ("yes" if truth else "no"), (name, objects)
+        pairs = [name for name in said if " " in name]
+        assert 2 <= len(pairs) <= 4 and any(said[p] == "yes" for p in pairs)
+        orders.add(tuple(said))
+
+        question = QAPair("colour", "colour.k.0", "What colour is the ring?", "green")
+        marks = (lab.single_token(tok, ":"), lab.single_token(tok, ","))
+        batch = encoder.train_batch([(record.image, [question, turn])], marks)
+        labels, ids = batch["labels"][0], batch["input_ids"][0]
+        kept = tok.decode(labels[labels != -100]).split()
+        assert kept[0] == "green</s>"  # the earlier answer untouched
+        verdicts = [said[name] for name in said]
+        # then the verdicts, nothing else but the end of the answer after the last one
+        assert "".join(kept[1:]) == "".join(verdicts) + "</s>"
+        first = batch["verdict_first"][0]
+        assert int(first.sum()) == len(verdicts) and (ids[first.roll(-1)] == marks[0]).all()
+    assert len(orders) == 6

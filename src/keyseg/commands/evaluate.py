@@ -59,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "lisa-bugs: also reproduce them (blank queries, a bare-string "
                              "text indexed by character, overlapping polygons summed and "
                              "dropped by the metric); see docs/EVALUATION.md")
+    parser.add_argument("--shapes-answer-style", choices=["lisa", "restate"], default="lisa",
+                        help="shapes: the wording of the reference answers fed in teacher "
+                             "mode, as the model was trained with data.shapes.answer_style "
+                             "(default: lisa); generated answers are scored the same way "
+                             "under both")
     parser.add_argument("--dataset-dir", type=Path, default=Path("./dataset"),
                         help="dataset root holding reason_seg/ and refer_seg/ (default: "
                              "./dataset)")
@@ -101,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     # Open every split before loading the model: a missing folder fails in seconds.
-    eval_sets = [resolve_eval_set(spec, args.dataset_dir, protocol=args.protocol)
+    eval_sets = [resolve_eval_set(spec, args.dataset_dir, protocol=args.protocol,
+                                  data_config=_data_config(args))
                  for spec in args.dataset]
     accelerator = _accelerator()
     device = accelerator.device if accelerator is not None else resolve_device(args.device)
@@ -193,7 +199,8 @@ CONFIG_ARGUMENTS: dict[str, str] = {
     "save_overlays": "keep_overlays",
 }
 #: Arguments that decide the rows besides the config's (:func:`run_fingerprint`).
-RUN_ARGUMENTS = frozenset({"checkpoint", "dataset", "dataset_dir", "dtype", "mode"})
+RUN_ARGUMENTS = frozenset({"checkpoint", "dataset", "dataset_dir", "dtype", "mode",
+                           "shapes_answer_style"})
 #: Arguments that do not change a row, so a resume may change them.
 NOT_FINGERPRINTED = frozenset({"out", "overwrite", "no_progress", "device", "debug",
                                "command"})
@@ -227,6 +234,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _data_config(args: argparse.Namespace):
+    """The :class:`~keyseg.config.DataConfig` the eval sets are read with: the default one,
+    with the shapes world's answers worded as ``--shapes-answer-style`` says."""
+    from keyseg.config import DataConfig, ShapesConfig
+
+    return DataConfig(shapes=ShapesConfig(answer_style=args.shapes_answer_style))
+
+
 def run_fingerprint(args: argparse.Namespace, settings: EvalConfig, dtype,
                     checkpoint_sha256: str | None, eval_sets) -> dict[str, Any]:
     """The settings that decide the rows: the config's
@@ -251,6 +266,8 @@ def run_fingerprint(args: argparse.Namespace, settings: EvalConfig, dtype,
         checkpoint=checkpoint_sha256 or (str(args.checkpoint) if args.checkpoint else None),
         records={s.spec: len(s.records) for s in eval_sets},
     )
+    if getattr(args, "shapes_answer_style", "lisa") != "lisa":  # older runs keep resuming
+        values["shapes_answer_style"] = args.shapes_answer_style
     return json.loads(json.dumps(dict(sorted(values.items()))))
 
 
