@@ -30,6 +30,11 @@ text embeddings' norm before and after the QA steps): a pre-norm LM's layers add
 updates to each position, so image tokens far above that scale pass through them almost
 unchanged.
 
+``--lookup-turn`` appends to every training conversation one more turn, the kind and colour
+lookup as text ("star: yes, red: no, blue ring: yes, ...", ``lookup_turn``), supervised on its
+verdicts only: the restated existence answers of ``--restate-existence`` ("red star: no")
+have the same shape, so the LM head itself learns the verdict where an answer gives it.
+
 The tokenizer is trained first, on ``keyseg.build.preset_corpus("shapes")`` (the KeySeg
 queries and answers the same tokenizer will serve in fine-tuning) plus QA text of train
 images; it already holds ``<image>``, ``[SEG]`` and ``[KEY]`` (``build_tiny_tokenizer``
