@@ -250,6 +250,83 @@ def existence_qa(path: Path, images: int) -> dict:
     return out
 
 
+def verdict_token_ids(tokenizer) -> tuple[int, int]:
+    """The first token of " yes" and of " no", where a restated verdict is decided (a tiny
+    BPE may split them: " y"+"es", " "+"no"; the first tokens must differ)."""
+    yes, no = (tokenizer(" " + w, add_special_tokens=False).input_ids[0] for w in ("yes", "no"))
+    if yes == no:
+        raise ValueError("' yes' and ' no' start with the same token: no forced verdict")
+    return yes, no
+
+
+def _balanced(pairs: list[tuple[bool, bool]]) -> float | None:
+    """Balanced accuracy of (said yes, truth) pairs; None without both classes."""
+    said = np.array([s for s, _ in pairs], dtype=bool)
+    truth = np.array([t for _, t in pairs], dtype=bool)
+    score = balanced_accuracy(said, truth) if pairs else None
+    return None if score is None else round(score, 4)
+
+
+@torch.no_grad()
+def forced_verdicts(path: Path, images: int, batch_size: int = 16) -> dict:
+    """The verdict with the thing's name given, teacher-forced: the yes/no the LM head
+    prefers right after "{thing}:" (the first tokens of " yes" and " no" compared), as
+    balanced accuracy.
+
+    - ``existence``: the restated answer of each existence question ("red star: no") fed
+      after the question; scored at its colon, per wording family (``c``, ``k``, ``ck``);
+    - ``lookup``: the lookup turn (``pretrain_vlm.lookup_turn``) of each test image fed
+      whole; scored at every verdict, per family (``kind``, ``colour``, ``pair``).
+
+    This separates the verdict from naming the thing (``restated`` in :func:`existence_qa`)."""
+    from keyseg.data.shapes import COLOURS, KINDS
+
+    vlm, tokenizer, encoder = qa_model(path)
+    vlm.eval()
+    yes_no = list(verdict_token_ids(tokenizer))
+    colon = stage2.single_token(tokenizer, ":")
+    comma = stage2.single_token(tokenizer, ",")
+
+    def prefers_yes(batch: dict, positions: list[list[int]]) -> list[list[bool]]:
+        logits = vlm(**{k: v for k, v in batch.items() if k in (
+            "input_ids", "attention_mask", "pixel_values")}).logits
+        return [[bool(logits[row, p - 1, yes_no].argmax() == 0) for p in where]
+                for row, where in enumerate(positions)]
+
+    items = [item for item in stage2.eval_items("test", images, restate=True)
+             if item[1].qtype == "existence"]
+    existence: dict[str, list[tuple[bool, bool]]] = {}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start: start + batch_size]
+        batch = encoder.train_batch([(image, [pair]) for image, pair in chunk])
+        ids = batch["input_ids"]
+        # the verdict token follows the last colon of the answer
+        positions = [[int((row == colon).nonzero().flatten()[-1]) + 1] for row in ids]
+        for (_, pair), said in zip(chunk, prefers_yes(batch, positions), strict=True):
+            truth = verdict(pair.answer) == "yes"
+            for key in (pair.template_id.split(".")[1], "all"):
+                existence.setdefault(key, []).append((said[0], truth))
+    dataset, rng = ShapesDataset("test"), np.random.default_rng(0)
+    lookup: dict[str, list[tuple[bool, bool]]] = {}
+    for start in range(0, images, batch_size):
+        records = [dataset[i] for i in range(start, min(images, start + batch_size))]
+        turns = [stage2.lookup_turn(r, rng) for r in records]
+        batch = encoder.train_batch([(r.image, [t]) for r, t in zip(records, turns,
+                                                                    strict=True)],
+                                    (colon, comma))
+        positions = [row.nonzero().flatten().tolist() for row in batch["verdict_first"]]
+        for turn, said in zip(turns, prefers_yes(batch, positions), strict=True):
+            items_said = [item.split(": ") for item in turn.answer.split(", ")]
+            for (name, gold), guess in zip(items_said, said, strict=True):
+                family = ("kind" if name in KINDS else "colour" if name in COLOURS
+                          else "pair")
+                for key in (family, "all"):
+                    lookup.setdefault(key, []).append((guess, gold == "yes"))
+    return {"existence": {k: _balanced(v) for k, v in sorted(existence.items())},
+            "lookup": {k: _balanced(v) for k, v in sorted(lookup.items())},
+            "questions": {k: len(v) for k, v in sorted(existence.items())}}
+
+
 @torch.no_grad()
 def question_states(path: Path, records, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
     """The LM's hidden states for "Is there a {kind}?" about each record, half of them about
@@ -328,6 +405,9 @@ def main() -> None:
         if args.qa and not (path / "keyseg_processor.json").is_file():
             result["existence_qa"] = existence_qa(path, args.qa_images)
             print(f"{path}: existence questions, accuracy {result['existence_qa']}")
+            result["forced_verdicts"] = forced_verdicts(path, args.qa_images)
+            print(f"{path}: verdicts after the name, teacher-forced (balanced accuracy): "
+                  f"{result['forced_verdicts']}")
         if args.question_states and not (path / "keyseg_processor.json").is_file():
             result["question_states"] = question_state_probes(path, train_records, test_records)
             print(f"{path}: 'is there a {{kind}}?' read from the LM's states, by layer: "

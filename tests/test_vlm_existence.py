@@ -45,3 +45,32 @@ def test_probe_separates_a_present_feature_and_not_noise():
         pred = probe(torch.from_numpy(x[300:]).float()).squeeze(-1).numpy() > 0
     assert lab.balanced_accuracy(pred, noise[300:]) == pytest.approx(0.5, abs=0.15)
     assert lab.balanced_accuracy(pred, np.ones(100, dtype=bool)) is None  # one class only
+
+
+def test_forced_verdicts_score_the_token_right_after_each_name(monkeypatch):
+    """A stub LM head that always prefers the token the teacher-forced answer has next must
+    score 1.0 everywhere: each verdict is read at the position that predicts it (one place
+    off, it would read a name or a colon and score about chance)."""
+    import torch
+
+    from keyseg.build import build_vlm
+    from keyseg.config import BackboneConfig
+
+    probe = experiment_module("vlm_existence")
+    stage2 = experiment_module("pretrain_vlm")
+    vlm, image_processor, tokenizer = build_vlm(BackboneConfig(preset="tiny"))
+    encoder = stage2.QAEncoder(tokenizer, image_processor, vlm.config, "A chat.")
+
+    class PeekingLM:
+        def eval(self):
+            return self
+
+        def __call__(self, input_ids, attention_mask, pixel_values):
+            logits = torch.zeros(*input_ids.shape, len(tokenizer))
+            logits[:, :-1].scatter_(2, input_ids[:, 1:, None], 1.0)
+            return SimpleNamespace(logits=logits)
+
+    monkeypatch.setattr(probe, "qa_model", lambda path: (PeekingLM(), tokenizer, encoder))
+    result = probe.forced_verdicts(None, images=12)
+    assert result["existence"]["all"] == 1.0 and result["questions"]["all"] >= 10
+    assert result["lookup"] == {"all": 1.0, "colour": 1.0, "kind": 1.0, "pair": 1.0}
