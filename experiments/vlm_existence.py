@@ -14,7 +14,10 @@ the image tokens after the projector (what the LM reads), pooled over the image 
 With ``--qa``, each HF LLaVA directory also answers the existence questions of the stage 2
 QA on ``--qa-images`` test images (``pretrain_vlm.eval_items``, greedy, exact match), scored
 per wording family: "is there anything {colour}?" (``c``), "is there a {kind}?" (``k``),
-"is there a {colour} {kind}?" (``ck``), about half of each answered "yes".
+"is there a {colour} {kind}?" (``ck``), about half of each answered "yes". It also scores
+the verdict teacher-forced after the thing's name (``forced_verdicts``: "red star:" fed, then
+" yes" vs " no" compared), for the existence questions and for ``pretrain_vlm``'s lookup turn,
+so a VLM that does not repeat the asked thing is still scored on its verdict.
 
 One logistic regression per concept (not one shared classifier fed a concept one-hot,
 which would hide whether each concept can be read), fitted on ``--train-images`` train
