@@ -364,13 +364,16 @@ class ShapesConfig(Checked):
     """Difficulty weights for the train split only (same form as ``difficulty_weights``);
     ``None`` uses ``difficulty_weights``. Val and test keep ``difficulty_weights``, so a run
     that trains on more negatives is still validated and tested on the same records."""
-    answer_style: Literal["lisa", "restate"] = "lisa"
+    answer_style: Literal["lisa", "restate", "verdict"] = "lisa"
     """How single-target and negative answers are worded. ``lisa``: LISA's ("Sure, it is
     [SEG].", "There is no such shape, [SEG]."), so the first word already decides whether
     the shape is there. ``restate``: every such answer names the target first and decides
     right after its name ("The red star [SEG]." / "The red star: there is no such shape,
     [SEG]."), where a VLM that looks a named kind up (``experiments/pretrain_vlm.py
-    --lm-probe-weight``) holds the answer. Multi-target answers are the same in both."""
+    --lm-probe-weight``) holds the answer. ``verdict``: the name, then the verdict word of
+    the stage 2 lookup turn (``pretrain_vlm.py --lookup-turn``): "The red star: yes, [SEG]." /
+    "The red star: no, there is no such shape, [SEG].". Multi-target answers are the same in
+    all three."""
     seed: NonNegativeInt = 0
     """World seed mixed into every image's random stream."""
 

@@ -179,6 +179,28 @@ def test_restated_answers_name_the_target_and_decide_right_after_it() -> None:
         write_answer(None, np.random.default_rng(0), style="short")  # type: ignore[arg-type]
 
 
+def test_verdict_answers_say_yes_or_no_right_after_the_name() -> None:
+    """``answer_style: verdict``: the restated name, then the stage 2 lookup's verdict word."""
+    lisa = ShapesConfig(queries_per_image=2)
+    verdict = ShapesConfig(queries_per_image=2, answer_style="verdict")
+    seen = Counter()
+    for i in range(40):
+        ours, theirs = generate_sample(i, "train", verdict), generate_sample(i, "train", lisa)
+        for mine, base, meta in zip(ours.referents, theirs.referents, ours.meta["queries"],
+                                    strict=True):
+            assert mine.answer.count("[SEG]") == base.answer.count("[SEG]") >= 1
+            if len(meta["targets"]) > 1:
+                assert mine.answer == base.answer
+                continue
+            head, _, tail = mine.answer.partition(": ")
+            assert head.removeprefix("Sure, the ").removeprefix("The ").lower() in (
+                meta["explanation"].lower())
+            word = "yes" if meta["targets"] else "no"
+            assert tail.startswith(word + ", ")
+            seen[word] += 1
+    assert min(seen.values()) > 3
+
+
 def _rasterise_reason_seg(shapes: list[dict], height: int, width: int) -> np.ndarray:
     """SPEC §5 rasterisation: largest polygon first, outline + fill, ignore -> 255."""
 

@@ -573,7 +573,19 @@ _RESTATED_NEGATIVE_ANSWERS = (
     "The {desc}: there is no such shape, [SEG].",
     "Sure, the {desc}: no such shape in the image, [SEG].",
 )
-ANSWER_STYLES = ("lisa", "restate")
+# "verdict": the name, then the stage 2 lookup's own verdict word ("red star: yes"), so the
+# answer is decided where and as `experiments/pretrain_vlm.py --lookup-turn` trains it.
+_VERDICT_SINGLE_ANSWERS = ("The {desc}: yes, [SEG].", "Sure, the {desc}: yes, [SEG].")
+_VERDICT_NEGATIVE_ANSWERS = (
+    "The {desc}: no, there is no such shape, [SEG].",
+    "Sure, the {desc}: no, there is no such shape in the image, [SEG].",
+)
+_ANSWER_POOLS = {  # style -> (single-target answers, negative answers)
+    "lisa": (_SINGLE_ANSWERS, _NEGATIVE_ANSWERS),
+    "restate": (_RESTATED_SINGLE_ANSWERS, _RESTATED_NEGATIVE_ANSWERS),
+    "verdict": (_VERDICT_SINGLE_ANSWERS, _VERDICT_NEGATIVE_ANSWERS),
+}
+ANSWER_STYLES = tuple(_ANSWER_POOLS)
 
 
 def target_names(query: Query, scene: Scene) -> list[str]:
@@ -604,12 +616,12 @@ def write_answer(query: Query, rng: np.random.Generator,
                                 f"{', '.join(ANSWER_STYLES)})")
     k = len(query.targets)
     if k == 0:
-        pool = _NEGATIVE_ANSWERS if style == "lisa" else _RESTATED_NEGATIVE_ANSWERS
+        pool = _ANSWER_POOLS[style][1]
         answer = pool[int(rng.integers(len(pool)))]
         return (answer.format(desc=query.description),
                 f"There is no {query.description} in the image.")
     if k == 1:
-        pool = _SINGLE_ANSWERS if style == "lisa" else _RESTATED_SINGLE_ANSWERS
+        pool = _ANSWER_POOLS[style][0]
         answer = pool[int(rng.integers(len(pool)))]
         return answer.format(desc=query.description), f"It is the {query.description}."
     named = ([f"{name} [SEG]" for name in target_names(query, scene)] if scene is not None
