@@ -149,31 +149,38 @@ def test_train_difficulty_weights_change_only_the_train_split() -> None:
             assert np.array_equal(np.asarray(ours.image), np.asarray(theirs.image))
 
 
-def test_restated_answers_name_the_target_and_decide_right_after_it() -> None:
+def _styled_and_lisa_referents(style: str, images: int):
+    """(referent under ``style``, the same referent LISA-worded, its query meta) for the
+    first ``images`` train images, both worlds checked to hold the same records otherwise."""
     lisa = ShapesConfig(queries_per_image=2)
-    restate = ShapesConfig(queries_per_image=2, answer_style="restate")
-    seen = Counter()
-    for i in range(60):
-        ours, theirs = generate_sample(i, "train", restate), generate_sample(i, "train", lisa)
+    styled = ShapesConfig(queries_per_image=2, answer_style=style)
+    for i in range(images):
+        ours, theirs = generate_sample(i, "train", styled), generate_sample(i, "train", lisa)
         assert np.array_equal(np.asarray(ours.image), np.asarray(theirs.image))
         for mine, base, meta in zip(ours.referents, theirs.referents, ours.meta["queries"],
                                     strict=True):
             assert (mine.text, mine.keyword, mine.difficulty) == (
                 base.text, base.keyword, base.difficulty)
-            assert mine.answer.count("[SEG]") == base.answer.count("[SEG]")
-            name = meta["explanation"].removeprefix("It is the ").removeprefix(
-                "There is no ").removesuffix(" in the image.").removesuffix(".")
-            if len(meta["targets"]) > 1:
-                assert mine.answer == base.answer
-                seen["multi"] += 1
-            elif meta["targets"]:
-                assert mine.answer in (f"The {name} [SEG].", f"Sure, the {name} [SEG].")
-                seen["single"] += 1
-            else:
-                # the same start as a positive answer up to the name, then the denial
-                assert mine.answer in (f"The {name}: there is no such shape, [SEG].",
-                                       f"Sure, the {name}: no such shape in the image, [SEG].")
-                seen["negative"] += 1
+            assert mine.answer.count("[SEG]") == base.answer.count("[SEG]") >= 1
+            yield mine, base, meta
+
+
+def test_restated_answers_name_the_target_and_decide_right_after_it() -> None:
+    seen = Counter()
+    for mine, base, meta in _styled_and_lisa_referents("restate", 60):
+        name = meta["explanation"].removeprefix("It is the ").removeprefix(
+            "There is no ").removesuffix(" in the image.").removesuffix(".")
+        if len(meta["targets"]) > 1:
+            assert mine.answer == base.answer
+            seen["multi"] += 1
+        elif meta["targets"]:
+            assert mine.answer in (f"The {name} [SEG].", f"Sure, the {name} [SEG].")
+            seen["single"] += 1
+        else:
+            # the same start as a positive answer up to the name, then the denial
+            assert mine.answer in (f"The {name}: there is no such shape, [SEG].",
+                                   f"Sure, the {name}: no such shape in the image, [SEG].")
+            seen["negative"] += 1
     assert min(seen.values()) > 3
     with pytest.raises(KeySegConfigError, match="answer style"):
         write_answer(None, np.random.default_rng(0), style="short")  # type: ignore[arg-type]
@@ -181,23 +188,17 @@ def test_restated_answers_name_the_target_and_decide_right_after_it() -> None:
 
 def test_verdict_answers_say_yes_or_no_right_after_the_name() -> None:
     """``answer_style: verdict``: the restated name, then the stage 2 lookup's verdict word."""
-    lisa = ShapesConfig(queries_per_image=2)
-    verdict = ShapesConfig(queries_per_image=2, answer_style="verdict")
     seen = Counter()
-    for i in range(40):
-        ours, theirs = generate_sample(i, "train", verdict), generate_sample(i, "train", lisa)
-        for mine, base, meta in zip(ours.referents, theirs.referents, ours.meta["queries"],
-                                    strict=True):
-            assert mine.answer.count("[SEG]") == base.answer.count("[SEG]") >= 1
-            if len(meta["targets"]) > 1:
-                assert mine.answer == base.answer
-                continue
-            head, _, tail = mine.answer.partition(": ")
-            assert head.removeprefix("Sure, the ").removeprefix("The ").lower() in (
-                meta["explanation"].lower())
-            word = "yes" if meta["targets"] else "no"
-            assert tail.startswith(word + ", ")
-            seen[word] += 1
+    for mine, base, meta in _styled_and_lisa_referents("verdict", 40):
+        if len(meta["targets"]) > 1:
+            assert mine.answer == base.answer
+            continue
+        head, _, tail = mine.answer.partition(": ")
+        assert head.removeprefix("Sure, the ").removeprefix("The ").lower() in (
+            meta["explanation"].lower())
+        word = "yes" if meta["targets"] else "no"
+        assert tail.startswith(word + ", ")
+        seen[word] += 1
     assert min(seen.values()) > 3
 
 
