@@ -122,3 +122,8 @@ def test_shapes_answer_style_feeds_restated_references_and_is_fingerprinted():
     assert fingerprint(restated)["shapes_answer_style"] == "restate"
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--dataset", "shapes:test", "--shapes-answer-style", "x"])
+    from keyseg.data.shapes.queries import ANSWER_STYLES
+
+    for style in ANSWER_STYLES:  # every style the world writes can be evaluated
+        assert parser.parse_args(["eval", "--dataset", "shapes:test", "--shapes-answer-style",
+                                  style]).shapes_answer_style == style

@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shapes: the wording of the reference answers fed in teacher "
                              "mode, as the model was trained with data.shapes.answer_style "
                              "(default: lisa); generated answers are scored the same way "
-                             "under both")
+                             "under every style")
     parser.add_argument("--dataset-dir", type=Path, default=Path("./dataset"),
                         help="dataset root holding reason_seg/ and refer_seg/ (default: "
                              "./dataset)")
