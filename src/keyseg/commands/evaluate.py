@@ -267,7 +267,7 @@ def run_fingerprint(args: argparse.Namespace, settings: EvalConfig, dtype,
         checkpoint=checkpoint_sha256 or (str(args.checkpoint) if args.checkpoint else None),
         records={s.spec: len(s.records) for s in eval_sets},
     )
-    if getattr(args, "shapes_answer_style", "lisa") != "lisa":  # older runs keep resuming
+    if args.shapes_answer_style != "lisa":  # older runs keep resuming
         values["shapes_answer_style"] = args.shapes_answer_style
     return json.loads(json.dumps(dict(sorted(values.items()))))
 
