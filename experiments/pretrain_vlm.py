@@ -34,6 +34,8 @@ unchanged.
 lookup as text ("star: yes, red: no, blue ring: yes, ...", ``lookup_turn``), supervised on its
 verdicts only: the restated existence answers of ``--restate-existence`` ("red star: no")
 have the same shape, so the LM head itself learns the verdict where an answer gives it.
+``--lookup-asks`` words that turn as an existence question listing its items ("Is there a
+star, a red shape or ...?"), so the verdicts are trained in a question's context.
 
 The tokenizer is trained first, on ``keyseg.build.preset_corpus("shapes")`` (the KeySeg
 queries and answers the same tokenizer will serve in fine-tuning) plus QA text of train
@@ -315,7 +317,19 @@ class KindLookupProbe(torch.nn.Module):
 LOOKUP_QUESTION = "Which of these are in the image?"
 
 
-def lookup_turn(record, rng: np.random.Generator, pairs: int = 4) -> QAPair:
+#: ``--lookup-asks``: the lookup turn worded as an existence question that lists its items.
+LOOKUP_ASKS = ("Is there {items}?", "Can you see {items}?", "Does the image contain {items}?",
+               "Any of these: {items}?")
+
+
+def _spoken(concept: tuple[str | None, str | None]) -> str:
+    """How existence questions name a concept: "red star", "star", "red shape"."""
+    colour, kind = concept
+    return f"{colour} {kind}" if colour and kind else kind or f"{colour} shape"
+
+
+def lookup_turn(record, rng: np.random.Generator, pairs: int = 4,
+                asks: bool = False) -> QAPair:
     """The kind lookup *as text* (``--lookup-turn``): an answer that names every kind and
     colour, and ``pairs`` colour + kind pairs (half of them present where possible, the
     absent ones sharing a colour or a kind with a present object), each followed by its
@@ -324,7 +338,12 @@ def lookup_turn(record, rng: np.random.Generator, pairs: int = 4) -> QAPair:
     The restated existence answer ("red star: no") has the same shape, so the LM head
     learns the verdict at the very position where a question's answer gives it. Trained
     through :func:`verdict_labels_only`: the loss falls on the verdict tokens alone, since
-    which name comes next is a coin toss."""
+    which name comes next is a coin toss.
+
+    ``asks`` (``--lookup-asks``): the question lists the items as an existence question
+    does ("Is there a star, a red shape or a blue ring?") and the answer names them as a
+    restated existence answer does ("star: yes, red shape: no, ..."), in the same order, so
+    the verdicts are trained in the context where questions need them."""
     present = existence_labels(record)
     presence = dict(zip(EXISTENCE_CONCEPTS, present.tolist(), strict=True))
     singles = [c for c in EXISTENCE_CONCEPTS if c[0] is None or c[1] is None]
@@ -337,10 +356,15 @@ def lookup_turn(record, rng: np.random.Generator, pairs: int = 4) -> QAPair:
             chosen.append(pool[int(i)])
     items = singles + chosen
     order = rng.permutation(len(items))
-    answer = ", ".join(f"{' '.join(w for w in items[i] if w)}: "
-                       f"{'yes' if presence[items[i]] else 'no'}" for i in order)
-    return QAPair(qtype="lookup", template_id="lookup", question=LOOKUP_QUESTION,
-                  answer=answer)
+    names = [_spoken(items[i]) if asks else " ".join(w for w in items[i] if w) for i in order]
+    answer = ", ".join(f"{name}: {'yes' if presence[items[i]] else 'no'}"
+                       for name, i in zip(names, order, strict=True))
+    question = LOOKUP_QUESTION
+    if asks:
+        spoken = [("an " if n[0] in "aeiou" else "a ") + n for n in names]
+        listed = ", ".join(spoken[:-1]) + " or " + spoken[-1]
+        question = LOOKUP_ASKS[int(rng.integers(len(LOOKUP_ASKS)))].format(items=listed)
+    return QAPair(qtype="lookup", template_id="lookup", question=question, answer=answer)
 
 
 def verdict_labels_only(labels: torch.Tensor, input_ids: torch.Tensor, colon: int,
@@ -634,6 +658,10 @@ def main() -> None:
                         help="append to every training conversation the kind/colour lookup as "
                              "text (lookup_turn: \"star: yes, red: no, ...\"), its verdicts "
                              "trained by the ordinary next-token loss")
+    parser.add_argument("--lookup-asks", action="store_true",
+                        help="with --lookup-turn: word the lookup as an existence question that "
+                             "lists its items (\"Is there a star, a red shape or ...?\") and "
+                             "name them as restated existence answers do")
     parser.add_argument("--tower-steps", type=int, default=0,
                         help="steps training only the vision tower on the probe losses, "
                              "before the QA steps (needs a probe weight; 0: none)")
@@ -672,6 +700,8 @@ def main() -> None:
         parser.error("--image-token-norm must be positive")
     if args.tower_steps < 0:
         parser.error("--tower-steps must not be negative")
+    if args.lookup_asks and not args.lookup_turn:
+        parser.error("--lookup-asks words the lookup turn: give --lookup-turn too")
     if args.init is not None and args.warm_start is not None:
         parser.error("give --init (continue a run) or --warm-start (a new preset), not both")
     if args.tower_steps and not (args.patch_loss_weight or args.existence_loss_weight):
@@ -773,7 +803,8 @@ def main() -> None:
                                              args.turns_per_image, args.qa_types,
                                              args.per_type, args.restate_existence)
         if verdict_marks is not None:
-            conversations = [(record, [*pairs, lookup_turn(record, turn_rng)])
+            conversations = [(record, [*pairs, lookup_turn(record, turn_rng,
+                                                            asks=args.lookup_asks)])
                              for record, pairs in conversations]
         batch = encoder.train_batch([(record.image, pairs) for record, pairs in conversations],
                                     verdict_marks)

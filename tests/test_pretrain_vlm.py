@@ -376,6 +376,12 @@ def test_init_and_warm_start_are_exclusive(tmp_path) -> None:
     assert done.returncode == 2 and "--warm-start" in done.stderr
 
 
+def test_the_asking_lookup_needs_the_lookup_turn(tmp_path) -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), "--lookup-asks", "--steps", "1",
+                           "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert done.returncode == 2 and "--lookup-turn" in done.stderr
+
+
 def test_lookup_turn_says_every_kind_and_colour_and_is_trained_on_its_verdicts_only(
         tiny_parts) -> None:
     """``lookup_turn``: every kind and colour once, and colour + kind pairs, each with the
@@ -417,3 +423,30 @@ def test_lookup_turn_says_every_kind_and_colour_and_is_trained_on_its_verdicts_o
         first = batch["verdict_first"][0]
         assert int(first.sum()) == len(verdicts) and (ids[first.roll(-1)] == marks[0]).all()
     assert len(orders) == 6
+
+
+def test_the_asking_lookup_lists_its_items_in_the_answers_order_as_existence_questions_do(
+        ) -> None:
+    """``lookup_turn(asks=True)``: the question asks for each item with its article, in the
+    order the answer gives the verdicts, and names colours as existence questions do
+    ("red shape", not "red")."""
+    from keyseg.data.shapes import COLOURS
+
+    lab = _module()
+    rng = np.random.default_rng(1)
+    wordings = set()
+    for index in range(8):
+        record = ShapesDataset("val")[index]
+        turn = lab.lookup_turn(record, rng, asks=True)
+        said = [item.split(": ") for item in turn.answer.split(", ")]
+        names = [name for name, _ in said]
+        assert {f"{c} shape" for c in COLOURS} <= set(names)
+        assert not set(COLOURS) & set(names)
+        listed = [("an " if n[0] in "aeiou" else "a ") + n for n in names]
+        assert ", ".join(listed[:-1]) + " or " + listed[-1] in turn.question
+        plain = lab.lookup_turn(record, np.random.default_rng(index))
+        truth = {(n if " " in n or n not in COLOURS else f"{n} shape"): v
+                 for n, v in (i.split(": ") for i in plain.answer.split(", "))}
+        assert all(truth[name] == verdict for name, verdict in said if name in truth)
+        wordings.add(turn.question.split(" a")[0])
+    assert len(wordings) >= 2
