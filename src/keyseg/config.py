@@ -364,7 +364,7 @@ class ShapesConfig(Checked):
     """Difficulty weights for the train split only (same form as ``difficulty_weights``);
     ``None`` uses ``difficulty_weights``. Val and test keep ``difficulty_weights``, so a run
     that trains on more negatives is still validated and tested on the same records."""
-    answer_style: Literal["lisa", "restate", "verdict"] = "lisa"
+    answer_style: Literal["lisa", "restate", "verdict", "asked"] = "lisa"
     """How single-target and negative answers are worded. ``lisa``: LISA's ("Sure, it is
     [SEG].", "There is no such shape, [SEG]."), so the first word already decides whether
     the shape is there. ``restate``: every such answer names the target first and decides
@@ -372,8 +372,11 @@ class ShapesConfig(Checked):
     [SEG]."), where a VLM that looks a named kind up (``experiments/pretrain_vlm.py
     --lm-probe-weight``) holds the answer. ``verdict``: the name, then the verdict word of
     the stage 2 lookup turn (``pretrain_vlm.py --lookup-turn``): "The red star: yes, [SEG]." /
-    "The red star: no, there is no such shape, [SEG].". Multi-target answers are the same in
-    all three."""
+    "The red star: no, there is no such shape, [SEG].". ``asked``: the same, but the name
+    before the verdict is the one the query asked for, for present and absent shapes alike
+    ("the circle" -> "The circle: yes, the blue circle [SEG]." / "The circle: no, there is
+    no such shape, [SEG]."), so the name does not give the verdict away. Multi-target
+    answers are the same in all four."""
     seed: NonNegativeInt = 0
     """World seed mixed into every image's random stream."""
 

@@ -202,6 +202,32 @@ def test_verdict_answers_say_yes_or_no_right_after_the_name() -> None:
     assert min(seen.values()) > 3
 
 
+def test_asked_answers_name_what_the_query_asked_for_whatever_the_verdict() -> None:
+    """``answer_style: asked``: the name before the verdict is the query's keyword (a bare
+    colour as "{colour} shape"), for present and absent shapes alike, so it never gives the
+    verdict away; a present shape's full name follows when it adds to that."""
+    from keyseg.data.shapes import COLOURS
+
+    seen = Counter()
+    for mine, base, meta in _styled_and_lisa_referents("asked", 60):
+        if len(meta["targets"]) > 1:
+            assert mine.answer == base.answer
+            continue
+        head, _, tail = mine.answer.partition(": ")
+        asked = f"{mine.keyword} shape" if mine.keyword in COLOURS else mine.keyword
+        assert head.removeprefix("Sure, the ").removeprefix("The ") == asked
+        if not meta["targets"]:
+            assert tail.startswith("no, there is no such shape")
+            seen["no"] += 1
+            continue
+        full = meta["explanation"].removeprefix("It is the ").removesuffix(".")
+        named = tail.removeprefix("yes, ").removeprefix("the ").removesuffix(" [SEG].")
+        assert tail.startswith("yes, ")
+        assert named == ("[SEG]." if full == asked else full), mine.answer
+        seen["yes, " + ("same" if full == asked else "named")] += 1
+    assert min(seen.values()) > 3 and len(seen) == 3, seen
+
+
 def _rasterise_reason_seg(shapes: list[dict], height: int, width: int) -> np.ndarray:
     """SPEC §5 rasterisation: largest polygon first, outline + fill, ignore -> 255."""
 

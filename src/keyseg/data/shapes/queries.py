@@ -580,12 +580,25 @@ _VERDICT_NEGATIVE_ANSWERS = (
     "The {desc}: no, there is no such shape, [SEG].",
     "Sure, the {desc}: no, there is no such shape in the image, [SEG].",
 )
+# "asked": as "verdict", but the name before the verdict is what the query asked for ("The
+# circle: yes, the blue circle [SEG]."), as a negative answer's is ("The circle: no, ...").
+# Under "verdict" a present circle is named with its colour and an absent one without, so
+# the verdict falls on the word after "The", where "yes" is split over six colours and
+# "no" is one word; here it falls on one binary choice at the lookup's position.
+_ASKED_SINGLE_ANSWERS = ("The {asked}: yes, {which}[SEG].", "Sure, the {asked}: yes, {which}[SEG].")
 _ANSWER_POOLS = {  # style -> (single-target answers, negative answers)
     "lisa": (_SINGLE_ANSWERS, _NEGATIVE_ANSWERS),
     "restate": (_RESTATED_SINGLE_ANSWERS, _RESTATED_NEGATIVE_ANSWERS),
     "verdict": (_VERDICT_SINGLE_ANSWERS, _VERDICT_NEGATIVE_ANSWERS),
+    "asked": (_ASKED_SINGLE_ANSWERS, _VERDICT_NEGATIVE_ANSWERS),
 }
 ANSWER_STYLES = tuple(_ANSWER_POOLS)
+
+
+def asked_name(query: Query) -> str:
+    """What a single-target or negative query asks for, as a noun phrase: its keyword, with
+    "shape" after a bare colour ("circle", "red star", "yellow shape")."""
+    return f"{query.keyword} shape" if query.keyword in COLOURS else query.keyword
 
 
 def target_names(query: Query, scene: Scene) -> list[str]:
@@ -623,7 +636,10 @@ def write_answer(query: Query, rng: np.random.Generator,
     if k == 1:
         pool = _ANSWER_POOLS[style][0]
         answer = pool[int(rng.integers(len(pool)))]
-        return answer.format(desc=query.description), f"It is the {query.description}."
+        asked = asked_name(query)
+        which = "" if asked == query.description else f"the {query.description} "
+        return (answer.format(desc=query.description, asked=asked, which=which),
+                f"It is the {query.description}.")
     named = ([f"{name} [SEG]" for name in target_names(query, scene)] if scene is not None
              else ["[SEG]"] * k)
     segs = ", ".join(named[:-1]) + " and " + named[-1]
