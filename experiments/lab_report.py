@@ -8,7 +8,8 @@ Prints, for the generated answers: gIoU (mean per-sample IoU, LISA's) overall an
 difficulty; the share of negative queries *answered* as negatives (the answer says there is
 no such shape; and, separately, the share whose masks are empty) and the share of positive
 queries answered so (a shape that is there denied), and both over the wordings that negative
-and direct queries share (does the answer follow the image or the wording?); for multi-target
+and direct queries share (does the answer follow the image or the wording?), and by what the
+query names (a kind, a colour or both); for multi-target
 answers
 the largest IoU between two of an answer's masks (``max_pred_overlap``: one object drawn
 twice gives 1.0); and each acceptance check of the issue with PASS/FAIL. ``--compare`` adds
@@ -86,6 +87,35 @@ def by_wording(rows: list[dict]) -> dict | None:
             "present": sum(present) / len(present), "n_present": len(present)}
 
 
+def by_concept(rows: list[dict]) -> dict | None:
+    """How often "no such shape" is said for absent (negative) and present (direct) shapes,
+    by what the query names: a kind alone ("the circle"), a colour alone, or both. Under a
+    named answer style a present shape asked by its kind alone is named with its colour,
+    an absent one is not, so this shows whether that split decides the verdict. ``None``
+    without direct or negative rows that carry their ``target_keyword``."""
+    from keyseg.data.shapes import COLOURS, KINDS
+
+    def form(keyword: str) -> str | None:
+        words = keyword.split()
+        if words in ([k] for k in KINDS):
+            return "kind"
+        if words in ([c] for c in COLOURS):
+            return "colour"
+        return "colour kind" if len(words) == 2 else None
+
+    said: dict[str, dict[str, list[bool]]] = {}
+    for row in rows:
+        side = {"negative": "absent", "direct": "present"}.get(row.get("difficulty"))
+        named = form(row.get("target_keyword") or "")
+        if side and named:
+            said.setdefault(named, {}).setdefault(side, []).append(said_no(row))
+    if not said:
+        return None
+    return {named: {side: {"said_no": sum(v) / len(v), "n": len(v)}
+                    for side, v in sorted(sides.items())}
+            for named, sides in sorted(said.items())}
+
+
 def summarise(rows: list[dict]) -> dict:
     """gIoU overall and by difficulty, negatives answered, multi-target overlaps."""
     by_difficulty: dict[str, list[float]] = {}
@@ -109,6 +139,7 @@ def summarise(rows: list[dict]) -> dict:
         "positives_denied": (sum(map(said_no, positives)) / len(positives)
                              if positives else None),
         "said_no_by_wording": by_wording(rows),
+        "said_no_by_concept": by_concept(rows),
         "multi_answers": len(multi),
         "multi_mean_overlap": statistics.mean(multi) if multi else None,
         "multi_share_distinct": (sum(o < TARGETS["multi_overlap"] for o in multi) / len(multi)
@@ -160,6 +191,9 @@ def main() -> None:
         print(f"same wordings ({len(wording['wordings'])}): 'no such shape' for "
               f"{wording['absent']:.0%} of {wording['n_absent']} absent shapes, "
               f"{wording['present']:.0%} of {wording['n_present']} present ones")
+    for named, sides in (native["said_no_by_concept"] or {}).items():
+        print(f"queries naming a {named}: 'no such shape' for " + ", ".join(
+            f"{d['said_no']:.0%} of {d['n']} {side} shapes" for side, d in sides.items()))
     results = checks(native, export)
     for text, passed in results:
         print(f"{'PASS' if passed else 'FAIL'}  {text}")

@@ -47,6 +47,26 @@ def test_summary_and_checks_from_rows(tmp_path):
     assert lab.checks(summary, export)[-1][1] is False  # a 0.05 gap is outside 0.03
 
 
+def test_by_concept_splits_denials_by_what_the_query_names():
+    lab = _module()
+    no, yes = "The circle: no, there is no such shape, [SEG].", "The circle: yes, [SEG]."
+    rows = [
+        {**_row("direct", 0.0, no), "target_keyword": "circle"},
+        {**_row("direct", 0.9, yes), "target_keyword": "circle"},
+        {**_row("negative", 1.0, no), "target_keyword": "circle"},
+        {**_row("negative", 1.0, no), "target_keyword": "red star"},
+        {**_row("direct", 0.8, yes), "target_keyword": "red"},
+        {**_row("indirect", 0.0, no), "target_keyword": "star"},  # neither side: left out
+        _row("direct", 0.5),  # no keyword recorded: left out
+    ]
+    assert lab.by_concept(rows) == {
+        "colour": {"present": {"said_no": 0.0, "n": 1}},
+        "colour kind": {"absent": {"said_no": 1.0, "n": 1}},
+        "kind": {"absent": {"said_no": 1.0, "n": 1}, "present": {"said_no": 0.5, "n": 2}},
+    }
+    assert lab.by_concept([_row("direct", 0.5)]) is None
+
+
 def test_by_wording_compares_absent_and_present_shapes_asked_alike():
     from keyseg.data.shapes import ShapesDataset
 
