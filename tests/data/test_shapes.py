@@ -186,15 +186,22 @@ def test_restated_answers_name_the_target_and_decide_right_after_it() -> None:
         write_answer(None, np.random.default_rng(0), style="short")  # type: ignore[arg-type]
 
 
-def test_verdict_answers_say_yes_or_no_right_after_the_name() -> None:
-    """``answer_style: verdict``: the restated name, then the stage 2 lookup's verdict word."""
-    seen = Counter()
-    for mine, base, meta in _styled_and_lisa_referents("verdict", 40):
+def _single_target_answers(style: str, images: int):
+    """(referent, name before the verdict, the rest, query meta) of each single-target or
+    negative referent under a named ``style``; multi-target answers checked to be LISA's."""
+    for mine, base, meta in _styled_and_lisa_referents(style, images):
         if len(meta["targets"]) > 1:
             assert mine.answer == base.answer
             continue
         head, _, tail = mine.answer.partition(": ")
-        assert head.removeprefix("Sure, the ").removeprefix("The ").lower() in (
+        yield mine, head.removeprefix("Sure, the ").removeprefix("The "), tail, meta
+
+
+def test_verdict_answers_say_yes_or_no_right_after_the_name() -> None:
+    """``answer_style: verdict``: the restated name, then the stage 2 lookup's verdict word."""
+    seen = Counter()
+    for _, head, tail, meta in _single_target_answers("verdict", 40):
+        assert head.lower() in (
             meta["explanation"].lower())
         word = "yes" if meta["targets"] else "no"
         assert tail.startswith(word + ", ")
@@ -209,13 +216,9 @@ def test_asked_answers_name_what_the_query_asked_for_whatever_the_verdict() -> N
     from keyseg.data.shapes import COLOURS
 
     seen = Counter()
-    for mine, base, meta in _styled_and_lisa_referents("asked", 60):
-        if len(meta["targets"]) > 1:
-            assert mine.answer == base.answer
-            continue
-        head, _, tail = mine.answer.partition(": ")
+    for mine, head, tail, meta in _single_target_answers("asked", 60):
         asked = f"{mine.keyword} shape" if mine.keyword in COLOURS else mine.keyword
-        assert head.removeprefix("Sure, the ").removeprefix("The ") == asked
+        assert head == asked
         if not meta["targets"]:
             assert tail.startswith("no, there is no such shape")
             seen["no"] += 1
