@@ -364,7 +364,7 @@ class ShapesConfig(Checked):
     """Difficulty weights for the train split only (same form as ``difficulty_weights``);
     ``None`` uses ``difficulty_weights``. Val and test keep ``difficulty_weights``, so a run
     that trains on more negatives is still validated and tested on the same records."""
-    answer_style: Literal["lisa", "restate", "verdict", "asked"] = "lisa"
+    answer_style: Literal["lisa", "restate", "verdict", "asked", "asked_only"] = "lisa"
     """How single-target and negative answers are worded. ``lisa``: LISA's ("Sure, it is
     [SEG].", "There is no such shape, [SEG]."), so the first word already decides whether
     the shape is there. ``restate``: every such answer names the target first and decides
@@ -375,8 +375,12 @@ class ShapesConfig(Checked):
     "The red star: no, there is no such shape, [SEG].". ``asked``: the same, but the name
     before the verdict is the one the query asked for, for present and absent shapes alike
     ("the circle" -> "The circle: yes, the blue circle [SEG]." / "The circle: no, there is
-    no such shape, [SEG]."), so the name does not give the verdict away. Multi-target
-    answers are the same in all four."""
+    no such shape, [SEG]."), so the name does not give the verdict away. ``asked_only``:
+    as ``asked``, but nothing is named that only the image tells: "The circle: yes, [SEG].";
+    a query whose concept the image alone gives ("the smallest diamond") is answered "Sure,
+    [SEG]."; multi-target answers count their targets left to right ("The circles: the
+    first [SEG] and the second [SEG]."). Otherwise multi-target answers are the same in
+    every style (each target named)."""
     seed: NonNegativeInt = 0
     """World seed mixed into every image's random stream."""
 

@@ -231,6 +231,40 @@ def test_asked_answers_name_what_the_query_asked_for_whatever_the_verdict() -> N
     assert min(seen.values()) > 3 and len(seen) == 3, seen
 
 
+def test_asked_only_answers_never_name_what_the_query_did_not_give() -> None:
+    """``answer_style: asked_only``: "The circle: yes, [SEG]." with no colour after it; no
+    name at all when only the image gives the concept ("the smallest diamond"); multi-target
+    answers count their targets ("the first [SEG] and the second [SEG]")."""
+    from keyseg.data.shapes import COLOURS, KINDS
+
+    ordinals = ("first", "second", "third", "fourth", "fifth", "sixth")
+    seen = Counter()
+    for mine, _, meta in _styled_and_lisa_referents("asked_only", 80):
+        k = len(meta["targets"])
+        words = set(mine.answer.lower().replace(":", " ").replace(",", " ").split())
+        # the only colour or kind words are the keyword's (a clue's kind or colour included)
+        assert words & (set(COLOURS) | set(KINDS)) <= set(mine.keyword.split()), mine.answer
+        if k > 1:
+            segs = [f"the {ordinals[i]} [SEG]" for i in range(k)]
+            counted = ", ".join(segs[:-1]) + " and " + segs[-1] + "."
+            assert mine.answer.endswith(": " + counted), mine.answer
+            seen["multi"] += 1
+        elif k == 0:
+            assert ": no, there is no such shape" in mine.answer
+            seen["no"] += 1
+        elif mine.answer in ("Sure, [SEG].", "It is [SEG]."):
+            # unnamed only where the keyword is the target's own name, not said by the query
+            assert meta["explanation"] == f"It is the {mine.keyword}."
+            assert mine.keyword.lower() not in mine.text.lower()
+            seen["unnamed"] += 1
+        else:
+            asked = f"{mine.keyword} shape" if mine.keyword in COLOURS else mine.keyword
+            assert mine.answer in (f"The {asked}: yes, [SEG].", f"Sure, the {asked}: yes, [SEG].")
+            assert mine.difficulty != "relational"
+            seen["yes"] += 1
+    assert min(seen.values()) > 3 and len(seen) == 4, seen
+
+
 def _rasterise_reason_seg(shapes: list[dict], height: int, width: int) -> np.ndarray:
     """SPEC §5 rasterisation: largest polygon first, outline + fill, ignore -> 255."""
 

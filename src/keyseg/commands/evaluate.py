@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "lisa-bugs: also reproduce them (blank queries, a bare-string "
                              "text indexed by character, overlapping polygons summed and "
                              "dropped by the metric); see docs/EVALUATION.md")
-    parser.add_argument("--shapes-answer-style", choices=["lisa", "restate", "verdict", "asked"],
+    parser.add_argument("--shapes-answer-style",
+                        choices=["lisa", "restate", "verdict", "asked", "asked_only"],
                         default="lisa",
                         help="shapes: the wording of the reference answers fed in teacher "
                              "mode, as the model was trained with data.shapes.answer_style "

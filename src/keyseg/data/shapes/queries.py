@@ -586,11 +586,21 @@ _VERDICT_NEGATIVE_ANSWERS = (
 # the verdict falls on the word after "The", where "yes" is split over six colours and
 # "no" is one word; here it falls on one binary choice at the lookup's position.
 _ASKED_SINGLE_ANSWERS = ("The {asked}: yes, {which}[SEG].", "Sure, the {asked}: yes, {which}[SEG].")
+# "asked_only": as "asked", but the answer never names what only the image tells (a colour
+# the query did not give, the target of "the smallest diamond"): the LM of the lab cannot
+# bind colours to kinds, and the mask follows the name it writes, so a wrong name costs the
+# whole mask while SAM's decoder finds the asked kind itself. A query whose concept only the
+# image gives gets no name at all, and multi-target answers count their targets instead of
+# naming them (left to right, as the targets are ordered).
+_ASKED_ONLY_SINGLE_ANSWERS = ("The {asked}: yes, [SEG].", "Sure, the {asked}: yes, [SEG].")
+_UNASKED_ANSWERS = ("Sure, [SEG].", "It is [SEG].")
+_COUNTED_MULTI_ANSWERS = ("The {desc}: {segs}.", "Sure, the {desc}: {segs}.")
 _ANSWER_POOLS = {  # style -> (single-target answers, negative answers)
     "lisa": (_SINGLE_ANSWERS, _NEGATIVE_ANSWERS),
     "restate": (_RESTATED_SINGLE_ANSWERS, _RESTATED_NEGATIVE_ANSWERS),
     "verdict": (_VERDICT_SINGLE_ANSWERS, _VERDICT_NEGATIVE_ANSWERS),
     "asked": (_ASKED_SINGLE_ANSWERS, _VERDICT_NEGATIVE_ANSWERS),
+    "asked_only": (_ASKED_ONLY_SINGLE_ANSWERS, _VERDICT_NEGATIVE_ANSWERS),
 }
 ANSWER_STYLES = tuple(_ANSWER_POOLS)
 
@@ -599,6 +609,14 @@ def asked_name(query: Query) -> str:
     """What a single-target or negative query asks for, as a noun phrase: its keyword, with
     "shape" after a bare colour ("circle", "red star", "yellow shape")."""
     return f"{query.keyword} shape" if query.keyword in COLOURS else query.keyword
+
+
+def query_gives_keyword(query: Query) -> bool:
+    """Whether the query itself says its concept (its kind, colour or both, or a clue that
+    means one), rather than leaving it to the image ("the smallest diamond" -> "green
+    diamond"). Negatives always do."""
+    return (not query.targets or query.keyword != query.description
+            or query.template.slot == "ck")
 
 
 def target_names(query: Query, scene: Scene) -> list[str]:
@@ -623,7 +641,9 @@ def write_answer(query: Query, rng: np.random.Generator,
     A multi-target answer names each target before its ``[SEG]`` ("the red circle [SEG] and
     the blue circle [SEG]") when ``scene`` is given: the state that prompts each mask then
     follows a different object's name, so the masks of one answer can differ. ``style``
-    (``ShapesConfig.answer_style``) words single-target and negative answers."""
+    (``ShapesConfig.answer_style``) words single-target and negative answers, and under
+    ``asked_only`` counts multi-target ones instead ("The circles: the first [SEG] and the
+    second [SEG].")."""
     if style not in ANSWER_STYLES:
         raise KeySegConfigError(f"unknown answer style {style!r} (known: "
                                 f"{', '.join(ANSWER_STYLES)})")
@@ -633,6 +653,9 @@ def write_answer(query: Query, rng: np.random.Generator,
         answer = pool[int(rng.integers(len(pool)))]
         return (answer.format(desc=query.description),
                 f"There is no {query.description} in the image.")
+    if k == 1 and style == "asked_only" and not query_gives_keyword(query):
+        answer = _UNASKED_ANSWERS[int(rng.integers(len(_UNASKED_ANSWERS)))]
+        return answer, f"It is the {query.description}."
     if k == 1:
         pool = _ANSWER_POOLS[style][0]
         answer = pool[int(rng.integers(len(pool)))]
@@ -640,10 +663,15 @@ def write_answer(query: Query, rng: np.random.Generator,
         which = "" if asked == query.description else f"the {query.description} "
         return (answer.format(desc=query.description, asked=asked, which=which),
                 f"It is the {query.description}.")
-    named = ([f"{name} [SEG]" for name in target_names(query, scene)] if scene is not None
-             else ["[SEG]"] * k)
+    if style == "asked_only":
+        named = [f"the {_ORDINALS[i]} [SEG]" for i in range(k)]
+        pool = _COUNTED_MULTI_ANSWERS
+    else:
+        named = ([f"{name} [SEG]" for name in target_names(query, scene)]
+                 if scene is not None else ["[SEG]"] * k)
+        pool = _MULTI_ANSWERS
     segs = ", ".join(named[:-1]) + " and " + named[-1]
-    answer = _MULTI_ANSWERS[int(rng.integers(len(_MULTI_ANSWERS)))]
+    answer = pool[int(rng.integers(len(pool)))]
     return answer.format(segs=segs, desc=query.description), (
         f"There are {k} {query.description} in the image."
     )
