@@ -2,7 +2,8 @@
 
     keyseg eval --checkpoint DIR --dataset shapes:test --mode generate --out runs/eval-native
     python experiments/lab_report.py runs/eval-native/samples/shapes_test_generate.jsonl \\
-        [--compare runs/eval-rs/samples/reason_seg_val_generate.jsonl] [--out report.json]
+        [--compare runs/eval-rs/samples/reason_seg_val_generate.jsonl] \\
+        [--teacher runs/eval-native/samples/shapes_test_teacher.jsonl] [--out report.json]
 
 Prints, for the generated answers: gIoU (mean per-sample IoU, LISA's) overall and per
 difficulty; the share of negative queries *answered* as negatives (the answer says there is
@@ -116,6 +117,53 @@ def by_concept(rows: list[dict]) -> dict | None:
             for named, sides in sorted(said.items())}
 
 
+#: Words an answer may open with that name nothing ("Sure, it is the red star").
+_FILLER = re.compile(r"^(sure|it is|it.s)\b[ ,]*", re.IGNORECASE)
+
+
+def answer_words(answer: str) -> str:
+    """What an answer says, for comparing two wordings of one target: lower case, without
+    ``[SEG]``, punctuation or opening filler ("Sure, it is the red star, [SEG]." -> "the red
+    star")."""
+    words = re.sub(r"[^a-z0-9 ]+", " ", answer.lower().replace("[seg]", " ")).split()
+    text = " ".join(words)
+    while (stripped := _FILLER.sub("", text)) != text:
+        text = stripped
+    return text
+
+
+def by_naming(generated: list[dict], teacher: list[dict]) -> dict:
+    """Per difficulty, for the generated rows that have a teacher-forced row of the same id:
+    the share whose answer says what the teacher-forced answer says (:func:`answer_words`),
+    the generated IoU of those that do and of those that do not, and the teacher-forced IoU
+    of the latter (what a right wording would have scored). A large gap between the first
+    two with a high third means the masks follow the generated words, and the words are
+    what fails."""
+    forced = {row["id"]: row for row in teacher if "id" in row}
+    split: dict[str, dict[str, list[float]]] = {}
+    for row in generated:
+        ref = forced.get(row.get("id"))
+        if ref is None:
+            continue
+        same = answer_words(row["answer"]) == answer_words(ref["answer"])
+        cell = split.setdefault(row.get("difficulty") or "none",
+                                {"same": [], "different": [], "teacher_on_different": []})
+        cell["same" if same else "different"].append(row["iou"])
+        if not same:
+            cell["teacher_on_different"].append(ref["iou"])
+    if not split:
+        raise SystemExit("--teacher: no row id in common with the generated rows")
+
+    def mean(values: list[float]) -> float | None:
+        return statistics.mean(values) if values else None
+
+    return {d: {"n": len(c["same"]) + len(c["different"]),
+                "same_share": len(c["same"]) / (len(c["same"]) + len(c["different"])),
+                "iou_same": mean(c["same"]), "iou_different": mean(c["different"]),
+                "teacher_iou_on_different": mean(c["teacher_on_different"])}
+            for d, c in sorted(split.items())}
+
+
 def summarise(rows: list[dict]) -> dict:
     """gIoU overall and by difficulty, negatives answered, multi-target overlaps."""
     by_difficulty: dict[str, list[float]] = {}
@@ -174,9 +222,15 @@ def main() -> None:
     parser.add_argument("samples", type=Path, help="samples JSONL of a generate-mode eval")
     parser.add_argument("--compare", type=Path, default=None,
                         help="the same for the ReasonSeg-format export")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="the same model's teacher-forced rows: split generated IoU by "
+                             "whether the answer is worded as the teacher's")
     parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
     args = parser.parse_args()
-    native = summarise(read_rows(args.samples))
+    generated = read_rows(args.samples)
+    native = summarise(generated)
+    if args.teacher:
+        native["by_naming"] = by_naming(generated, read_rows(args.teacher))
     export = summarise(read_rows(args.compare)) if args.compare else None
     for name, d in native["by_difficulty"].items():
         extra = ""
@@ -194,6 +248,13 @@ def main() -> None:
     for named, sides in (native["said_no_by_concept"] or {}).items():
         print(f"queries naming a {named}: 'no such shape' for " + ", ".join(
             f"{d['said_no']:.0%} of {d['n']} {side} shapes" for side, d in sides.items()))
+    def fmt(value: float | None) -> str:
+        return "  –  " if value is None else f"{value:.3f}"
+
+    for name, d in (native.get("by_naming") or {}).items():
+        print(f"{name:>10}: worded as the teacher {d['same_share']:.0%} of {d['n']}; IoU "
+              f"{fmt(d['iou_same'])} when so, {fmt(d['iou_different'])} when not "
+              f"(teacher-forced on those {fmt(d['teacher_iou_on_different'])})")
     results = checks(native, export)
     for text, passed in results:
         print(f"{'PASS' if passed else 'FAIL'}  {text}")

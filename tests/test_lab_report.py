@@ -95,3 +95,26 @@ def test_by_wording_compares_absent_and_present_shapes_asked_alike():
     bad = [dict(rows[0], index=rows[0]["index"] + 1)]
     with pytest.raises(SystemExit, match="is not shapes:test"):
         lab.by_wording(bad)
+
+
+def test_by_naming_splits_generated_iou_by_the_teachers_wording():
+    lab = _module()
+    teacher = [
+        {"id": "a", "iou": 0.9, "answer": "The square: yes, [SEG]."},
+        {"id": "b", "iou": 0.8, "answer": "The square: yes, [SEG]."},
+        {"id": "c", "iou": 0.7, "answer": "Sure, [SEG]."},
+        {"id": "d", "iou": 0.6, "answer": "Sure, [SEG]."},  # no generated row: left out
+    ]
+    generated = [
+        {**_row("direct", 0.85, "the square: YES,  [SEG]"), "id": "a"},  # same words
+        {**_row("direct", 0.0, "The blue square: yes, [SEG]."), "id": "b"},
+        {**_row("relational", 0.5, "It is [SEG]."), "id": "c"},  # filler only, as "Sure,"
+        {**_row("relational", 0.5, "Sure, [SEG]."), "id": "e"},  # no teacher row: left out
+    ]
+    split = lab.by_naming(generated, teacher)
+    assert split["direct"] == {"n": 2, "same_share": 0.5, "iou_same": 0.85,
+                               "iou_different": 0.0, "teacher_iou_on_different": 0.8}
+    assert split["relational"]["n"] == 1 and split["relational"]["same_share"] == 1.0
+    assert split["relational"]["iou_different"] is None
+    with pytest.raises(SystemExit, match="no row id in common"):
+        lab.by_naming(generated, [{"id": "z", "iou": 1.0, "answer": "x"}])
