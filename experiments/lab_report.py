@@ -122,10 +122,12 @@ _FILLER = re.compile(r"^(sure|it is|it.s)\b[ ,]*", re.IGNORECASE)
 
 
 def answer_words(answer: str) -> str:
-    """What an answer says, for comparing two wordings of one target: lower case, without
-    ``[SEG]``, punctuation or opening filler ("Sure, it is the red star, [SEG]." -> "the red
-    star")."""
-    words = re.sub(r"[^a-z0-9 ]+", " ", answer.lower().replace("[seg]", " ")).split()
+    """What an answer says about its target before the mask is read, for comparing two
+    wordings of one target: lower case, up to ``[KEY]`` (the keyword after it comes after
+    ``[SEG]`` and is scored as keyword accuracy), without ``[SEG]``, punctuation or opening
+    filler ("Sure, it is the red star, [SEG]. [KEY] red star" -> "the red star")."""
+    said = answer.lower().split("[key]")[0].replace("[seg]", " ")
+    words = re.sub(r"[^a-z0-9 ]+", " ", said).split()
     text = " ".join(words)
     while (stripped := _FILLER.sub("", text)) != text:
         text = stripped

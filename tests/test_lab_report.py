@@ -106,7 +106,7 @@ def test_by_naming_splits_generated_iou_by_the_teachers_wording():
         {"id": "d", "iou": 0.6, "answer": "Sure, [SEG]."},  # no generated row: left out
     ]
     generated = [
-        {**_row("direct", 0.85, "the square: YES,  [SEG]"), "id": "a"},  # same words
+        {**_row("direct", 0.85, "the square: YES,  [SEG] [KEY] red square"), "id": "a"},  # same
         {**_row("direct", 0.0, "The blue square: yes, [SEG]."), "id": "b"},
         {**_row("relational", 0.5, "It is [SEG]."), "id": "c"},  # filler only, as "Sure,"
         {**_row("relational", 0.5, "Sure, [SEG]."), "id": "e"},  # no teacher row: left out
