@@ -10,11 +10,14 @@ difficulty; the share of negative queries *answered* as negatives (the answer sa
 no such shape; and, separately, the share whose masks are empty) and the share of positive
 queries answered so (a shape that is there denied), and both over the wordings that negative
 and direct queries share (does the answer follow the image or the wording?), and by what the
-query names (a kind, a colour or both); for multi-target
-answers
-the largest IoU between two of an answer's masks (``max_pred_overlap``: one object drawn
-twice gives 1.0); and each acceptance check of the issue with PASS/FAIL. ``--compare`` adds
-the same numbers for a second file (the ReasonSeg-format export) and their difference.
+query names (a kind, a colour or both); the IoU of direct and attribute queries by what they
+name (on teacher-forced rows, which this reads the same way: the mask side under the right
+words); for multi-target answers the largest IoU between two of an answer's masks
+(``max_pred_overlap``: one object drawn twice gives 1.0); and each acceptance check of the
+issue with PASS/FAIL. ``--compare`` adds the same numbers for a second file (the
+ReasonSeg-format export) and their difference; ``--teacher`` (the same model's
+teacher-forced rows) splits generated IoU by whether the answer is worded as the
+teacher-forced one.
 """
 
 from __future__ import annotations
@@ -88,26 +91,31 @@ def by_wording(rows: list[dict]) -> dict | None:
             "present": sum(present) / len(present), "n_present": len(present)}
 
 
+def query_names(keyword: str) -> str | None:
+    """What a shapes query's keyword names: ``"kind"`` ("circle"), ``"colour"`` ("red"),
+    ``"colour kind"`` ("red star"), or ``None`` for anything else."""
+    from keyseg.data.shapes import COLOURS, KINDS
+
+    words = keyword.split()
+    if words in ([k] for k in KINDS):
+        return "kind"
+    if words in ([c] for c in COLOURS):
+        return "colour"
+    if len(words) == 2 and words[0] in COLOURS and words[1] in KINDS:
+        return "colour kind"
+    return None
+
+
 def by_concept(rows: list[dict]) -> dict | None:
     """How often "no such shape" is said for absent (negative) and present (direct) shapes,
-    by what the query names: a kind alone ("the circle"), a colour alone, or both. Under a
+    by what the query names (:func:`query_names`). Under a
     named answer style a present shape asked by its kind alone is named with its colour,
     an absent one is not, so this shows whether that split decides the verdict. ``None``
     without direct or negative rows that carry their ``target_keyword``."""
-    from keyseg.data.shapes import COLOURS, KINDS
-
-    def form(keyword: str) -> str | None:
-        words = keyword.split()
-        if words in ([k] for k in KINDS):
-            return "kind"
-        if words in ([c] for c in COLOURS):
-            return "colour"
-        return "colour kind" if len(words) == 2 else None
-
     said: dict[str, dict[str, list[bool]]] = {}
     for row in rows:
         side = {"negative": "absent", "direct": "present"}.get(row.get("difficulty"))
-        named = form(row.get("target_keyword") or "")
+        named = query_names(row.get("target_keyword") or "")
         if side and named:
             said.setdefault(named, {}).setdefault(side, []).append(said_no(row))
     if not said:
@@ -166,6 +174,19 @@ def by_naming(generated: list[dict], teacher: list[dict]) -> dict:
             for d, c in sorted(split.items())}
 
 
+def iou_by_concept(rows: list[dict]) -> dict | None:
+    """Mean IoU of direct and attribute queries by what the query names
+    (:func:`query_names`): can the mask be found from a kind alone, or only through a
+    colour? Run on teacher-forced rows it measures the mask side under the right words."""
+    ious: dict[str, list[float]] = {}
+    for row in rows:
+        named = query_names(row.get("target_keyword") or "")
+        if row.get("difficulty") in ("direct", "attribute") and named:
+            ious.setdefault(f"{row['difficulty']}, {named}", []).append(row["iou"])
+    return {cell: {"iou": statistics.mean(v), "n": len(v)}
+            for cell, v in sorted(ious.items())} or None
+
+
 def summarise(rows: list[dict]) -> dict:
     """gIoU overall and by difficulty, negatives answered, multi-target overlaps."""
     by_difficulty: dict[str, list[float]] = {}
@@ -190,6 +211,7 @@ def summarise(rows: list[dict]) -> dict:
                              if positives else None),
         "said_no_by_wording": by_wording(rows),
         "said_no_by_concept": by_concept(rows),
+        "iou_by_concept": iou_by_concept(rows),
         "multi_answers": len(multi),
         "multi_mean_overlap": statistics.mean(multi) if multi else None,
         "multi_share_distinct": (sum(o < TARGETS["multi_overlap"] for o in multi) / len(multi)
@@ -250,6 +272,9 @@ def main() -> None:
     for named, sides in (native["said_no_by_concept"] or {}).items():
         print(f"queries naming a {named}: 'no such shape' for " + ", ".join(
             f"{d['said_no']:.0%} of {d['n']} {side} shapes" for side, d in sides.items()))
+    for cell, d in (native["iou_by_concept"] or {}).items():
+        print(f"{cell:>22}: IoU {d['iou']:.3f} (n={d['n']})")
+
     def fmt(value: float | None) -> str:
         return "  –  " if value is None else f"{value:.3f}"
 

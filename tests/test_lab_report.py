@@ -118,3 +118,20 @@ def test_by_naming_splits_generated_iou_by_the_teachers_wording():
     assert split["relational"]["iou_different"] is None
     with pytest.raises(SystemExit, match="no row id in common"):
         lab.by_naming(generated, [{"id": "z", "iou": 1.0, "answer": "x"}])
+
+
+def test_iou_by_concept_averages_direct_and_attribute_by_what_the_query_names():
+    lab = _module()
+    rows = [
+        {**_row("direct", 0.2), "target_keyword": "square"},
+        {**_row("direct", 0.4), "target_keyword": "circle"},
+        {**_row("direct", 0.9), "target_keyword": "red star"},
+        {**_row("attribute", 0.7), "target_keyword": "blue"},
+        {**_row("relational", 0.0), "target_keyword": "square"},  # not direct/attribute
+        {**_row("direct", 0.0), "target_keyword": "the shape"},  # names neither: left out
+    ]
+    cells = lab.iou_by_concept(rows)
+    assert cells == {"attribute, colour": {"iou": 0.7, "n": 1},
+                     "direct, colour kind": {"iou": 0.9, "n": 1},
+                     "direct, kind": {"iou": pytest.approx(0.3), "n": 2}}
+    assert lab.iou_by_concept([_row("direct", 0.5)]) is None
