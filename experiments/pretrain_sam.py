@@ -131,7 +131,7 @@ def concept_queries(sample: dict, rng: np.random.Generator, count: int,
     always both, each object once, for evaluation); one in eight is a random pair, mostly
     one the image lacks (target empty), so "nothing there" is learnt too.
     """
-    concepts, target = sample["concepts"], sample["target"]
+    concepts = sample["concepts"]
     pairs: list[tuple[int, int]] = []
     if exact:
         pairs = list(dict.fromkeys(concepts))
@@ -145,12 +145,19 @@ def concept_queries(sample: dict, rng: np.random.Generator, count: int,
                 pair = (colour, kind) if form < 0.5 else (
                     (colour, ANY_KIND) if form < 0.75 else (ANY_COLOUR, kind))
             pairs.append(pair)
+    return torch.tensor(pairs, dtype=torch.long), concept_targets(sample, pairs)
+
+
+def concept_targets(sample: dict, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """``(k, low, low)`` float: for each ``(colour, kind)`` pair (either may be "any"), the
+    union of the visible objects of ``sample`` it names (empty if none)."""
+    concepts, target = sample["concepts"], sample["target"]
     masks = []
     for colour, kind in pairs:
         hits = [i for i, (c, k) in enumerate(concepts)
                 if colour in (c, ANY_COLOUR) and kind in (k, ANY_KIND)]
         masks.append(target[hits].amax(0) if hits else torch.zeros_like(target[0]))
-    return torch.tensor(pairs, dtype=torch.long), torch.stack(masks)
+    return torch.stack(masks)
 
 
 def prompts(masks: torch.Tensor, rng: np.random.Generator, kind: str,

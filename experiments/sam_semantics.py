@@ -11,7 +11,9 @@ is where. Two measurements on a SAM directory (``experiments/pretrain_sam.py`` o
    prompt table (``pretrain_sam.ConceptPrompts``, fed as KeySeg feeds ``[SEG]``) trained for
    ``--steps`` steps; val mIoU of the colour + kind concepts, next to two baselines that use
    no concept at all or the colour only: every object's mask, and the mask of every object
-   of the named colour.
+   of the named colour. The val mIoU is also given by form (``val_miou_by_form``: colour +
+   kind, colour alone, kind alone), with the every-object baseline of each form: can the
+   decoder find "the circles" without a colour to go by?
 
     OMP_NUM_THREADS=1 python experiments/sam_semantics.py src/keyseg/assets/lab/sam-shapes192 \\
         --out runs/sam_semantics/shipped.json
@@ -81,6 +83,25 @@ def probe_accuracy(train: list[dict], val: list[dict], steps: int = 300) -> dict
             "foreground_cells": int(foreground.sum()), "train_loss": float(loss.detach())}
 
 
+#: How an evaluation concept names its objects: by colour and kind, by colour alone ("the
+#: red ones") or by kind alone ("the circles"): stage 3's kind-only queries need the last.
+CONCEPT_FORMS = ("colour kind", "colour", "kind")
+
+
+def concept_forms(sample: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each form's concepts about ``sample``, every distinct one once: ``(k, 2)`` long
+    (colour, kind) pairs ("any" where the form leaves one out) and their ``(k, low, low)``
+    targets (the union of the objects named)."""
+    present = list(dict.fromkeys(sample["concepts"]))
+    pairs = {
+        "colour kind": present,
+        "colour": [(c, stage1.ANY_KIND) for c in dict.fromkeys(c for c, _ in present)],
+        "kind": [(stage1.ANY_COLOUR, k) for k in dict.fromkeys(k for _, k in present)],
+    }
+    return {form: (torch.tensor(named, dtype=torch.long), stage1.concept_targets(sample, named))
+            for form, named in pairs.items()}
+
+
 def concept_baselines(val: list[dict]) -> dict[str, float]:
     """mIoU of the exact concepts if one predicted every object, or every object of the
     named colour (what a decoder that ignores the kind could reach at best)."""
@@ -92,7 +113,14 @@ def concept_baselines(val: list[dict]) -> dict[str, float]:
             every.append(iou(objects.any(0), target))
             rows = [i for i, (c, _) in enumerate(sample["concepts"]) if c == colour]
             same_colour.append(iou(objects[rows].any(0), target))
-    return {"every_object": float(np.mean(every)), "same_colour": float(np.mean(same_colour))}
+    every_by_form: dict[str, list[float]] = {form: [] for form in CONCEPT_FORMS}
+    for sample in val:
+        objects = (sample["target"] > 0.5).any(0)
+        for form, (_, targets) in concept_forms(sample).items():
+            every_by_form[form] += [iou(objects, target) for target in targets > 0.5]
+    return {"every_object": float(np.mean(every)), "same_colour": float(np.mean(same_colour)),
+            "every_object_by_form": {form: float(np.mean(values))
+                                     for form, values in every_by_form.items()}}
 
 
 def concept_lookup(sam, train: list[dict], val: list[dict], steps: int, lr: float,
@@ -102,16 +130,17 @@ def concept_lookup(sam, train: list[dict], val: list[dict], steps: int, lr: floa
     params = [*sam.sam.mask_decoder.parameters(), *concepts.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr)
 
-    def score() -> float:
-        ious = []
+    def score() -> dict[str, float]:
+        ious: dict[str, list[float]] = {form: [] for form in CONCEPT_FORMS}
         with torch.no_grad():
             for sample in val:
-                pairs, targets = stage1.concept_queries(sample, rng, 0, exact=True)
-                logits, _ = sam.decode_many(sample["embedding"],
-                                            torch.zeros(len(pairs), dtype=torch.long),
-                                            concepts(pairs))
-                ious += [iou(p, t) for p, t in zip(logits > 0, targets > 0.5, strict=True)]
-        return float(np.mean(ious))
+                for form, (pairs, targets) in concept_forms(sample).items():
+                    logits, _ = sam.decode_many(sample["embedding"],
+                                                torch.zeros(len(pairs), dtype=torch.long),
+                                                concepts(pairs))
+                    ious[form] += [iou(p, t)
+                                   for p, t in zip(logits > 0, targets > 0.5, strict=True)]
+        return {form: float(np.mean(values)) for form, values in ious.items()}
 
     curve = []
     for step in range(1, steps + 1):
@@ -128,9 +157,11 @@ def concept_lookup(sam, train: list[dict], val: list[dict], steps: int, lr: floa
         loss.backward()
         optimizer.step()
         if step % max(1, steps // 6) == 0 or step == steps:
+            by_form = score()
             curve.append({"step": step, "loss": round(float(loss.detach()), 4),
-                          "val_miou": score()})
-            print(f"concept lookup step {step}: val mIoU {curve[-1]['val_miou']:.3f}", flush=True)
+                          "val_miou": by_form["colour kind"], "val_miou_by_form": by_form})
+            print(f"concept lookup step {step}: val mIoU " + ", ".join(
+                f"{form} {value:.3f}" for form, value in by_form.items()), flush=True)
     return curve
 
 

@@ -48,3 +48,28 @@ def test_a_tiny_sam_is_measured_end_to_end(tmp_path):
     assert 0 <= record["probes"]["colour_accuracy"] <= 1
     assert record["probes"]["foreground_cells"] > 0
     assert [c["step"] for c in record["concept_lookup"]] == [1, 2]
+
+
+def test_concept_forms_name_each_present_colour_and_kind_once():
+    module = experiment_module("sam_semantics")
+    stage1 = module.stage1
+    red, blue = stage1.COLOUR_INDEX["red"], stage1.COLOUR_INDEX["blue"]
+    circle, star = stage1.KIND_INDEX["circle"], stage1.KIND_INDEX["star"]
+    target = torch.zeros(4, 4, 4)
+    for i in range(4):
+        target[i, i, 0] = 1  # one pixel per object
+    # two red circles, a red star, a blue circle
+    sample = {"concepts": [(red, circle), (red, circle), (red, star), (blue, circle)],
+              "target": target}
+    forms = module.concept_forms(sample)
+    pairs, targets = forms["colour kind"]
+    assert pairs.tolist() == [[red, circle], [red, star], [blue, circle]]
+    assert targets[0].sum() == 2  # both red circles
+    pairs, targets = forms["colour"]
+    assert pairs.tolist() == [[red, stage1.ANY_KIND], [blue, stage1.ANY_KIND]]
+    assert targets.flatten(1).sum(1).tolist() == [3, 1]
+    pairs, targets = forms["kind"]
+    assert pairs.tolist() == [[stage1.ANY_COLOUR, circle], [stage1.ANY_COLOUR, star]]
+    assert targets.flatten(1).sum(1).tolist() == [3, 1]
+    baselines = module.concept_baselines([sample])["every_object_by_form"]
+    assert baselines["kind"] == pytest.approx((3 / 4 + 1 / 4) / 2)  # every object: 4 px
