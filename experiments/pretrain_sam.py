@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_losses import colour_kind_loss
 from provenance import provenance
 
 from keyseg.data.shapes import (
@@ -81,17 +82,18 @@ class EmbeddingProbe(torch.nn.Module):
     MAE pretraining on a billion masks, the tiny encoder gets it from this probe. Not
     shipped."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, kind_on_objects: bool = False) -> None:
         super().__init__()
         self.colour = torch.nn.Linear(channels, len(COLOURS) + 1)
         self.kind = torch.nn.Linear(channels, len(KINDS) + 1)
+        self.kind_on_objects = kind_on_objects
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean CE over ``(B, C, h, w)`` embeddings and ``(B, 2, h * w)`` cell labels."""
+        """Mean CE over ``(B, C, h, w)`` embeddings and ``(B, 2, h * w)`` cell labels
+        (``kind_on_objects``: the kind term on object cells only, ``probe_losses``)."""
         cells = embeddings.flatten(2).transpose(1, 2).flatten(0, 1)  # (B*h*w, C)
-        colour = F.cross_entropy(self.colour(cells), labels[:, 0].flatten())
-        kind = F.cross_entropy(self.kind(cells), labels[:, 1].flatten())
-        return (colour + kind) / 2
+        return colour_kind_loss(self.colour(cells), self.kind(cells),
+                                labels.transpose(0, 1).flatten(1), self.kind_on_objects)
 
 
 # ---------------------------------------------------------------------------- concepts
@@ -290,6 +292,9 @@ def main() -> None:
     parser.add_argument("--patch-loss-weight", type=float, default=0.0,
                         help="weight of per-cell colour/kind probes on the image embedding "
                              "(EmbeddingProbe); 0: off")
+    parser.add_argument("--kind-on-objects", action="store_true",
+                        help="the probe's kind loss on cells an object covers only "
+                             "(probe_losses; default: every cell, the background included)")
     parser.add_argument("--eval-images", type=int, default=100)
     parser.add_argument("--val-every", type=int, default=0,
                         help="every this many steps, point mIoU on --val-images val images "
@@ -325,7 +330,7 @@ def main() -> None:
                   if args.val_every else [])
     curve = []
     concepts = ConceptPrompts(args.prompt_dim)
-    probe = EmbeddingProbe(args.prompt_dim)
+    probe = EmbeddingProbe(args.prompt_dim, kind_on_objects=args.kind_on_objects)
     trained = [*sam.parameters(), *(concepts.parameters() if args.concepts_per_image else []),
                *(probe.parameters() if args.patch_loss_weight else [])]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.01)

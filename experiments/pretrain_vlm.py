@@ -67,6 +67,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_losses import colour_kind_loss
 from provenance import provenance
 
 from keyseg import tokens
@@ -184,21 +185,20 @@ class PatchProbe(TowerProbe):
     """An auxiliary dense objective for the vision tower (``--patch-loss-weight``): linear
     colour and kind classifiers on every patch feature the LM receives. A tower trained
     from scratch only through the LM's answers learns to see slowly; this gives it a direct
-    signal (a stand-in for the pretraining a real CLIP arrives with). Not saved."""
+    signal (a stand-in for the pretraining a real CLIP arrives with). Not saved.
+    ``kind_on_objects``: the kind loss on object patches only (``probe_losses``)."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, kind_on_objects: bool = False) -> None:
         super().__init__()
         self.colour = torch.nn.Linear(width, len(COLOURS) + 1)
         self.kind = torch.nn.Linear(width, len(KINDS) + 1)
+        self.kind_on_objects = kind_on_objects
 
     def loss(self, labels: torch.Tensor) -> torch.Tensor:
         """Mean CE of colour and kind over ``(B, 2, P)`` labels (the CLS token dropped)."""
-        patches = self.features[:, 1:]
-        colour = torch.nn.functional.cross_entropy(self.colour(patches).flatten(0, 1),
-                                                   labels[:, 0].flatten())
-        kind = torch.nn.functional.cross_entropy(self.kind(patches).flatten(0, 1),
-                                                 labels[:, 1].flatten())
-        return (colour + kind) / 2
+        patches = self.features[:, 1:].flatten(0, 1)  # (B*P, C)
+        return colour_kind_loss(self.colour(patches), self.kind(patches),
+                                labels.transpose(0, 1).flatten(1), self.kind_on_objects)
 
 
 #: The concepts :class:`ExistenceProbe` predicts, in order: kinds, colours, colour + kind.
@@ -648,6 +648,9 @@ def main() -> None:
     parser.add_argument("--patch-loss-weight", type=float, default=0.0,
                         help="weight of the auxiliary per-patch colour/kind loss on the vision "
                              "tower (PatchProbe; 0: off)")
+    parser.add_argument("--kind-on-objects", action="store_true",
+                        help="the per-patch probe's kind loss on patches an object covers only "
+                             "(probe_losses; default: every patch, the background included)")
     parser.add_argument("--existence-loss-weight", type=float, default=0.0,
                         help="weight of the auxiliary image-level kind/colour/pair presence "
                              "loss on the vision tower (ExistenceProbe; 0: off)")
@@ -741,7 +744,7 @@ def main() -> None:
     params = list(vlm.parameters())
     if args.patch_loss_weight:
         vision = vlm.model.vision_tower
-        probe = PatchProbe(vision.config.hidden_size)
+        probe = PatchProbe(vision.config.hidden_size, kind_on_objects=args.kind_on_objects)
         vision.register_forward_hook(probe.capture)
         params += list(probe.parameters())
         grid = vision.config.image_size // vision.config.patch_size

@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-images", type=int, default=200)
+    parser.add_argument("--kind-on-objects", action="store_true",
+                        help="the patch probe's kind loss only on patches an object covers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="result JSON")
     args = parser.parse_args()
@@ -108,7 +110,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     tower = build_tower(args)
     width = tower.config.hidden_size
-    patch_probe, presence_probe = stage2.PatchProbe(width), stage2.ExistenceProbe(width)
+    patch_probe = stage2.PatchProbe(width, kind_on_objects=args.kind_on_objects)
+    presence_probe = stage2.ExistenceProbe(width)
     for probe in (patch_probe, presence_probe):
         tower.register_forward_hook(probe.capture)
     image_processor = tiny_image_processor(tower.config.image_size)

@@ -55,12 +55,14 @@ def test_a_few_steps_write_loadable_weights_and_metrics(tmp_path):
         [sys.executable, str(SCRIPT), "--preset", "tiny", "--steps", "2", "--images-per-step",
          "2", "--eval-images", "2", "--log-every", "1", "--prompts-per-object", "2",
          "--bce-weight", "1", "--val-every", "2", "--val-images", "2",
-         "--concepts-per-image", "2", "--patch-loss-weight", "1", "--out", str(tmp_path)],
+         "--concepts-per-image", "2", "--patch-loss-weight", "1", "--kind-on-objects",
+         "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [h["step"] for h in metrics["history"]] == [1, 2]
     assert all(h["probe"] > 0 for h in metrics["history"])  # the embedding probe trained
+    assert metrics["args"]["kind_on_objects"] is True
     assert [c["step"] for c in metrics["val_curve"]] == [2]
     assert 0.0 <= metrics["val_curve"][0]["val_concept_miou"] <= 1.0
     assert 0.0 <= metrics["concept"]["miou"] <= 1.0 and metrics["concept"]["concepts"] >= 1

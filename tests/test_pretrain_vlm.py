@@ -88,9 +88,9 @@ def test_a_few_steps_write_a_directory_that_keyseg_loads(tmp_path) -> None:
         [sys.executable, str(SCRIPT), "--preset", "tiny", "--steps", "2", "--images-per-step",
          "2", "--turns-per-image", "3", "--eval-images", "2", "--val-every", "2",
          "--val-images", "2", "--log-every", "1", "--corpus-records", "10",
-         "--patch-loss-weight", "1", "--existence-loss-weight", "1", "--tower-steps", "1",
-         "--image-token-norm", "0.5", "--lm-probe-weight", "1", "--lookup-turn",
-         "--restate-existence", "--out", str(tmp_path)],
+         "--patch-loss-weight", "1", "--kind-on-objects", "--existence-loss-weight", "1",
+         "--tower-steps", "1", "--image-token-norm", "0.5", "--lm-probe-weight", "1",
+         "--lookup-turn", "--restate-existence", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -98,6 +98,7 @@ def test_a_few_steps_write_a_directory_that_keyseg_loads(tmp_path) -> None:
         ("tower", 1), ("qa", 1), ("qa", 2)]
     assert all(h["patch_loss"] > 0 for h in metrics["history"])  # the probes trained
     assert all(h["existence_loss"] > 0 for h in metrics["history"])
+    assert metrics["args"]["kind_on_objects"] is True
     assert all(h["lookup_loss"] > 0 for h in metrics["history"] if h["phase"] == "qa")
     assert all(0.0 <= h["lookup_turn_balanced_accuracy"] <= 1.0
                for h in metrics["history"] if h["phase"] == "qa")

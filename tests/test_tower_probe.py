@@ -14,8 +14,8 @@ def test_a_few_steps_write_a_curve_of_kind_scores(tmp_path) -> None:
     out_file = tmp_path / "tower.json"
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--steps", "4", "--eval-every", "2", "--eval-images", "6",
-         "--images-per-step", "2", "--width", "32", "--patch-size", "32", "--out",
-         str(out_file)], capture_output=True, text=True, timeout=300, check=False)
+         "--images-per-step", "2", "--width", "32", "--patch-size", "32", "--kind-on-objects",
+         "--out", str(out_file)], capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out_file.read_text())
     assert [row["step"] for row in result["curve"]] == [2, 4]
@@ -24,6 +24,7 @@ def test_a_few_steps_write_a_curve_of_kind_scores(tmp_path) -> None:
     assert result["tower"] == {"width": 32, "layers": 2, "heads": 2, "patch_size": 32,
                                "init": None}
     assert [h["step"] for h in result["history"]] == [2, 4]
+    assert result["args"]["kind_on_objects"] is True
 
 
 def test_a_patch_size_that_does_not_divide_the_image_is_refused(tmp_path) -> None:
