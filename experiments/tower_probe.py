@@ -9,7 +9,11 @@ step costs a quarter of a QA step and tower shapes can be compared in minutes:
 
 - a fresh ``CLIPVisionModel`` of ``--width``, ``--layers``, ``--heads``, ``--patch-size``
   at 192 px (the ``shapes192`` preset is width 96, 2 layers, 2 heads, patch 16), or
-- ``--init DIR``: the tower of a saved stage 2 VLM, continued.
+- ``--init DIR``: the tower of a saved stage 2 VLM, continued, or
+- ``--conv``: a calibration baseline that is no VLM tower: ``ConvTower``, a plain stack of
+  3x3 convolutions down to the same patch grid, ``--width`` channels. How fast a network
+  with a convolution's locality learns kinds here tells whether the world is hard or the
+  tiny ViTs are slow.
 
 Every ``--eval-every`` steps it scores ``--eval-images`` test images:
 
@@ -26,9 +30,11 @@ Every ``--eval-every`` steps it scores ``--eval-images`` test images:
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -45,11 +51,43 @@ from keyseg.model.tiny import tiny_image_processor
 IMAGE_SIZE = 192
 
 
+class ConvTower(torch.nn.Module):
+    """``--conv``: log2(patch) stride-2 3x3 convolutions (GELU after each) down to the
+    ``IMAGE_SIZE / patch`` grid, then one stride-1 3x3; all ``width`` channels. Its output
+    looks like a CLIP tower's to the probes: ``last_hidden_state`` ``(B, 1 + P, width)``,
+    row 0 the mean of the grid in place of a class token."""
+
+    def __init__(self, width: int, patch_size: int) -> None:
+        super().__init__()
+        downs = int(math.log2(patch_size))
+        layers: list[torch.nn.Module] = []
+        for i in range(downs):
+            layers += [torch.nn.Conv2d(3 if i == 0 else width, width, 3, 2, 1), torch.nn.GELU()]
+        layers += [torch.nn.Conv2d(width, width, 3, 1, 1), torch.nn.GELU()]
+        self.body = torch.nn.Sequential(*layers)
+        self.config = SimpleNamespace(image_size=IMAGE_SIZE, patch_size=patch_size,
+                                      hidden_size=width, num_hidden_layers=downs + 1,
+                                      num_attention_heads=0)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, pixel_values: torch.Tensor):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        grid = self.body(pixel_values).flatten(2).transpose(1, 2)  # (B, P, width)
+        return BaseModelOutput(last_hidden_state=torch.cat([grid.mean(1, keepdim=True), grid],
+                                                           1))
+
+
 def build_tower(args: argparse.Namespace):
     """A ``CLIPVisionModel``: the tower of ``args.init`` (a HF LLaVA directory) or a fresh
-    one of the requested shape."""
+    one of the requested shape; with ``--conv``, a :class:`ConvTower`."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
 
+    if args.conv:
+        return ConvTower(args.width, args.patch_size)
     if args.init is not None:
         return LlavaForConditionalGeneration.from_pretrained(args.init).model.vision_tower
     return CLIPVisionModel(CLIPVisionConfig(
@@ -87,6 +125,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init", type=Path, default=None,
                         help="continue the vision tower of this stage 2 VLM directory")
+    parser.add_argument("--conv", action="store_true",
+                        help="a ConvTower (3x3 convolutions) instead of a CLIP tower: the "
+                             "calibration baseline")
     parser.add_argument("--width", type=int, default=96)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=2)
@@ -106,6 +147,9 @@ def main() -> None:
         parser.error("--steps and --eval-every must be at least 1")
     if args.init is None and IMAGE_SIZE % args.patch_size:
         parser.error(f"--patch-size must divide the image size {IMAGE_SIZE}")
+    if args.conv and (args.init is not None or args.patch_size & (args.patch_size - 1)):
+        parser.error("--conv builds a fresh ConvTower (no --init) and needs a --patch-size "
+                     "that is a power of two")
 
     torch.manual_seed(args.seed)
     tower = build_tower(args)
@@ -136,7 +180,8 @@ def main() -> None:
     seconds = time.perf_counter() - started
     atomic_write_json(args.out, {
         "curve": curve, "history": history, "seconds": round(seconds, 1),
-        "tower": {"width": width, "layers": tower.config.num_hidden_layers,
+        "tower": {"kind": "conv" if args.conv else "clip", "width": width,
+                  "layers": tower.config.num_hidden_layers,
                   "heads": tower.config.num_attention_heads,
                   "patch_size": tower.config.patch_size,
                   "init": str(args.init) if args.init else None},
