@@ -56,6 +56,7 @@ and a KeySeg config with ``model.backbone.name_or_path: OUT`` load it.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -140,20 +141,19 @@ class QAEncoder:
         return out
 
     def train_batch(self, conversations: list[tuple[object, list[QAPair]]],
-                    verdict_marks: tuple[int, int] | None = None) -> dict:
+                    verdicts: Callable[[torch.Tensor, torch.Tensor],
+                                       tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
         """One image per row with all its QA turns answered; right-padded, labels ``-100``
-        except on answers. ``verdict_marks`` (the ":" and "," ids): each conversation's last
-        turn is a :func:`lookup_turn`, labelled on its verdicts only
-        (:func:`verdict_labels_only`)."""
+        except on answers. ``verdicts`` (:func:`lookup_verdicts`): each conversation's last
+        turn is a :func:`lookup_turn`, labelled on its verdicts only."""
         encoded = [self.encode([tokens.Turn(p.question, p.answer) for p in pairs])
                    for _, pairs in conversations]
-        marked = [(e.labels, None) if verdict_marks is None
-                  else verdict_labels_only(e.labels, e.input_ids, *verdict_marks)
+        marked = [(e.labels, None) if verdicts is None else verdicts(e.labels, e.input_ids)
                   for e in encoded]
         labels = [label for label, _ in marked]
         input_ids = self.pad([e.input_ids for e in encoded], self.ids.pad, left=False)
         # (B, L) bool: the first token of each lookup verdict, where it is decided
-        batch = {} if verdict_marks is None else {
+        batch = {} if verdicts is None else {
             "verdict_first": self.pad([f for _, f in marked], 0, left=False).bool()}
         return batch | {
             "input_ids": input_ids,
@@ -329,7 +329,7 @@ def _spoken(concept: tuple[str | None, str | None]) -> str:
 
 
 def lookup_turn(record, rng: np.random.Generator, pairs: int = 4,
-                asks: bool = False) -> QAPair:
+                asks: bool = False, bare: bool = False) -> QAPair:
     """The kind lookup *as text* (``--lookup-turn``): an answer that names every kind and
     colour, and ``pairs`` colour + kind pairs (half of them present where possible, the
     absent ones sharing a colour or a kind with a present object), each followed by its
@@ -343,7 +343,12 @@ def lookup_turn(record, rng: np.random.Generator, pairs: int = 4,
     ``asks`` (``--lookup-asks``): the question lists the items as an existence question
     does ("Is there a star, a red shape or a blue ring?") and the answer names them as a
     restated existence answer does ("star: yes, red shape: no, ..."), in the same order, so
-    the verdicts are trained in the context where questions need them."""
+    the verdicts are trained in the context where questions need them.
+
+    ``bare`` (``--lookup-bare``): no colon between a name and its verdict ("star yes, red no,
+    blue ring yes"), so the verdict is predicted from the state at the name's last word, the
+    state where a linear kind-lookup read-out learns the lookup (``KindLookupProbe``), not
+    one token later. Trained through :func:`bare_verdict_labels`."""
     present = existence_labels(record)
     presence = dict(zip(EXISTENCE_CONCEPTS, present.tolist(), strict=True))
     singles = [c for c in EXISTENCE_CONCEPTS if c[0] is None or c[1] is None]
@@ -357,7 +362,8 @@ def lookup_turn(record, rng: np.random.Generator, pairs: int = 4,
     items = singles + chosen
     order = rng.permutation(len(items))
     names = [_spoken(items[i]) if asks else " ".join(w for w in items[i] if w) for i in order]
-    answer = ", ".join(f"{name}: {'yes' if presence[items[i]] else 'no'}"
+    between = " " if bare else ": "
+    answer = ", ".join(f"{name}{between}{'yes' if presence[items[i]] else 'no'}"
                        for name, i in zip(names, order, strict=True))
     question = LOOKUP_QUESTION
     if asks:
@@ -391,6 +397,58 @@ def verdict_labels_only(labels: torch.Tensor, input_ids: torch.Tensor, colon: in
         if not keep:
             out[i] = tokens.IGNORE_INDEX
     return out, first
+
+
+def bare_verdict_labels(labels: torch.Tensor, input_ids: torch.Tensor, comma: int,
+                        words: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`verdict_labels_only` for a ``bare`` lookup turn ("star yes, red no"), which has
+    no colon to mark a verdict: in each comma-separated item of the last answer, the trailing
+    tokens that spell one of ``words`` (the token ids of " yes" and of " no") are the
+    verdict; the last item keeps the end-of-answer token after its verdict. Same returns."""
+    first = torch.zeros_like(labels, dtype=torch.bool)
+    answered = (labels != tokens.IGNORE_INDEX).nonzero().flatten().tolist()
+    if not answered:
+        return labels, first
+    end = answered[-1] + 1
+    start = end - 1
+    while start > 0 and labels[start - 1] != tokens.IGNORE_INDEX:
+        start -= 1
+    out = labels.clone()
+    out[start:end] = tokens.IGNORE_INDEX
+    ids = input_ids.tolist()
+    items, item = [], []
+    for i in range(start, end):
+        if ids[i] == comma:
+            items.append(item)
+            item = []
+        else:
+            item.append(i)
+    items.append(item)
+    for n, item in enumerate(items):
+        # the last item may end with the end-of-answer token after its verdict
+        tails = [item, item[:-1]] if n == len(items) - 1 else [item]
+        for tail in tails:
+            word = next((w for w in words if len(tail) >= len(w)
+                         and [ids[i] for i in tail[len(tail) - len(w):]] == list(w)), None)
+            if word is not None:
+                kept = item[len(tail) - len(word):]
+                out[kept] = labels[kept]
+                first[kept[0]] = True
+                break
+    return out, first
+
+
+def lookup_verdicts(tokenizer, bare: bool = False
+                    ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``(labels, input_ids) -> (labels, verdict_first)`` for :meth:`QAEncoder.train_batch`:
+    the lookup turn's verdicts after a colon (:func:`verdict_labels_only`) or, ``bare``,
+    right after the name (:func:`bare_verdict_labels`)."""
+    comma = single_token(tokenizer, ",")
+    if not bare:
+        return functools.partial(verdict_labels_only, colon=single_token(tokenizer, ":"),
+                                 comma=comma)
+    words = [tokenizer(" " + w, add_special_tokens=False).input_ids for w in ("yes", "no")]
+    return functools.partial(bare_verdict_labels, comma=comma, words=words)
 
 
 def warmup_cosine(steps: int, warmup_steps: int):
@@ -665,6 +723,9 @@ def main() -> None:
                         help="with --lookup-turn: word the lookup as an existence question that "
                              "lists its items (\"Is there a star, a red shape or ...?\") and "
                              "name them as restated existence answers do")
+    parser.add_argument("--lookup-bare", action="store_true",
+                        help="with --lookup-turn: no colon between a name and its verdict "
+                             "(\"star yes, red no\"), so the verdict is decided at the name")
     parser.add_argument("--tower-steps", type=int, default=0,
                         help="steps training only the vision tower on the probe losses, "
                              "before the QA steps (needs a probe weight; 0: none)")
@@ -703,8 +764,9 @@ def main() -> None:
         parser.error("--image-token-norm must be positive")
     if args.tower_steps < 0:
         parser.error("--tower-steps must not be negative")
-    if args.lookup_asks and not args.lookup_turn:
-        parser.error("--lookup-asks words the lookup turn: give --lookup-turn too")
+    if (args.lookup_asks or args.lookup_bare) and not args.lookup_turn:
+        parser.error("--lookup-asks and --lookup-bare word the lookup turn: give "
+                     "--lookup-turn too")
     if args.init is not None and args.warm_start is not None:
         parser.error("give --init (continue a run) or --warm-start (a new preset), not both")
     if args.tower_steps and not (args.patch_loss_weight or args.existence_loss_weight):
@@ -759,9 +821,9 @@ def main() -> None:
         lookup = KindLookupProbe(vlm.config.text_config.hidden_size, encoder)
         params += list(lookup.parameters())
         lookup_rng = np.random.default_rng(args.seed + 1)  # the QA data stays the control's
-    verdict_marks = None
+    verdicts = None
     if args.lookup_turn:
-        verdict_marks = (single_token(tokenizer, ":"), single_token(tokenizer, ","))
+        verdicts = lookup_verdicts(tokenizer, bare=args.lookup_bare)
         turn_rng = np.random.default_rng(args.seed + 2)  # the QA data stays the control's
     curve, history = [], []
     tower_seconds = 0.0
@@ -805,12 +867,13 @@ def main() -> None:
         conversations = sample_conversations(train, rng, args.images_per_step,
                                              args.turns_per_image, args.qa_types,
                                              args.per_type, args.restate_existence)
-        if verdict_marks is not None:
+        if verdicts is not None:
             conversations = [(record, [*pairs, lookup_turn(record, turn_rng,
-                                                            asks=args.lookup_asks)])
+                                                            asks=args.lookup_asks,
+                                                            bare=args.lookup_bare)])
                              for record, pairs in conversations]
         batch = encoder.train_batch([(record.image, pairs) for record, pairs in conversations],
-                                    verdict_marks)
+                                    verdicts)
         if probe is not None:
             labels = torch.stack([patch_labels(record, grid) for record, _ in conversations])
         if existence is not None:
@@ -860,7 +923,7 @@ def main() -> None:
                   + (f"lookup {lookup_sum / loss_count:.3f} (balanced accuracy "
                      f"{lookup_acc / loss_count:.3f}) " if lookup is not None else "")
                   + (f"lookup turn verdicts {turn_acc / loss_count:.3f} (balanced accuracy) "
-                     if verdict_marks is not None else "")
+                     if verdicts is not None else "")
                   + f"({seconds / step:.3f} s/step, data {data_seconds / step:.3f})", flush=True)
             loss_sum, loss_count, patch_sum, exist_sum = 0.0, 0, 0.0, 0.0
             lookup_sum, lookup_acc, turn_acc = 0.0, 0.0, 0.0

@@ -271,7 +271,8 @@ def _balanced(pairs: list[tuple[bool, bool]]) -> float | None:
 
 
 @torch.no_grad()
-def forced_verdicts(path: Path, images: int, batch_size: int = 16) -> dict:
+def forced_verdicts(path: Path, images: int, batch_size: int = 16,
+                    bare: bool = False) -> dict:
     """The verdict with the thing's name given, teacher-forced: the yes/no the LM head
     prefers right after "{thing}:" (the first tokens of " yes" and " no" compared), as
     balanced accuracy.
@@ -281,14 +282,15 @@ def forced_verdicts(path: Path, images: int, batch_size: int = 16) -> dict:
     - ``lookup``: the lookup turn (``pretrain_vlm.lookup_turn``) of each test image fed
       whole; scored at every verdict, per family (``kind``, ``colour``, ``pair``).
 
-    This separates the verdict from naming the thing (``restated`` in :func:`existence_qa`)."""
+    This separates the verdict from naming the thing (``restated`` in :func:`existence_qa`).
+    ``bare``: the lookup turn as ``pretrain_vlm.py --lookup-bare`` words it ("star yes"),
+    scored right after each name."""
     from keyseg.data.shapes import COLOURS, KINDS
 
     vlm, tokenizer, encoder = qa_model(path)
     vlm.eval()
     yes_no = list(verdict_token_ids(tokenizer))
     colon = stage2.single_token(tokenizer, ":")
-    comma = stage2.single_token(tokenizer, ",")
 
     def prefers_yes(batch: dict, positions: list[list[int]]) -> list[list[bool]]:
         logits = vlm(**{k: v for k, v in batch.items() if k in (
@@ -313,13 +315,14 @@ def forced_verdicts(path: Path, images: int, batch_size: int = 16) -> dict:
     lookup: dict[str, list[tuple[bool, bool]]] = {}
     for start in range(0, images, batch_size):
         records = [dataset[i] for i in range(start, min(images, start + batch_size))]
-        turns = [stage2.lookup_turn(r, rng) for r in records]
+        turns = [stage2.lookup_turn(r, rng, bare=bare) for r in records]
         batch = encoder.train_batch([(r.image, [t]) for r, t in zip(records, turns,
                                                                     strict=True)],
-                                    (colon, comma))
+                                    stage2.lookup_verdicts(tokenizer, bare=bare))
         positions = [row.nonzero().flatten().tolist() for row in batch["verdict_first"]]
         for turn, said in zip(turns, prefers_yes(batch, positions), strict=True):
-            items_said = [item.split(": ") for item in turn.answer.split(", ")]
+            items_said = [item.rsplit(" " if bare else ": ", 1)
+                          for item in turn.answer.split(", ")]
             for (name, gold), guess in zip(items_said, said, strict=True):
                 family = ("kind" if name in KINDS else "colour" if name in COLOURS
                           else "pair")
@@ -387,6 +390,9 @@ def main() -> None:
     parser.add_argument("--qa", action="store_true",
                         help="also score the existence questions (HF LLaVA directories)")
     parser.add_argument("--qa-images", type=int, default=200)
+    parser.add_argument("--lookup-bare", action="store_true",
+                        help="with --qa: score the lookup turn worded as pretrain_vlm.py "
+                             "--lookup-bare trains it (\"star yes\", no colon)")
     parser.add_argument("--question-states", action="store_true",
                         help="also probe the LM's states at the kind's word and at the answer "
                              "position of 'Is there a {kind}?', per layer (HF LLaVA directories)")
@@ -408,7 +414,8 @@ def main() -> None:
         if args.qa and not (path / "keyseg_processor.json").is_file():
             result["existence_qa"] = existence_qa(path, args.qa_images)
             print(f"{path}: existence questions, accuracy {result['existence_qa']}")
-            result["forced_verdicts"] = forced_verdicts(path, args.qa_images)
+            result["forced_verdicts"] = forced_verdicts(path, args.qa_images,
+                                                        bare=args.lookup_bare)
             print(f"{path}: verdicts after the name, teacher-forced (balanced accuracy): "
                   f"{result['forced_verdicts']}")
         if args.question_states and not (path / "keyseg_processor.json").is_file():

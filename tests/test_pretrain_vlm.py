@@ -377,8 +377,9 @@ def test_init_and_warm_start_are_exclusive(tmp_path) -> None:
     assert done.returncode == 2 and "--warm-start" in done.stderr
 
 
-def test_the_asking_lookup_needs_the_lookup_turn(tmp_path) -> None:
-    done = subprocess.run([sys.executable, str(SCRIPT), "--lookup-asks", "--steps", "1",
+@pytest.mark.parametrize("wording", ["--lookup-asks", "--lookup-bare"])
+def test_the_lookup_wordings_need_the_lookup_turn(tmp_path, wording) -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), wording, "--steps", "1",
                            "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert done.returncode == 2 and "--lookup-turn" in done.stderr
 
@@ -413,8 +414,9 @@ def test_lookup_turn_says_every_kind_and_colour_and_is_trained_on_its_verdicts_o
         orders.add(tuple(said))
 
         question = QAPair("colour", "colour.k.0", "What colour is the ring?", "green")
-        marks = (lab.single_token(tok, ":"), lab.single_token(tok, ","))
-        batch = encoder.train_batch([(record.image, [question, turn])], marks)
+        colon = lab.single_token(tok, ":")
+        batch = encoder.train_batch([(record.image, [question, turn])],
+                                    lab.lookup_verdicts(tok))
         labels, ids = batch["labels"][0], batch["input_ids"][0]
         kept = tok.decode(labels[labels != -100]).split()
         assert kept[0] == "green</s>"  # the earlier answer untouched
@@ -422,8 +424,35 @@ def test_lookup_turn_says_every_kind_and_colour_and_is_trained_on_its_verdicts_o
         # then the verdicts, nothing else but the end of the answer after the last one
         assert "".join(kept[1:]) == "".join(verdicts) + "</s>"
         first = batch["verdict_first"][0]
-        assert int(first.sum()) == len(verdicts) and (ids[first.roll(-1)] == marks[0]).all()
+        assert int(first.sum()) == len(verdicts) and (ids[first.roll(-1)] == colon).all()
     assert len(orders) == 6
+
+
+def test_a_bare_lookup_turn_is_trained_on_the_verdict_right_after_each_name(
+        tiny_parts) -> None:
+    """``lookup_turn(bare=True)``: "star yes, red no" (no colon); ``lookup_verdicts(bare=True)``
+    keeps exactly the verdict words and the end of the answer, each verdict's first token
+    right after the name's last token."""
+    lab = _module()
+    _, encoder = tiny_parts
+    tok = encoder.tokenizer
+    for index in range(4):
+        record = ShapesDataset("val")[index]
+        turn = lab.lookup_turn(record, np.random.default_rng(index), bare=True)
+        colon_turn = lab.lookup_turn(record, np.random.default_rng(index))
+        assert ":" not in turn.answer
+        assert turn.answer == colon_turn.answer.replace(": ", " ")  # same items, same order
+        said = [item.rsplit(" ", 1) for item in turn.answer.split(", ")]
+        batch = encoder.train_batch([(record.image, [turn])],
+                                    lab.lookup_verdicts(tok, bare=True))
+        labels, ids = batch["labels"][0], batch["input_ids"][0]
+        kept = tok.decode(labels[labels != -100]).split()
+        assert "".join(kept) == "".join(verdict for _, verdict in said) + "</s>"
+        first = batch["verdict_first"][0].nonzero().flatten()
+        assert len(first) == len(said)
+        for (name, _), at in zip(said, first.tolist(), strict=True):
+            before = tok.decode(ids[:at]).rstrip()
+            assert before.endswith(name), (before[-30:], name)
 
 
 def test_the_asking_lookup_lists_its_items_in_the_answers_order_as_existence_questions_do(

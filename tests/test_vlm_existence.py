@@ -47,7 +47,8 @@ def test_probe_separates_a_present_feature_and_not_noise():
     assert lab.balanced_accuracy(pred, np.ones(100, dtype=bool)) is None  # one class only
 
 
-def test_forced_verdicts_score_the_token_right_after_each_name(monkeypatch):
+@pytest.mark.parametrize("bare", [False, True])
+def test_forced_verdicts_score_the_token_right_after_each_name(monkeypatch, bare):
     """A stub LM head that always prefers the token the teacher-forced answer has next must
     score 1.0 everywhere: each verdict is read at the position that predicts it (one place
     off, it would read a name or a colon and score about chance)."""
@@ -71,6 +72,6 @@ def test_forced_verdicts_score_the_token_right_after_each_name(monkeypatch):
             return SimpleNamespace(logits=logits)
 
     monkeypatch.setattr(probe, "qa_model", lambda path: (PeekingLM(), tokenizer, encoder))
-    result = probe.forced_verdicts(None, images=12)
+    result = probe.forced_verdicts(None, images=12, bare=bare)
     assert result["existence"]["all"] == 1.0 and result["questions"]["all"] >= 10
     assert result["lookup"] == {"all": 1.0, "colour": 1.0, "kind": 1.0, "pair": 1.0}
