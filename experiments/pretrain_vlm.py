@@ -373,6 +373,17 @@ def lookup_turn(record, rng: np.random.Generator, pairs: int = 4,
     return QAPair(qtype="lookup", template_id="lookup", question=question, answer=answer)
 
 
+def last_answer(labels: torch.Tensor) -> tuple[int, int] | None:
+    """``(start, end)`` of the last run of supervised labels (the last answer), or None."""
+    answered = (labels != tokens.IGNORE_INDEX).nonzero().flatten().tolist()
+    if not answered:
+        return None
+    start = answered[-1]
+    while start > 0 and labels[start - 1] != tokens.IGNORE_INDEX:
+        start -= 1
+    return start, answered[-1] + 1
+
+
 def verdict_labels_only(labels: torch.Tensor, input_ids: torch.Tensor, colon: int,
                         comma: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The last answer's (the lookup turn's) labels kept only inside a verdict, the tokens
@@ -382,12 +393,10 @@ def verdict_labels_only(labels: torch.Tensor, input_ids: torch.Tensor, colon: in
     Returns ``(L,)`` labels and an ``(L,)`` bool mask of each verdict's first token, where
     the verdict is decided."""
     first = torch.zeros_like(labels, dtype=torch.bool)
-    answered = (labels != tokens.IGNORE_INDEX).nonzero().flatten().tolist()
-    if not answered:
+    span = last_answer(labels)
+    if span is None:
         return labels, first
-    start = answered[-1]
-    while start > 0 and labels[start - 1] != tokens.IGNORE_INDEX:
-        start -= 1
+    start = span[0]
     out, inside = labels.clone(), False
     for i in range(start, len(out)):
         token = int(input_ids[i])
@@ -406,13 +415,10 @@ def bare_verdict_labels(labels: torch.Tensor, input_ids: torch.Tensor, comma: in
     tokens that spell one of ``words`` (the token ids of " yes" and of " no") are the
     verdict; the last item keeps the end-of-answer token after its verdict. Same returns."""
     first = torch.zeros_like(labels, dtype=torch.bool)
-    answered = (labels != tokens.IGNORE_INDEX).nonzero().flatten().tolist()
-    if not answered:
+    span = last_answer(labels)
+    if span is None:
         return labels, first
-    end = answered[-1] + 1
-    start = end - 1
-    while start > 0 and labels[start - 1] != tokens.IGNORE_INDEX:
-        start -= 1
+    start, end = span
     out = labels.clone()
     out[start:end] = tokens.IGNORE_INDEX
     ids = input_ids.tolist()

@@ -401,6 +401,8 @@ def main() -> None:
                              "learned query per concept reads from the tokens")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.lookup_bare and not args.qa:
+        parser.error("--lookup-bare words the lookup turn that --qa scores: give --qa too")
     for path in args.models:
         if not path.is_dir():
             raise SystemExit(f"{path}: not a directory")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -75,3 +78,10 @@ def test_forced_verdicts_score_the_token_right_after_each_name(monkeypatch, bare
     result = probe.forced_verdicts(None, images=12, bare=bare)
     assert result["existence"]["all"] == 1.0 and result["questions"]["all"] >= 10
     assert result["lookup"] == {"all": 1.0, "colour": 1.0, "kind": 1.0, "pair": 1.0}
+
+
+def test_the_bare_lookup_wording_needs_the_qa_scores(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "experiments" / "vlm_existence.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), "--lookup-bare"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and "--qa" in done.stderr
