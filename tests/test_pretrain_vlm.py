@@ -17,7 +17,7 @@ from helpers import experiment_module
 from keyseg import tokens
 from keyseg.build import build_keyseg, build_vlm
 from keyseg.config import BackboneConfig, ModelConfig, SamSettings
-from keyseg.data.shapes import QAPair, ShapesDataset
+from keyseg.data.shapes import QUESTION_TYPES, QAPair, ShapesDataset
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "pretrain_vlm.py"
 SYSTEM = "A chat between a user and an assistant."
@@ -280,6 +280,19 @@ def test_sampled_conversations_ask_only_the_chosen_types_several_times() -> None
     assert all(len(ps) <= 6 for _, ps in conversations)
     for _, ps in conversations:
         assert len({p.question for p in ps}) == len(ps)  # no question asked twice
+
+
+def test_the_optional_list_type_is_trained_when_named_and_scored_apart(tmp_path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--preset", "tiny", "--steps", "1", "--images-per-step",
+         "2", "--turns-per-image", "2", "--eval-images", "3", "--log-every", "1",
+         "--corpus-records", "10", "--qa-types", "count", "list", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    test = json.loads((tmp_path / "metrics.json").read_text())["test"]
+    assert "list" in test["accuracy"] and test["questions"]["list"] >= 1
+    # "all" stays the default types' score, comparable with runs that never asked lists
+    assert test["questions"]["all"] == sum(test["questions"].get(t, 0) for t in QUESTION_TYPES)
 
 
 def test_unknown_qa_type_is_a_parser_error(tmp_path) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from keyseg.data.shapes import (
+    ALL_QUESTION_TYPES,
     COLOURS,
     KINDS,
     PLURALS,
@@ -121,6 +122,34 @@ def test_relations_and_description_on_a_row() -> None:
     assert answer("describe.list", column) is None  # one above the other: no left-to-right
 
 
+def test_lists_name_every_shape_of_a_colour_or_kind_left_to_right(main_view) -> None:
+    row = view_scene(_scene(("red", "circle", 30, 96, 18), ("blue", "star", 96, 96, 20),
+                            ("red", "ring", 165, 96, 18), ("green", "star", 160, 30, 15)))
+    assert answer("list.c", row, colour="red") == "the red circle and the red ring"
+    assert answer("list.k", row, kind="star") == "the blue star and the green star"
+    assert answer("list.k", row, kind="ring") == "the red ring"
+    assert answer("list.c", row, colour="purple") is None  # nothing to list
+    # two red circles share a name: no order can tell them apart in words
+    assert answer("list.k", main_view, kind="circle") is None
+    assert answer("list.c", main_view, colour="blue") == "the blue star"
+    # the yellow square is hidden under the octagon: nothing yellow is listed
+    assert answer("list.c", main_view, colour="yellow") is None
+    # too close in x for a left-to-right order
+    stacked = view_scene(_scene(("red", "circle", 96, 30, 15), ("red", "star", 100, 150, 15)))
+    assert answer("list.c", stacked, colour="red") is None
+
+
+def test_list_is_asked_only_when_named() -> None:
+    records = list(ShapesDataset("train", ShapesConfig(train_size=100)))
+    assert all(p.qtype != "list" for r in records for p in record_qa(r, seed=0))
+    pairs = [p for r in records for p in record_qa(r, seed=0, types=("list",))]
+    assert {p.qtype for p in pairs} == {"list"} and len(pairs) > 80
+    # groups of several come first: most scenes that have one are asked about it
+    several = sum(" and " in p.answer for p in pairs)
+    assert several > 0.3 * len(pairs)
+    assert all(p.answer.startswith("the ") for p in pairs)
+
+
 def test_doubtful_objects_never_decide_an_answer() -> None:
     # two red shapes that overlap read as one red blob: nothing about red is asked
     blob = view_scene(_scene(("red", "square", 60, 96, 20), ("red", "triangle", 80, 96, 20),
@@ -177,7 +206,7 @@ def test_generated_questions_agree_with_the_hand_written_truth(main_view) -> Non
 
 
 def test_templates_cover_every_type_and_train_never_asks_the_heldout_ones() -> None:
-    assert {t.qtype for t in QA_TEMPLATES.values()} == set(QUESTION_TYPES)
+    assert {t.qtype for t in QA_TEMPLATES.values()} == set(ALL_QUESTION_TYPES)
     assert {t.slot for t in QA_TEMPLATES.values()} == set(QA_SLOTS)
     for slot in QA_SLOTS:  # several wordings per slot, one of them held out
         ids = [k for k, t in QA_TEMPLATES.items() if t.slot == slot]

@@ -57,6 +57,8 @@ from keyseg.data.shapes.geometry import (
     shape_polygons,
 )
 from keyseg.data.shapes.qa import (
+    ALL_QUESTION_TYPES,
+    OPTIONAL_QUESTION_TYPES,
     QA_HELDOUT_TEMPLATE_IDS,
     QA_SLOTS,
     QA_TEMPLATES,
@@ -96,6 +98,7 @@ from keyseg.data.shapes.world import (
 )
 
 __all__ = [
+    "ALL_QUESTION_TYPES",
     "COLOURS",
     "COLOUR_CLUES",
     "DIFFICULTIES",
@@ -103,6 +106,7 @@ __all__ = [
     "KEYWORD_VOCAB",
     "KINDS",
     "KIND_CLUES",
+    "OPTIONAL_QUESTION_TYPES",
     "PLURALS",
     "QA_HELDOUT_TEMPLATE_IDS",
     "QA_SLOTS",

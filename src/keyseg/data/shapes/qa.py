@@ -20,7 +20,14 @@ type           example question                             answer
                "Which shape is furthest to the left?"
 ``describe``   "What shapes are in this image?"              "a red circle, a blue star and a
                                                              green ring" (left to right)
+``list``       "Which shapes are blue?"                      "the blue circle and the blue
+               "List the stars."                             ring" (left to right; only when
+                                                             asked for, see below)
 =============  ===========================================  ================================
+
+``list`` is the QA form of a multi-target query (every shape of a colour or a kind, named
+left to right). It is one of :data:`OPTIONAL_QUESTION_TYPES`: asked only when ``types`` names
+it, so the recipes recorded before it existed draw the same questions as they did.
 
 Answers are short and follow from the scene alone, so accuracy is an exact match after
 :func:`normalise_answer`. A question is asked only when its answer is unambiguous for what
@@ -46,6 +53,7 @@ and test ask it (:func:`qa_template_ids`), as :mod:`~keyseg.data.shapes.queries`
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -58,9 +66,13 @@ from keyseg.data.shapes.geometry import Scene, scene_from_objects
 from keyseg.data.shapes.world import COLOURS, KINDS, PLURALS, check_split
 from keyseg.errors import KeySegConfigError
 
+#: The question types asked by default.
 QUESTION_TYPES: tuple[str, ...] = (
     "what", "where", "colour", "size", "count", "existence", "relation", "describe",
 )
+#: Types asked only when named (``types=``); see the module docstring.
+OPTIONAL_QUESTION_TYPES: tuple[str, ...] = ("list",)
+ALL_QUESTION_TYPES: tuple[str, ...] = QUESTION_TYPES + OPTIONAL_QUESTION_TYPES
 
 MARGIN = 0.05
 """Fraction of the image side: how clearly a centroid must sit inside a grid cell, or beyond
@@ -316,6 +328,22 @@ _PATTERNS: dict[str, tuple[str, list[str]]] = {
         "Name every shape in the picture.",
         "Tell me which shapes are drawn here.",
     ]),
+    "list.k": ("list", [
+        "Which shapes are {kinds}?",
+        "List the {kinds}.",
+        "Name each {kind} in the image.",
+        "What {kinds} are there?",
+        "~the {kinds} you can see",
+        "Which {kinds} can you see?",
+    ]),
+    "list.c": ("list", [
+        "Which shapes are {colour}?",
+        "List the {colour} shapes.",
+        "Name each {colour} shape in the image.",
+        "What are the {colour} shapes?",
+        "~the {colour} shapes you can see",
+        "Which of the shapes are {colour}?",
+    ]),
 }
 
 #: How a noun-phrase template becomes a question (``{x}``: the phrase; ``{X}``: capitalised),
@@ -341,7 +369,7 @@ SENTENCE_WRAPPERS: tuple[str, ...] = (
 def _build_templates() -> dict[str, QATemplate]:
     out: dict[str, QATemplate] = {}
     for slot, (qtype, patterns) in _PATTERNS.items():
-        if qtype not in QUESTION_TYPES or not slot.startswith(qtype + "."):
+        if qtype not in ALL_QUESTION_TYPES or not slot.startswith(qtype + "."):
             raise KeySegConfigError(f"QA slot {slot!r}: bad question type {qtype!r}")
         for i, pattern in enumerate(patterns):
             phrase = pattern.startswith("~")
@@ -484,6 +512,11 @@ def _listing(names: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _definite_listing(names: Sequence[str]) -> str:
+    items = [f"the {n}" for n in names]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def _rule(slot: str, p: dict[str, str], view: Sequence[SeenObject], size: int) -> str | None:
     """The answer of ``slot`` with parameters ``p`` on the objects ``view``; None when the
     question has no unique, clear-cut answer there."""
@@ -540,6 +573,15 @@ def _rule(slot: str, p: dict[str, str], view: Sequence[SeenObject], size: int) -
         if not order or any(b.x - a.x < MARGIN * size for a, b in pairwise(order)):
             return None
         return _listing([o.name for o in order])
+    if family == "list":
+        attr = "kind" if arg == "k" else "colour"
+        group = sorted((x for x in view if getattr(x, attr) == p[attr]), key=lambda o: o.x)
+        names = [o.name for o in group]
+        # named left to right: the order must be clear and no two may share a name
+        if (not group or len(set(names)) < len(names)
+                or any(b.x - a.x < MARGIN * size for a, b in pairwise(group))):
+            return None
+        return _definite_listing(names)
     raise KeySegConfigError(f"QA slot {slot!r} has no answer rule")
 
 
@@ -581,6 +623,12 @@ def _choices(slot: str, view: SceneView, rng: np.random.Generator) -> list[dict[
         pairs = [(a, b) for a in names for b in names if a != b]
         return [{"first": a, "second": b} for a, b in (pairs[int(i)]
                                                        for i in rng.permutation(len(pairs)))]
+    if family == "list":  # groups of several first: the multi-target case
+        attr = "kind" if arg == "k" else "colour"
+        sizes = Counter(getattr(o, attr) for o in clear)
+        order = (shuffled(v for v, n in sizes.items() if n > 1)
+                 + shuffled(v for v, n in sizes.items() if n == 1))
+        return [{attr: v} for v in order]
     if family in ("count", "existence") and arg != "all":
         attr = {"k": ("kind",), "c": ("colour",), "ck": ("colour", "kind")}[arg]
         present = shuffled(tuple(getattr(o, a) for a in attr) for o in clear)
@@ -645,10 +693,10 @@ def scene_qa(scene: Scene | SceneView, split: str, rng: np.random.Generator,
     """Up to ``per_type`` distinct questions of each of ``types`` about ``scene``, in the
     order of ``types`` (fewer where the scene supports fewer), from the templates ``split``
     may use (``restate``: see :func:`realise`)."""
-    unknown = [t for t in types if t not in QUESTION_TYPES]
+    unknown = [t for t in types if t not in ALL_QUESTION_TYPES]
     if unknown:
         raise KeySegConfigError(f"unknown QA question type {unknown[0]!r} "
-                                f"(known: {', '.join(QUESTION_TYPES)})")
+                                f"(known: {', '.join(ALL_QUESTION_TYPES)})")
     view = scene if isinstance(scene, SceneView) else view_scene(scene)
     allowed = qa_template_ids(split)
     out: list[QAPair] = []
