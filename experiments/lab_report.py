@@ -15,9 +15,10 @@ name (on teacher-forced rows, which this reads the same way: the mask side under
 words); for multi-target answers the largest IoU between two of an answer's masks
 (``max_pred_overlap``: one object drawn twice gives 1.0); and each acceptance check of the
 issue with PASS/FAIL. ``--compare`` adds the same numbers for a second file (the
-ReasonSeg-format export) and their difference; ``--teacher`` (the same model's
+ReasonSeg-format export) and their difference; multi-target queries are also split by
+whether their shapes share a kind or a colour; ``--teacher`` (the same model's
 teacher-forced rows) splits generated IoU by whether the answer is worded as the
-teacher-forced one.
+teacher-forced one, and splits the teacher-forced multi-target queries by group as well.
 """
 
 from __future__ import annotations
@@ -187,6 +188,27 @@ def iou_by_concept(rows: list[dict]) -> dict | None:
             for cell, v in sorted(ious.items())} or None
 
 
+def multi_by_group(rows: list[dict]) -> dict | None:
+    """Multi-target queries split by what their group shares (:func:`query_names` of the
+    keyword: every shape of one ``"kind"``, which differ in colour, or of one ``"colour"``,
+    which differ only in kind): the number, the share whose masks are distinct (every pair
+    below the overlap target) and the mean IoU of their masks. On teacher-forced rows it
+    asks whether the mask side can tell apart objects of one colour by their kind."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        named = query_names(row.get("target_keyword") or "")
+        if row.get("difficulty") != "multi" or named not in ("kind", "colour"):
+            continue
+        cell = groups.setdefault(named, {"overlap": [], "iou": []})
+        cell["iou"].append(row["iou"])
+        if row.get("max_pred_overlap") is not None:
+            cell["overlap"].append(row["max_pred_overlap"])
+    return {named: {"n": len(c["iou"]), "giou": statistics.mean(c["iou"]),
+                    "share_distinct": (sum(o < TARGETS["multi_overlap"] for o in c["overlap"])
+                                       / len(c["overlap"]) if c["overlap"] else None)}
+            for named, c in sorted(groups.items())} or None
+
+
 def summarise(rows: list[dict]) -> dict:
     """gIoU overall and by difficulty, negatives answered, multi-target overlaps."""
     by_difficulty: dict[str, list[float]] = {}
@@ -216,6 +238,7 @@ def summarise(rows: list[dict]) -> dict:
         "multi_mean_overlap": statistics.mean(multi) if multi else None,
         "multi_share_distinct": (sum(o < TARGETS["multi_overlap"] for o in multi) / len(multi)
                                  if multi else None),
+        "multi_by_group": multi_by_group(rows),
     }
 
 
@@ -254,7 +277,9 @@ def main() -> None:
     generated = read_rows(args.samples)
     native = summarise(generated)
     if args.teacher:
-        native["by_naming"] = by_naming(generated, read_rows(args.teacher))
+        teacher = read_rows(args.teacher)
+        native["by_naming"] = by_naming(generated, teacher)
+        native["teacher_multi_by_group"] = multi_by_group(teacher)
     export = summarise(read_rows(args.compare)) if args.compare else None
     for name, d in native["by_difficulty"].items():
         extra = ""
@@ -274,6 +299,11 @@ def main() -> None:
             f"{d['said_no']:.0%} of {d['n']} {side} shapes" for side, d in sides.items()))
     for cell, d in (native["iou_by_concept"] or {}).items():
         print(f"{cell:>22}: IoU {d['iou']:.3f} (n={d['n']})")
+    for key, label in (("multi_by_group", "generated"), ("teacher_multi_by_group", "teacher")):
+        for named, d in (native.get(key) or {}).items():
+            distinct = "–" if d["share_distinct"] is None else f"{d['share_distinct']:.0%}"
+            print(f"multi-target, one {named} ({label}): gIoU {d['giou']:.3f}, masks distinct "
+                  f"in {distinct} of {d['n']}")
 
     def fmt(value: float | None) -> str:
         return "  –  " if value is None else f"{value:.3f}"

@@ -135,3 +135,20 @@ def test_iou_by_concept_averages_direct_and_attribute_by_what_the_query_names():
                      "direct, colour kind": {"iou": 0.9, "n": 1},
                      "direct, kind": {"iou": pytest.approx(0.3), "n": 2}}
     assert lab.iou_by_concept([_row("direct", 0.5)]) is None
+
+
+def test_multi_by_group_splits_multi_target_queries_by_what_their_shapes_share():
+    lab = _module()
+    rows = [
+        {**_row("multi", 0.8, overlap=0.0), "target_keyword": "star"},
+        {**_row("multi", 0.6, overlap=0.7), "target_keyword": "star"},
+        {**_row("multi", 0.4, overlap=1.0), "target_keyword": "blue"},
+        {**_row("multi", 0.2, overlap=None), "target_keyword": "blue"},  # one mask: no pair
+        {**_row("direct", 0.9), "target_keyword": "blue"},  # not a multi-target query
+        {**_row("multi", 0.5, overlap=0.0), "target_keyword": "red star"},  # neither group
+    ]
+    groups = lab.multi_by_group(rows)
+    assert set(groups) == {"colour", "kind"}
+    assert groups["kind"] == {"n": 2, "giou": pytest.approx(0.7), "share_distinct": 0.5}
+    assert groups["colour"] == {"n": 2, "giou": pytest.approx(0.3), "share_distinct": 0.0}
+    assert lab.multi_by_group([_row("direct", 0.5)]) is None
