@@ -16,6 +16,9 @@ the masks they give:
 
     python experiments/seg_prompts.py src/keyseg/assets/default_model --records 300
 
+The means are also split by what the answer's shapes share (``by_group``: one ``kind``,
+"every star", or one ``colour``, "all blue shapes", from the query's keyword).
+
 Prints the means and writes ``--out`` (JSON, with every answer's numbers) when given.
 """
 
@@ -30,7 +33,7 @@ import torch
 
 from keyseg import tokens
 from keyseg.data.collate import Collator
-from keyseg.data.shapes import ShapesDataset
+from keyseg.data.shapes import COLOURS, KINDS, ShapesDataset
 from keyseg.evaluate.batches import group_examples, record_items
 from keyseg.evaluate.scoring import max_pairwise_iou
 from keyseg.io import atomic_write_json
@@ -85,17 +88,31 @@ def measure(model: KeySegModel, items: list, batch_size: int = 8) -> list[dict]:
             }
             results.append({
                 "query": item.referent.text, "answer": item.fed_answer,
+                "keyword": item.referent.keyword,
                 **{name: mean_pairwise_cosine(rows) for name, rows in stages.items()},
                 "mask_overlap": max_pairwise_iou(masks),
             })
     return results
 
 
+def group_of(keyword: str | None) -> str | None:
+    """What the shapes of a multi-target answer share: ``"kind"``, ``"colour"`` or None."""
+    return "kind" if keyword in KINDS else "colour" if keyword in COLOURS else None
+
+
 def summary(results: list[dict]) -> dict:
-    """Means over answers of every stage's cosine and of the mask overlap."""
+    """Means over answers of every stage's cosine and of the mask overlap, overall and by
+    :func:`group_of` the answer's keyword."""
     keys = (*STAGES, "mask_overlap")
-    return {"answers": len(results),
-            **{k: statistics.mean(r[k] for r in results) for k in keys}}
+
+    def means(rows: list[dict]) -> dict:
+        return {"answers": len(rows), **{k: statistics.mean(r[k] for r in rows) for k in keys}}
+
+    groups: dict[str, list[dict]] = {}
+    for row in results:
+        if (group := group_of(row.get("keyword"))) is not None:
+            groups.setdefault(group, []).append(row)
+    return {**means(results), "by_group": {g: means(v) for g, v in sorted(groups.items())}}
 
 
 def main() -> None:
@@ -117,6 +134,10 @@ def main() -> None:
           f"hidden_state {model.settings.backbone.hidden_state}): mean cosine between "
           + ", ".join(f"{s} {means[s]:.3f}" for s in STAGES)
           + f"; mask overlap {means['mask_overlap']:.3f}")
+    for group, m in means["by_group"].items():
+        print(f"  {m['answers']} answers whose shapes share a {group}: "
+              + ", ".join(f"{s} {m[s]:.3f}" for s in STAGES)
+              + f"; mask overlap {m['mask_overlap']:.3f}")
     if args.out is not None:
         atomic_write_json(args.out, {"checkpoint": args.checkpoint, "summary": means,
                                      "answers": results})

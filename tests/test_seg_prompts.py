@@ -52,3 +52,22 @@ def test_without_fusion_the_prompts_are_the_projected_states(items) -> None:
     for row in results:
         assert row["fused"] == row["projected"]
         assert -1.0 <= row["lm"] <= 1.0
+
+
+def test_summary_splits_answers_by_what_their_shapes_share() -> None:
+    seg = _module()
+    rows = [
+        {"keyword": "star", "lm": 0.2, "projected": 0.4, "fused": 0.6, "mask_overlap": 0.0},
+        {"keyword": "star", "lm": 0.4, "projected": 0.6, "fused": 0.8, "mask_overlap": 0.2},
+        {"keyword": "blue", "lm": 1.0, "projected": 1.0, "fused": 1.0, "mask_overlap": 1.0},
+        {"keyword": "shapes with holes", "lm": 0.0, "projected": 0.0, "fused": 0.0,
+         "mask_overlap": 0.0},  # a clue: neither group, in the overall means only
+    ]
+    result = seg.summary(rows)
+    assert result["answers"] == 4 and result["lm"] == pytest.approx(0.4)
+    assert set(result["by_group"]) == {"colour", "kind"}
+    assert result["by_group"]["kind"]["answers"] == 2
+    assert result["by_group"]["kind"]["lm"] == pytest.approx(0.3)
+    assert result["by_group"]["kind"]["mask_overlap"] == pytest.approx(0.1)
+    assert result["by_group"]["colour"] == {"answers": 1, "lm": 1.0, "projected": 1.0,
+                                            "fused": 1.0, "mask_overlap": 1.0}
