@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 
 from keyseg import tokens
+from keyseg.build import build_keyseg
+from keyseg.config import load_config
 from keyseg.data.collate import Collator
 from keyseg.data.shapes import COLOURS, KINDS, ShapesDataset
 from keyseg.evaluate.batches import group_examples, record_items
@@ -117,13 +119,24 @@ def summary(results: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a KeySeg model directory")
+    parser.add_argument("checkpoint", nargs="?", default=None,
+                        help="a KeySeg model directory")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="instead of a checkpoint: a fresh KeySeg built from this config's "
+                             "model section (its stage 2 VLM and stage 1 SAM, heads untrained), "
+                             "so the lm column shows the pretrained VLM before fine-tuning")
     parser.add_argument("--split", default="test")
     parser.add_argument("--records", type=int, default=300,
                         help="records of the split scanned for multi-target queries")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    model = KeySegModel.from_pretrained(args.checkpoint)
+    if (args.checkpoint is None) == (args.config is None):
+        parser.error("give exactly one of a checkpoint directory and --config")
+    if args.config is not None:
+        torch.manual_seed(0)
+        model = build_keyseg(load_config(args.config).model)
+    else:
+        model = KeySegModel.from_pretrained(args.checkpoint)
     items = multi_target_items(args.split, args.records, bool(model.settings.use_keyword))
     if not items:
         raise SystemExit(f"no multi-target query in the first {args.records} records of "
@@ -139,7 +152,9 @@ def main() -> None:
               + ", ".join(f"{s} {m[s]:.3f}" for s in STAGES)
               + f"; mask overlap {m['mask_overlap']:.3f}")
     if args.out is not None:
-        atomic_write_json(args.out, {"checkpoint": args.checkpoint, "summary": means,
+        atomic_write_json(args.out, {"checkpoint": args.checkpoint,
+                                     "config": str(args.config) if args.config else None,
+                                     "summary": means,
                                      "answers": results})
 
 

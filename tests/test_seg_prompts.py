@@ -3,6 +3,11 @@ where the answer is known from the fusion's definition."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -71,3 +76,20 @@ def test_summary_splits_answers_by_what_their_shapes_share() -> None:
     assert result["by_group"]["kind"]["mask_overlap"] == pytest.approx(0.1)
     assert result["by_group"]["colour"] == {"answers": 1, "lm": 1.0, "projected": 1.0,
                                             "fused": 1.0, "mask_overlap": 1.0}
+
+
+def test_the_cli_measures_a_fresh_model_from_a_config_or_refuses_both(tmp_path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    script = root / "experiments" / "seg_prompts.py"
+    out = tmp_path / "fresh.json"
+    done = subprocess.run(
+        [sys.executable, str(script), "--config", str(root / "configs" / "tiny-shapes.yaml"),
+         "--records", "40", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["checkpoint"] is None and record["config"].endswith("tiny-shapes.yaml")
+    assert record["summary"]["answers"] >= 1 and -1.0 <= record["summary"]["lm"] <= 1.0
+    both = subprocess.run([sys.executable, str(script), str(tmp_path), "--config", "x.yaml"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert both.returncode == 2 and "exactly one" in both.stderr
