@@ -188,6 +188,13 @@ def iou_by_concept(rows: list[dict]) -> dict | None:
             for cell, v in sorted(ious.items())} or None
 
 
+def share_distinct(overlaps: list[float]) -> float | None:
+    """The share of multi-target answers whose masks all overlap below the target."""
+    if not overlaps:
+        return None
+    return sum(o < TARGETS["multi_overlap"] for o in overlaps) / len(overlaps)
+
+
 def multi_by_group(rows: list[dict]) -> dict | None:
     """Multi-target queries split by what their group shares (:func:`query_names` of the
     keyword: every shape of one ``"kind"``, which differ in colour, or of one ``"colour"``,
@@ -204,8 +211,7 @@ def multi_by_group(rows: list[dict]) -> dict | None:
         if row.get("max_pred_overlap") is not None:
             cell["overlap"].append(row["max_pred_overlap"])
     return {named: {"n": len(c["iou"]), "giou": statistics.mean(c["iou"]),
-                    "share_distinct": (sum(o < TARGETS["multi_overlap"] for o in c["overlap"])
-                                       / len(c["overlap"]) if c["overlap"] else None)}
+                    "share_distinct": share_distinct(c["overlap"])}
             for named, c in sorted(groups.items())} or None
 
 
@@ -236,8 +242,7 @@ def summarise(rows: list[dict]) -> dict:
         "iou_by_concept": iou_by_concept(rows),
         "multi_answers": len(multi),
         "multi_mean_overlap": statistics.mean(multi) if multi else None,
-        "multi_share_distinct": (sum(o < TARGETS["multi_overlap"] for o in multi) / len(multi)
-                                 if multi else None),
+        "multi_share_distinct": share_distinct(multi),
         "multi_by_group": multi_by_group(rows),
     }
 

@@ -27,15 +27,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lab_report import query_names
 
 from keyseg import tokens
 from keyseg.build import build_keyseg
 from keyseg.config import load_config
 from keyseg.data.collate import Collator
-from keyseg.data.shapes import COLOURS, KINDS, ShapesDataset
+from keyseg.data.shapes import ShapesDataset
 from keyseg.evaluate.batches import group_examples, record_items
 from keyseg.evaluate.scoring import max_pairwise_iou
 from keyseg.io import atomic_write_json
@@ -98,8 +102,10 @@ def measure(model: KeySegModel, items: list, batch_size: int = 8) -> list[dict]:
 
 
 def group_of(keyword: str | None) -> str | None:
-    """What the shapes of a multi-target answer share: ``"kind"``, ``"colour"`` or None."""
-    return "kind" if keyword in KINDS else "colour" if keyword in COLOURS else None
+    """What the shapes of a multi-target answer share: ``"kind"``, ``"colour"`` or None
+    (lab_report's :func:`query_names` of its keyword)."""
+    named = query_names(keyword or "")
+    return named if named in ("kind", "colour") else None
 
 
 def summary(results: list[dict]) -> dict:

@@ -507,14 +507,18 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _listing(names: Sequence[str]) -> str:
-    items = [_article(n) for n in names]
+def _listing(names: Sequence[str], article: Callable[[str], str] = _article) -> str:
+    """``"a red circle, a blue star and a green ring"`` (``article``: how each is named)."""
+    items = [article(n) for n in names]
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _definite_listing(names: Sequence[str]) -> str:
-    items = [f"the {n}" for n in names]
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+def _left_to_right(objs: Iterable[SeenObject], size: int) -> list[SeenObject] | None:
+    """``objs`` sorted left to right, or None when two are too close in x to be ordered."""
+    order = sorted(objs, key=lambda o: o.x)
+    if any(b.x - a.x < MARGIN * size for a, b in pairwise(order)):
+        return None
+    return order
 
 
 def _rule(slot: str, p: dict[str, str], view: Sequence[SeenObject], size: int) -> str | None:
@@ -569,19 +573,15 @@ def _rule(slot: str, p: dict[str, str], view: Sequence[SeenObject], size: int) -
         o = _extreme(view, arg, size)
         return o.name if o else None
     if slot == "describe.list":
-        order = sorted(view, key=lambda o: o.x)
-        if not order or any(b.x - a.x < MARGIN * size for a, b in pairwise(order)):
-            return None
-        return _listing([o.name for o in order])
+        order = _left_to_right(view, size)
+        return _listing([o.name for o in order]) if order else None
     if family == "list":
         attr = "kind" if arg == "k" else "colour"
-        group = sorted((x for x in view if getattr(x, attr) == p[attr]), key=lambda o: o.x)
-        names = [o.name for o in group]
-        # named left to right: the order must be clear and no two may share a name
-        if (not group or len(set(names)) < len(names)
-                or any(b.x - a.x < MARGIN * size for a, b in pairwise(group))):
+        group = _left_to_right((x for x in view if getattr(x, attr) == p[attr]), size)
+        names = [o.name for o in group or ()]
+        if not names or len(set(names)) < len(names):  # no two may share a name
             return None
-        return _definite_listing(names)
+        return _listing(names, lambda n: f"the {n}")
     raise KeySegConfigError(f"QA slot {slot!r} has no answer rule")
 
 
