@@ -313,13 +313,14 @@ def test_the_generator_uses_the_config_class_and_yaml_sets_every_option(tmp_path
         "    max_radius: 0.12\n    min_visible: 0.5\n    train_size: 7\n    val_size: 3\n"
         "    test_size: 2\n    queries_per_image: 2\n"
         "    difficulty_weights: {multi: 1.0}\n    train_difficulty_weights: {negative: 2}\n"
-        "    answer_style: restate\n    seed: 5\n")
+        "    answer_style: restate\n    qa_types: [count, list]\n"
+        "    qa_restate_existence: true\n    seed: 5\n")
     cfg = load_config(path)
     expected = dict(image_size=96, min_objects=3, max_objects=4, min_radius=0.1,
                     max_radius=0.12, min_visible=0.5, train_size=7, val_size=3, test_size=2,
                     queries_per_image=2, difficulty_weights=(("multi", 1.0),),
                     train_difficulty_weights=(("negative", 2.0),), answer_style="restate",
-                    seed=5)
+                    qa_types=("count", "list"), qa_restate_existence=True, seed=5)
     assert {f.name for f in dataclasses.fields(ShapesConfig)} == set(expected)
     assert {k: getattr(cfg.data.shapes, k) for k in expected} == expected
     records = build_dataset("shapes", cfg.data, "val")
@@ -376,7 +377,7 @@ def test_name_tables_match_the_modules_that_implement_them():
     assert set(TRAINABLE_COMPONENTS) == set(trainable.COMPONENTS)
     assert set(REFER_NAMES) == set(REFER_DATASETS)
     assert set(DIFFICULTIES) == set(SHAPES_DIFFICULTIES)
-    assert set(DATASET_NAMES) == {"reason_seg", "refer_seg", "shapes"}
+    assert set(DATASET_NAMES) == {"reason_seg", "refer_seg", "shapes", "shapes_qa"}
 
 
 @pytest.mark.parametrize("module", ["keyseg.config", "keyseg.schema"])

@@ -92,7 +92,7 @@ TRAINABLE_COMPONENTS: tuple[str, ...] = (  # keyseg.model.trainable.COMPONENTS
     "sam_image_encoder", "sam_prompt_encoder", "sam_mask_decoder", "text_hidden_fcs",
     "fusion", "table_projection",
 )
-DATASET_NAMES: tuple[str, ...] = ("reason_seg", "refer_seg", "shapes")
+DATASET_NAMES: tuple[str, ...] = ("reason_seg", "refer_seg", "shapes", "shapes_qa")
 """Names allowed in ``data.datasets`` (keyseg.data.datasets builds them)."""
 VAL_NAMES: tuple[str, ...] = ("reason_seg", "shapes", "refcoco", "refcoco+", "refcocog")
 """Names allowed before the colon of ``data.val_dataset``."""
@@ -100,6 +100,10 @@ REFER_NAMES: tuple[str, ...] = ("refcoco", "refcoco+", "refcocog")  # data.refer
 SHAPES_DIFFICULTIES: tuple[str, ...] = ("direct", "attribute", "relational", "indirect", "multi",
                                          "negative")
 """Query difficulties of the shapes world (``ShapesConfig.difficulty_weights`` keys)."""
+SHAPES_QA_TYPES: tuple[str, ...] = ("what", "where", "colour", "size", "count", "existence",
+                                    "relation", "describe", "list")
+"""Question types of the shapes world's visual QA (``keyseg.data.shapes.qa``;
+``ShapesConfig.qa_types``)."""
 
 
 def _known(value: str, known: Sequence[str]) -> str:
@@ -381,6 +385,14 @@ class ShapesConfig(Checked):
     [SEG]."; multi-target answers count their targets left to right ("The circles: the
     first [SEG] and the second [SEG]."). Otherwise multi-target answers are the same in
     every style (each target named)."""
+    qa_types: tuple[str, ...] = SHAPES_QA_TYPES
+    """Question types of the ``shapes_qa`` training dataset (names from SHAPES_QA_TYPES):
+    text-only visual-QA turns about shapes images, mixed into training as the reference
+    mixes LLaVA's VQA data, so that fine-tuning keeps what the VLM learnt in pretraining."""
+    qa_restate_existence: bool = False
+    """``shapes_qa`` existence answers name what was asked before the yes/no ("red star:
+    no"), as a VLM pretrained with ``experiments/pretrain_vlm.py --restate-existence``
+    learnt them."""
     seed: NonNegativeInt = 0
     """World seed mixed into every image's random stream."""
 
@@ -410,6 +422,12 @@ class ShapesConfig(Checked):
                 yield Problem(key, "a difficulty is named twice")
             if not any(isinstance(w, int | float) and w > 0 for _, w in weights):
                 yield Problem(key, "needs at least one positive weight")
+        unknown_qa = [t for t in self.qa_types if t not in SHAPES_QA_TYPES]
+        if unknown_qa:
+            yield Problem("qa_types", f"unknown question type {unknown_qa[0]!r} (known: "
+                          f"{', '.join(SHAPES_QA_TYPES)})")
+        elif not self.qa_types:
+            yield Problem("qa_types", "needs at least one question type")
 
     def split_size(self, split: str) -> int:
         """Number of records in ``split``."""

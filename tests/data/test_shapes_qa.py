@@ -270,3 +270,54 @@ def test_restated_existence_answers_name_the_thing_then_the_same_verdict() -> No
     rng_a, rng_b = np.random.default_rng(0), np.random.default_rng(0)
     assert scene_qa(scene, "train", rng_a, types=("count", "what")) == scene_qa(
         scene, "train", rng_b, types=("count", "what"), restate=True)
+
+
+def test_shapes_qa_dataset_asks_record_qa_about_the_shapes_image() -> None:
+    """``shapes_qa`` record i: the image of ``shapes`` record i, one text-only referent per
+    configured type the scene answers, exactly :func:`record_qa`'s pairs, and no masks."""
+    from keyseg.data.shapes import ShapesQADataset
+
+    config = ShapesConfig(train_size=3, qa_types=("colour", "count", "list"),
+                          qa_restate_existence=True)
+    images, questions = ShapesDataset("train", config), ShapesQADataset("train", config)
+    assert len(questions) == 3
+    for index in range(3):
+        record, asked = images[index], questions[index]
+        assert np.array_equal(np.asarray(record.image), np.asarray(asked.image))
+        pairs = record_qa(record, types=config.qa_types, restate=True)
+        assert [(r.text, r.answer) for r in asked.referents] == [
+            (p.question, p.answer) for p in pairs]
+        assert {p.qtype for p in pairs} <= {"colour", "count", "list"}
+        for referent in asked.referents:
+            assert referent.text_only and referent.keyword is None
+            assert referent.masks.shape == (0, config.image_size, config.image_size)
+            assert "[SEG]" not in referent.answer
+        assert asked.source == "shapes_qa" and asked.sample_id != record.sample_id
+
+
+def test_qa_types_are_checked_by_the_config() -> None:
+    from keyseg.config import ConfigProblems, load_config
+
+    with pytest.raises(ConfigProblems, match=r"data\.shapes\.qa_types.*'colours'"):
+        load_config(None, ["data.shapes.qa_types=[what,colours]"])
+    cfg = load_config(None, ["data.datasets=[shapes,shapes_qa]", "data.sample_rates=[3,1]"])
+    assert cfg.data.datasets == ("shapes", "shapes_qa")
+
+
+def test_a_mixture_with_shapes_qa_draws_both_and_names_them() -> None:
+    from keyseg.config import load_config
+    from keyseg.data.check import totals_lines
+    from keyseg.data.datasets import build_mixture
+
+    cfg = load_config(None, ["data.datasets=[shapes,shapes_qa]", "data.sample_rates=[1,1]",
+                             "data.shapes.train_size=50", "data.max_referents_per_image=2"])
+    mixture = build_mixture(cfg.data, seed=0)
+    records = mixture.take(40)
+    qa = [r for r in records if r.source == "shapes_qa"]
+    assert 0 < len(qa) < 40
+    assert all(len(r.referents) == 2 and all(x.text_only for x in r.referents) for r in qa)
+    assert not any(x.text_only for r in records if r.source != "shapes_qa"
+                   for x in r.referents)
+    lines = totals_lines(mixture)
+    assert lines[0].startswith("shapes:train: 50 records")
+    assert lines[1].startswith("shapes_qa:train: 50 records of visual QA (what, where")

@@ -141,6 +141,52 @@ def test_answer_without_seg_gives_empty_mask_list_in_prediction(tiny_model):
     assert [tuple(m.shape) for m in masks] == [(0, 40, 60), (1, 40, 60)]
 
 
+def _text_only_record(answer: str = "There are two circles."):
+    from keyseg.data.sample import Referent
+
+    record = make_record(seed=1)
+    record.referents = [Referent("How many circles are there?", True,
+                                 np.zeros((0, 40, 60), np.uint8), answer=answer,
+                                 text_only=True)]
+    return record
+
+
+def test_text_only_rows_train_the_text_loss_only(tiny_model, make_batch):
+    """A visual-QA row (Referent.text_only) beside segmentation rows: its question and
+    answer verbatim, no [SEG] or [KEY]; the mask losses are those of the segmentation rows
+    alone, the text loss changes; a batch of QA rows alone has no mask or keyword loss."""
+    model = tiny_model.eval()  # no dropout: the two forwards must agree
+    seg_only = make_batch(model, records=[make_record()])
+    mixed = make_batch(model, records=[make_record(), _text_only_record()])
+    qa_row = mixed.input_ids[-1]
+    ids = model.processor.ids
+    assert int((qa_row == ids.seg).sum()) == 0 and int((qa_row == ids.key).sum()) == 0
+    answer = model.processor.decode(qa_row[mixed.labels[-1] != tokens.IGNORE_INDEX])
+    assert "There are two circles." in answer
+    prompt = model.processor.decode(qa_row[mixed.labels[-1] == tokens.IGNORE_INDEX])
+    assert "How many circles are there?" in prompt
+    assert tuple(mixed.target_masks[-1].shape) == (0, 40, 60)
+    alone, together = model(seg_only), model(mixed)
+    torch.testing.assert_close(together.bce, alone.bce)
+    torch.testing.assert_close(together.dice, alone.dice)
+    torch.testing.assert_close(together.key, alone.key)
+    assert not torch.allclose(together.ce, alone.ce)
+    assert [tuple(m.shape[:1]) for m in together.pred_masks] == [(1,), (2,), (0,)]
+
+    qa_only = make_batch(model, records=[_text_only_record()])
+    out = model(qa_only)
+    assert float(out.bce) == float(out.dice) == float(out.key) == 0.0
+    out.loss.backward()
+    grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+    model.zero_grad()
+
+
+def test_text_only_answer_with_seg_is_a_clear_training_error(tiny_model, make_batch):
+    with pytest.raises(KeySegInputError, match=r"img1.*text-only.*1 \[SEG\]"):
+        make_batch(tiny_model, records=[_text_only_record("It is [SEG].")])
+
+
 def test_model_forward_rejects_seg_mask_count_mismatch(tiny_model, make_batch):
     batch = make_batch(tiny_model)
     batch.target_masks[1] = batch.target_masks[1][:1]

@@ -54,7 +54,7 @@ def totals_lines(records: Any) -> list[str]:
     from keyseg.data.mixture import MixtureSampler
     from keyseg.data.reason_seg import ReasonSegReport
     from keyseg.data.refer import ReferReport
-    from keyseg.data.shapes import ShapesDataset
+    from keyseg.data.shapes import ShapesDataset, ShapesQADataset
 
     if isinstance(records, MixtureSampler):
         return [line for name in records.names for line in totals_lines(records.datasets[name])]
@@ -69,6 +69,9 @@ def totals_lines(records: Any) -> list[str]:
                 f"{report.sentences} sentences, {_skip_text(report.skipped)}"]
     if isinstance(records, ShapesDataset):
         return [f"shapes:{records.split}: {len(records)} records (procedural, no files)"]
+    if isinstance(records, ShapesQADataset):
+        return [f"shapes_qa:{records.images.split}: {len(records)} records of visual QA "
+                f"({', '.join(records.config.qa_types)}; procedural, no files)"]
     return [f"{type(records).__name__}: {len(records)} records"]
 
 

@@ -33,6 +33,7 @@ class Conversation:
     sample_id: str
     keyword: str | None = None
     difficulty: str | None = None
+    text_only: bool = False  # a visual-QA turn: no [SEG], no masks (Referent.text_only)
 
 
 @dataclass
@@ -54,8 +55,9 @@ def record_to_example(
 ) -> ImageExample:
     """Build conversations for (up to ``max_referents`` randomly chosen) referents.
 
-    A referent with an ``answer`` holding ``[SEG]`` tokens uses it verbatim (procedural data);
-    an explanatory answer without ``[SEG]`` is used with probability ``explanatory`` behind a
+    A text-only referent (visual QA) keeps its question and answer verbatim; a referent with
+    an ``answer`` holding ``[SEG]`` tokens uses it verbatim (procedural data); an explanatory
+    answer without ``[SEG]`` is used with probability ``explanatory`` behind a
     template answer (SPEC §4); otherwise a template answer with one ``[SEG]`` per mask.
     """
     image = record.image if record.image is not None else load_image(record.image_path,
@@ -67,14 +69,16 @@ def record_to_example(
     for index, ref in referents:
         num_masks = int(ref.masks.shape[0])
         question = tokens.format_question(ref.text, ref.is_sentence, rng)
-        if ref.answer and tokens.SEG_TOKEN in ref.answer:
+        if ref.text_only:
+            question, answer = ref.text, ref.answer or ""
+        elif ref.answer and tokens.SEG_TOKEN in ref.answer:
             answer = ref.answer
         elif ref.answer and rng.random() < explanatory:
             question = f"{question} {rng.choice(tokens.EXPLANATORY_QUESTIONS)}"
             answer = f"{tokens.format_answer(num_masks, rng)} {ref.answer.strip()}"
         else:
             answer = tokens.format_answer(num_masks, rng)
-        if use_keyword:
+        if use_keyword and not ref.text_only:
             answer = tokens.with_keyword(answer, ref.keyword)
         conversations.append(
             Conversation(
@@ -83,6 +87,7 @@ def record_to_example(
                 sample_id=f"{record.source}/{record.sample_id}#{index}",
                 keyword=ref.keyword,
                 difficulty=ref.difficulty,
+                text_only=ref.text_only,
             )
         )
     return ImageExample(image=image, conversations=conversations)
@@ -94,8 +99,9 @@ class Collator:
     Args:
         processor: the model's processor (tokenizer, image processors, format).
         mode: ``"train"`` (teacher-forced, labels set, every row must hold as many ``[SEG]``
-            as it has target masks) or ``"prompt"`` (the last answer is removed: the row ends
-            at ``ASSISTANT:`` for generation; targets are kept for scoring).
+            as it has target masks, none in a text-only row) or ``"prompt"`` (the last
+            answer is removed: the row ends at ``ASSISTANT:`` for generation; targets are
+            kept for scoring).
         padding_side: ``"right"`` for training, ``"left"`` for batched generation.
     """
 
@@ -155,6 +161,14 @@ class Collator:
     @staticmethod
     def _check_targets(input_ids: torch.Tensor, conv: Conversation, seg_id: int) -> None:
         num_seg = int((input_ids == seg_id).sum())
+        if conv.text_only:
+            if num_seg or (conv.target_masks is not None and conv.target_masks.shape[0]):
+                raise KeySegInputError(
+                    f"{conv.sample_id}: a text-only (visual QA) row has no {tokens.SEG_TOKEN} "
+                    f"and no target masks; got {num_seg} {tokens.SEG_TOKEN} "
+                    f"(answer: {conv.turns[-1].answer!r})"
+                )
+            return
         if num_seg == 0:
             raise KeySegInputError(
                 f"{conv.sample_id}: training answer has no {tokens.SEG_TOKEN} token "

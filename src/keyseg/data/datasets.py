@@ -11,6 +11,8 @@ name             what it reads
 ``refer_seg``    the REFER datasets of ``refer_seg_data`` (``[refcoco, refcoco+, refcocog]``),
                  train split, concatenated
 ``shapes``       the procedural shapes world (``DataConfig.shapes`` options), no files needed
+``shapes_qa``    its images with text-only visual-QA turns (``shapes.qa_types``): the lab's
+                 share of the reference's VQA data
 ===============  =============================================================================
 
 Validation is ``DataConfig.val_dataset``: ``"NAME:SPLIT"`` with NAME one of ``reason_seg``,
@@ -86,6 +88,10 @@ def build_dataset(name: str, cfg: DataConfig, split: str = "train",
         from keyseg.data.shapes import ShapesDataset
 
         return ShapesDataset(split, shapes_config(cfg))
+    if name == "shapes_qa":
+        from keyseg.data.shapes import ShapesQADataset
+
+        return ShapesQADataset(split, shapes_config(cfg))
     if name == "reason_seg":
         from keyseg.data.reason_seg import ReasonSegDataset
 

@@ -32,6 +32,9 @@ class Referent:
             outputs; collation puts a template ``[SEG]`` answer before it), or ``None`` to let
             the templates choose the whole answer.
         difficulty: free label for breakdowns ("direct", "relational", "indirect", ...).
+        text_only: a visual-QA turn, as the reference's VQA data: ``text`` is the question
+            and ``answer`` the reply, both used verbatim; no ``[SEG]``, no ``[KEY]``, and
+            ``masks`` is ``(0, H, W)``. It trains the language model's cross-entropy only.
     """
 
     text: str
@@ -40,6 +43,7 @@ class Referent:
     keyword: str | None = None
     answer: str | None = None
     difficulty: str | None = None
+    text_only: bool = False
 
 
 @dataclass

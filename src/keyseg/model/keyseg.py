@@ -404,7 +404,8 @@ class KeySegModel(PreTrainedModel):
         """Teacher-forced forward with all losses (SPEC §3).
 
         Requires ``batch.labels`` and ``batch.target_masks``; every row must contain as many
-        ``[SEG]`` tokens as it has target masks.
+        ``[SEG]`` tokens as it has target masks (none in a text-only row, which trains the
+        cross-entropy only).
         """
         if batch.labels is None or batch.target_masks is None:
             raise KeySegInputError("forward() needs labels and target masks; use predict()")
@@ -432,10 +433,11 @@ class KeySegModel(PreTrainedModel):
                     f"{self._row_name(batch, row)}: {masks.shape[0]} {tokens.SEG_TOKEN} in the "
                     f"answer but {target.shape[0]} target masks"
                 )
+            pred_masks.append(masks)
             if masks.shape[0] == 0:
-                raise KeySegInputError(
-                    f"{self._row_name(batch, row)}: training answer has no {tokens.SEG_TOKEN}"
-                )
+                # A text-only (visual QA) row, which the collator lets through without
+                # [SEG]: it trains the cross-entropy only.
+                continue
             valid = None
             if loss_cfg.ignore_index is not None:
                 valid = target != loss_cfg.ignore_index
@@ -444,7 +446,6 @@ class KeySegModel(PreTrainedModel):
             bce = bce + sigmoid_ce_loss(masks32, binary, num_masks, valid)
             dice = dice + dice_loss(masks32, binary, num_masks, valid,
                                     scale=loss_cfg.dice_scale, eps=loss_cfg.dice_eps)
-            pred_masks.append(masks)
             if key.shape[0]:
                 key_rows.append(key)
                 keyword_ids.extend(tokens.keyword_token_ids(ids, self.processor.ids))

@@ -84,6 +84,7 @@ from keyseg.data.shapes.queries import (
     Template,
     template_ids,
 )
+from keyseg.data.shapes.vqa import ShapesQADataset
 from keyseg.data.shapes.world import (
     COLOURS,
     DIFFICULTIES,
@@ -124,6 +125,7 @@ __all__ = [
     "ShapeObject",
     "ShapesConfig",
     "ShapesDataset",
+    "ShapesQADataset",
     "Split",
     "Template",
     "answer",

@@ -60,19 +60,20 @@ from itertools import pairwise
 
 import numpy as np
 
+from keyseg.config import SHAPES_QA_TYPES
 from keyseg.data.sample import SegRecord
 from keyseg.data.shapes.dataset import objects_from_meta
 from keyseg.data.shapes.geometry import Scene, scene_from_objects
 from keyseg.data.shapes.world import COLOURS, KINDS, PLURALS, check_split
 from keyseg.errors import KeySegConfigError
 
-#: The question types asked by default.
-QUESTION_TYPES: tuple[str, ...] = (
-    "what", "where", "colour", "size", "count", "existence", "relation", "describe",
-)
 #: Types asked only when named (``types=``); see the module docstring.
 OPTIONAL_QUESTION_TYPES: tuple[str, ...] = ("list",)
-ALL_QUESTION_TYPES: tuple[str, ...] = QUESTION_TYPES + OPTIONAL_QUESTION_TYPES
+#: Every question type (defined with the configs, which name them in YAML).
+ALL_QUESTION_TYPES: tuple[str, ...] = SHAPES_QA_TYPES
+#: The question types asked by default.
+QUESTION_TYPES: tuple[str, ...] = tuple(t for t in ALL_QUESTION_TYPES
+                                        if t not in OPTIONAL_QUESTION_TYPES)
 
 MARGIN = 0.05
 """Fraction of the image side: how clearly a centroid must sit inside a grid cell, or beyond
