@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import make_record
-from keyseg.config import load_config
+from keyseg.config import ConfigProblems, load_config
 from keyseg.data.mixture import MixtureSampler
 from keyseg.data.sample import Referent
 from keyseg.errors import KeySegConfigError, KeySegDataError, KeySegError
@@ -25,6 +25,8 @@ from keyseg.train import (
     Hooks,
     MicroBatches,
     build_model,
+    build_optimizer,
+    build_scheduler,
     list_checkpoints,
     lr_factor,
     main,
@@ -152,6 +154,53 @@ def test_trainable_set_receives_gradients(tmp_path):
     assert not any(got[c] for c in frozen), got
     assert {n for n, _ in trainable_parameters(model)} == {
         n for n, c in owners.items() if c in learning}
+
+
+def test_lr_scale_trains_a_component_at_its_own_rate(tmp_path):
+    """train.lr_scale: the scaled component's parameters sit in their own group at lr x
+    scale, on the same schedule; AdamW's first step moves each parameter by about its
+    group's lr, so the scaled component moves ~10x less than the rest."""
+    from accelerate import Accelerator
+
+    from keyseg.model.trainable import parameter_components
+
+    cfg = tiny_config(tmp_path, "train.lr_scale={lora: 0.1}", "train.warmup_steps=0",
+                      "train.weight_decay=0")
+    model = build_model(cfg, Accelerator(cpu=True))
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    owners = parameter_components(model)
+    named = dict(trainable_parameters(model))
+    ids = {id(p): n for n, p in named.items()}
+    groups = [(g["lr"], {owners[ids[id(p)]] for p in g["params"]})
+              for g in optimizer.param_groups]
+    assert groups[0][0] == pytest.approx(1e-3) and "lora" not in groups[0][1]
+    assert groups[1] == (pytest.approx(1e-4), {"lora"})
+    before = {n: p.detach().clone() for n, p in named.items()}
+    model.train()
+    batches = MicroBatches(_mixture(cfg), model.processor, cfg)
+    model(batches.build(0).batch).loss.backward()
+    optimizer.step()
+    scheduler.step()
+    moved: dict[str, list[float]] = {}
+    for name, param in named.items():
+        delta = (param.detach() - before[name]).abs()
+        moved.setdefault(owners[name], []).append(float(delta.max()))
+    assert 0.05e-3 < max(moved["lora"]) <= 1.01e-4
+    assert max(moved["fusion"]) > 0.5e-3
+    total = cfg.train.epochs * cfg.train.steps_per_epoch
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(
+        [1e-3 * lr_factor(1, 0, total, cfg.train.lr_schedule) * s for s in (1.0, 0.1)])
+
+
+def test_lr_scale_names_trainable_components_once(tmp_path):
+    with pytest.raises(ConfigProblems, match=r"train\.lr_scale: 'vision_tower' is not in "
+                                             r"model\.trainable"):
+        tiny_config(tmp_path, "train.lr_scale={vision_tower: 0.1}")
+    with pytest.raises(ConfigProblems, match="'lora' is named twice"):
+        tiny_config(tmp_path, "train.lr_scale=[[lora, 0.1], [lora, 0.2]]")
+    with pytest.raises(ConfigProblems, match=r"train\.lr_scale\[0\]\[1\]"):
+        tiny_config(tmp_path, "train.lr_scale={lora: 0}")
 
 
 def _mixture(cfg, datasets=None):

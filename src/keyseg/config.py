@@ -522,6 +522,11 @@ class TrainConfig(Checked):
     lr: NonNegativeFloat = 3e-4
     """Peak learning rate (AdamW); 0 trains nothing (a dry run that still loads, steps and
     checkpoints)."""
+    lr_scale: tuple[tuple[str, PositiveFloat], ...] = ()
+    """Learning-rate multipliers per trainable component (names of ``model.trainable``):
+    ``{language_model: 0.1, vision_tower: 0.1}`` trains those at ``lr x 0.1`` and every other
+    component at ``lr``, on the same warm-up and decay; YAML takes a mapping or a list of
+    pairs. Empty (the reference): one learning rate for everything."""
     betas: tuple[OpenUnit, OpenUnit] = (0.9, 0.95)
     """AdamW's betas, each in [0, 1)."""
     weight_decay: NonNegativeFloat = 0.0
@@ -578,6 +583,13 @@ class KeySegConfig(Checked):
     """The run."""
 
     def relations(self) -> Iterable[Problem]:
+        scaled = [name for name, _ in self.train.lr_scale]
+        for name in dict.fromkeys(scaled):
+            if scaled.count(name) > 1:
+                yield Problem("train.lr_scale", f"{name!r} is named twice")
+            elif name not in self.model.trainable:
+                yield Problem("train.lr_scale", f"{name!r} is not in model.trainable "
+                              f"({', '.join(self.model.trainable)})", ("model.trainable",))
         if self.train.image_embedding_cache_gb and "sam_image_encoder" in self.model.trainable:
             yield Problem("train.image_embedding_cache_gb", "needs a frozen SAM image encoder "
                           "(sam_image_encoder is in model.trainable)", ("model.trainable",))

@@ -105,9 +105,22 @@ def enable_gradient_checkpointing(model: KeySegModel) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only."""
-    params = [p for _, p in trainable_parameters(model)]
-    return torch.optim.AdamW(params, lr=train.lr, betas=train.betas,
+    """AdamW over the trainable parameters only; with ``train.lr_scale``, one parameter
+    group per multiplier (the unscaled group first), each group's ``lr_scale`` kept in it."""
+    named = trainable_parameters(model)
+    if not train.lr_scale:
+        return torch.optim.AdamW([p for _, p in named], lr=train.lr, betas=train.betas,
+                                 weight_decay=train.weight_decay)
+    from keyseg.model.trainable import parameter_components
+
+    scale_of = dict(train.lr_scale)
+    owners = parameter_components(model)
+    by_scale: dict[float, list[torch.nn.Parameter]] = {}
+    for name, param in named:
+        by_scale.setdefault(float(scale_of.get(owners[name], 1.0)), []).append(param)
+    order = sorted(by_scale, key=lambda scale: (scale != 1.0, scale))
+    groups = [{"params": by_scale[s], "lr": train.lr * s, "lr_scale": s} for s in order]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas,
                              weight_decay=train.weight_decay)
 
 

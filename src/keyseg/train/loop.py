@@ -310,7 +310,9 @@ def train_step(accelerator: Accelerator, state: TrainState,
     state.samples_seen += rows
     state.tokens_seen += tokens
     seconds = time.perf_counter() - start
-    return terms, {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+    # train.lr's current value (a first group under train.lr_scale is scaled)
+    lr = scheduler.get_last_lr()[0] / optimizer.param_groups[0].get("lr_scale", 1.0)
+    return terms, {"lr": lr, "grad_norm": grad_norm,
                    "skipped": float(bool(nonfinite or not finite_grad)),
                    "samples_per_s": rows / seconds, "tokens_per_s": tokens / seconds}
 
