@@ -74,11 +74,11 @@ def shipped_on_test_images():
 
 def test_shipped_model_keeps_its_measured_quality(shipped_on_test_images):
     """A regression guard on the shipped weights: docs/RESULTS.md measures generated gIoU
-    0.524 on these 60 test images (per sample; 0.462 on all 500, the evaluator's), 0.588 on
+    0.464 on these 60 test images (per sample; 0.477 on all 500, the evaluator's), 0.532 on
     their 16 direct queries; a broken export, tokenizer, SAM load or decoding path falls far
     below the bar."""
     rows = shipped_on_test_images.per_sample
     giou = sum(r["iou"] for r in rows) / len(rows)
-    assert giou > 0.45, giou
+    assert giou > 0.4, giou
     direct = [r["iou"] for r in rows if r["difficulty"] == "direct"]
-    assert direct and sum(direct) / len(direct) > 0.5, direct
+    assert direct and sum(direct) / len(direct) > 0.45, direct
