@@ -68,6 +68,8 @@ def record_to_example(
     conversations = []
     for index, ref in referents:
         num_masks = int(ref.masks.shape[0])
+        # drawn for every referent (a text-only one discards it), so that the templates of
+        # the other rows do not depend on where text-only rows sit
         question = tokens.format_question(ref.text, ref.is_sentence, rng)
         if ref.text_only:
             question, answer = ref.text, ref.answer or ""
